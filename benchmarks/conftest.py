@@ -1,0 +1,217 @@
+"""Shared machinery of the pytest-benchmark suite (benchmarks/test_bench_*.py).
+
+    pytest benchmarks/ --benchmark-only          # measure (a few minutes on 2 cores)
+    pytest benchmarks/ --benchmark-disable       # run every case once, untimed (CI: keeps them working)
+    pytest benchmarks/ --benchmark-only -k "resnet_3x3_128 and fwd"
+
+Every case is one op x shape x pass (``benchmark.group``, e.g. ``conv2d-fwd-resnet_3x3_128``),
+parametrised over implementations: "pykernels", "torch" (skipped when torch is absent) and the NumPy
+peers (see pykernels/peers.py). Shapes come from pykernels/shapes.py (design.md's table). Inputs are
+seeded float32, made and converted before timing. Each case runs about PYKERNELS_BENCH_SECONDS
+(default 0.5) of rounds, at least 3 and at most 200, after one untimed warm-up call.
+
+At the end a compact table of medians, one row per group, with our ratio against torch, is printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from pykernels import shapes as _shapes
+
+#: Implementations in the order of the summary table's columns.
+IMPL_ORDER = ("pykernels", "torch", "numpy_im2col", "numpy")
+
+_TARGET_S = float(os.environ.get("PYKERNELS_BENCH_SECONDS", "0.5"))
+_MIN_ROUNDS, _MAX_ROUNDS = 3, 200
+_THREADS = os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------------
+# implementations
+
+
+class _PykernelsImpl:
+    """pykernels itself, with the peers' interface (asarray / to_numpy / supports)."""
+
+    name = "pykernels"
+
+    def __init__(self, module):
+        self._m = module
+
+    def supports(self, op):
+        return hasattr(self._m, op)
+
+    def asarray(self, a):
+        return np.ascontiguousarray(a)
+
+    def to_numpy(self, a):
+        return None if a is None else np.asarray(a)
+
+    def __getattr__(self, op):
+        return getattr(self._m, op)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_impl(name):
+    """The implementation called ``name``, or a string saying why it cannot be used here."""
+    if name == "pykernels":
+        try:
+            import pykernels
+
+            pykernels.conv2d  # noqa: B018  (the compiled extension is there)
+        except (ImportError, AttributeError) as e:
+            return f"pykernels is not importable (build it: tools/dev_install.sh): {e!r}"
+        return _PykernelsImpl(pykernels)
+    from pykernels import peers
+
+    if name == "torch":
+        if not peers.torch_available():
+            return "torch is not installed"
+        import torch
+
+        torch.set_num_threads(_THREADS)  # the same thread count for every run of the suite
+    return peers.get_peer(name)
+
+
+@pytest.fixture
+def impl(request):
+    """Indirectly parametrised with an implementation name; skips when it is unavailable."""
+    got = _load_impl(request.param)
+    if isinstance(got, str):
+        pytest.skip(got)
+    return got
+
+
+def require(impl, op):
+    if not impl.supports(op):
+        pytest.skip(f"{impl.name} has no {op}")
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+@functools.lru_cache(maxsize=4)
+def inputs(name, seed=0):
+    """Seeded float32 inputs of the table's shape ``name`` (cached: every impl gets the same)."""
+    # kept writable (torch.from_numpy warns on read-only arrays); no op may write into its inputs
+    return _shapes.get_shape(name).random_inputs(seed=seed, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# timing and the summary
+
+
+@dataclass
+class _Row:
+    group: str
+    impl: str
+    median_s: float
+    rate: float  # GFLOP/s or GB/s
+    unit: str  # "GF/s" (GFLOP/s) or "GB/s"
+
+
+_RESULTS: list = []
+
+
+def run_benchmark(benchmark, impl, fn, *, group, flops=None, nbytes=None, shape=None):
+    """Time ``fn()`` (no arguments; inputs already converted) and record rates in extra_info.
+
+    With --benchmark-disable, fn runs exactly once. Returns fn's result (of the last call).
+    """
+    benchmark.group = group
+    info = benchmark.extra_info
+    info.update(impl=impl.name, threads=_THREADS)
+    if shape is not None:
+        info["shape"] = shape.name
+    if flops is not None:
+        info["gflop"] = flops / 1e9
+    if nbytes is not None:
+        info["mbytes"] = nbytes / 1e6
+
+    if benchmark.disabled:
+        return benchmark.pedantic(fn, rounds=1, iterations=1)
+
+    t0 = time.perf_counter()
+    fn()  # warm-up (first-call setup such as oneDNN primitive creation) and calibration
+    once = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, math.ceil(_TARGET_S / once))))
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if once < 0.05 else 0)
+
+    median = benchmark.stats.stats.median
+    if flops is not None:
+        info["gflops_median"] = round(flops / median / 1e9, 2)
+        _RESULTS.append(_Row(group, impl.name, median, flops / median / 1e9, "GF/s"))
+    elif nbytes is not None:
+        info["gbps_median"] = round(nbytes / median / 1e9, 2)
+        _RESULTS.append(_Row(group, impl.name, median, nbytes / median / 1e9, "GB/s"))
+    else:
+        _RESULTS.append(_Row(group, impl.name, median, float("nan"), ""))
+    return result
+
+
+def check_shape(impl, result, expected_shape):
+    """The result has the expected shape: enough to keep --benchmark-disable runs honest."""
+    got = tuple(impl.to_numpy(result).shape)
+    assert got == tuple(expected_shape), f"{impl.name}: result shape {got}, expected {tuple(expected_shape)}"
+
+
+class _Bench:
+    """What a benchmark module needs, handed out as the ``bench`` fixture (no conftest imports)."""
+
+    def __init__(self, benchmark):
+        self.benchmark = benchmark
+
+    inputs = staticmethod(inputs)
+    require = staticmethod(require)
+    check_shape = staticmethod(check_shape)
+
+    def run(self, impl, fn, **kw):
+        return run_benchmark(self.benchmark, impl, fn, **kw)
+
+
+@pytest.fixture
+def bench(impl, benchmark):
+    # `impl` first: an unavailable implementation skips before the benchmark fixture exists (no
+    # "fixture was not used" warning); `benchmark` here lets --benchmark-only see these cases.
+    return _Bench(benchmark)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    impls = [i for i in IMPL_ORDER if any(r.impl == i for r in _RESULTS)]
+    by_group: dict = {}
+    for r in _RESULTS:
+        by_group.setdefault(r.group, {})[r.impl] = r
+    tr = terminalreporter
+    tr.section(f"pykernels benchmark medians (ms; rate in brackets; {_THREADS} threads)")
+    head = f"{'group':<38}" + "".join(f"{i:>24}" for i in impls) + f"{'torch/ours':>12}"
+    tr.write_line(head)
+    for group in sorted(by_group, key=_group_key):
+        row = by_group[group]
+        cells = ""
+        for i in impls:
+            r = row.get(i)
+            cells += f"{'-':>24}" if r is None else f"{r.median_s * 1e3:9.3f} ({r.rate:6.1f} {r.unit})".rjust(24)
+        ratio = ""
+        if "pykernels" in row and "torch" in row:
+            ratio = f"{row['torch'].median_s / row['pykernels'].median_s:.2f}x"
+        tr.write_line(f"{group:<38}{cells}{ratio:>12}")
+    tr.write_line("torch/ours > 1 means pykernels is faster than torch in this run.")
+
+
+def _group_key(group):
+    """Sort by op, then by the table's shape order, then by pass."""
+    op, pass_, name = group.split("-", 2)
+    order = {s.name: i for i, s in enumerate(_shapes.ALL_SHAPES)}
+    passes = {"fwd": 0, "bwd_data": 1, "bwd_weight": 2, "bwd": 1}
+    return (op, order.get(name, 99), passes.get(pass_, 9))

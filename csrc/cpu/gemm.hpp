@@ -1,0 +1,36 @@
+// The one matrix-multiply every CPU conv pass is built on (no BLAS underneath: the kernels are ours).
+//
+//   C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]
+//
+// A and B are read through (row stride, column stride) pairs, so a transposed operand costs nothing
+// extra: packing reads it in whatever order it lies. C is row-major with leading dimension ldc.
+// Each element of C is summed over K in the same order whatever the thread count, so results are
+// bit-for-bit identical run to run and between serial and parallel calls.
+#pragma once
+
+#include <cstdint>
+
+namespace pykernels::cpu {
+
+struct MatrixView {
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// Serial GEMM on the calling thread.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
+          int64_t ldc, bool accumulate);
+
+// Same result, with the columns of C split among the OpenMP threads.
+template <typename T>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
+                   int64_t ldc, bool accumulate);
+
+// Which instruction set the hot loops use: "avx2" (AVX2+FMA, chosen at run time when the CPU has it)
+// or "portable" (any x86-64). Tests force "portable" to cover both paths.
+const char* active_isa();
+// Returns false when the name is unknown or the CPU cannot run it.
+bool set_isa(const char* name);
+
+}  // namespace pykernels::cpu

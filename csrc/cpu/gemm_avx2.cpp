@@ -1,0 +1,3 @@
+// The GEMM built for AVX2+FMA (CMake adds -mavx2 -mfma to this file only); used when the CPU has both.
+#define PYKERNELS_ISA avx2
+#include "cpu/gemm_impl.inc"

@@ -1,0 +1,39 @@
+// The CPU kernels the bindings call. Pointers are to contiguous NCHW buffers whose sizes match the
+// shape struct, which the caller has validated (Conv2dShape::validate / Pool2dShape::validate).
+// Every kernel runs without the GIL, keeps no state between calls (thread-safe) and is deterministic.
+#pragma once
+
+#include <cstdint>
+
+#include "common/shapes.hpp"
+
+namespace pykernels::cpu {
+
+// conv2d.cpp -- y = x (*) w (+ bias); bias may be null.
+template <typename T>
+void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+// grad_x = transposed convolution of grad_y with w.
+template <typename T>
+void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
+// grad_w = correlation of x with grad_y, summed over the batch in a fixed order.
+template <typename T>
+void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+// grad_b[k] = sum of grad_y over n, p, q.
+template <typename T>
+void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
+
+// relu.cpp -- elementwise over `count` values.
+template <typename T>
+void relu_forward(int64_t count, const T* x, T* y);
+template <typename T>
+void relu_backward(int64_t count, const T* grad_y, const T* y, T* grad_x);
+
+// max_pool2d.cpp -- indices (may be null in forward) are flat offsets into each H*W plane.
+template <typename T>
+void max_pool2d_forward(const Pool2dShape& s, const T* x, T* y, int64_t* indices);
+// Returns the flat position in `indices` of the first entry that is not a cell of its own window
+// (then grad_x is unspecified), or -1 when all are valid.
+template <typename T>
+int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t* indices, T* grad_x);
+
+}  // namespace pykernels::cpu

@@ -1,0 +1,73 @@
+// OpenMP helpers that compile to serial code when the build has no OpenMP.
+#pragma once
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pykernels::cpu {
+
+// Threads a parallel region started here would get (1 when already inside an active region).
+inline int available_threads() {
+#ifdef _OPENMP
+  return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace pykernels::cpu
+
+#include <exception>
+#include <mutex>
+
+namespace pykernels::cpu {
+
+// An exception must not leave an OpenMP region (that terminates the process): work inside a region
+// runs through run(), and the first exception is rethrown by the caller after the region ends.
+class ParallelErrors {
+ public:
+  template <typename F>
+  void run(F&& work) noexcept {
+    try {
+      work();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
+
+}  // namespace pykernels::cpu
+
+#include <vector>
+
+namespace pykernels::cpu {
+
+// One scratch slice per thread, allocated before the parallel region (so an allocation failure is
+// an ordinary exception on the calling thread, not inside OpenMP).
+template <typename T>
+class Workspace {
+ public:
+  Workspace(int slices, int64_t per_slice) : per_slice_(per_slice), data_(size_t(slices) * size_t(per_slice)) {}
+  T* for_this_thread() {
+#ifdef _OPENMP
+    return data_.data() + int64_t(omp_get_thread_num()) * per_slice_;
+#else
+    return data_.data();
+#endif
+  }
+
+ private:
+  int64_t per_slice_;
+  std::vector<T> data_;
+};
+
+}  // namespace pykernels::cpu

@@ -1,0 +1,158 @@
+"""Pick the backend from the arrays: NumPy -> _pykernels_cpu, CuPy -> _pykernels_cuda.
+
+Also the per-array checks every op shares: array type (no silent host/device copies), dtype,
+contiguity (inputs are copied once when needed; outputs must already be contiguous), and the
+allocation of results with the input's array type.
+The compiled modules are top-level (not inside this package) so the source folder ./pykernels of a
+clone and the installed package find the same extension (design.md, Build).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import _pykernels_cpu as _cpu
+    _CPU_IMPORT_ERROR = None
+except ImportError as exc:  # not built: say how to build it when an op is first called
+    _cpu = None
+    _CPU_IMPORT_ERROR = exc
+
+_cuda = None
+_CUDA_REASON = None  # why CUDA is unavailable, once probed
+
+
+def _probe_cuda():
+    """Import the CUDA extension and CuPy lazily; remember why not when either is missing."""
+    global _cuda, _CUDA_REASON
+    if _cuda is not None or _CUDA_REASON is not None:
+        return
+    try:
+        import _pykernels_cuda as module
+    except ImportError as exc:
+        _CUDA_REASON = f"the CUDA extension _pykernels_cuda is not installed ({exc}); build with nvcc present"
+        return
+    try:
+        import cupy
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, or CUDARuntimeError when there is no driver/GPU
+        _CUDA_REASON = f"CuPy is missing or finds no GPU ({type(exc).__name__}: {exc})"
+        return
+    if count < 1:
+        _CUDA_REASON = "no CUDA GPU is visible"
+        return
+    _cuda = module
+
+
+def cuda_available() -> bool:
+    """True when CuPy arrays can run on the CUDA kernels."""
+    _probe_cuda()
+    return _cuda is not None
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why cuda_available() is False (None when it is True)."""
+    _probe_cuda()
+    return _CUDA_REASON
+
+
+def _is_cupy(a) -> bool:
+    # Checked by module name so that CuPy is never imported for NumPy work.
+    return type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "__cuda_array_interface__")
+
+
+def array_kind(*named) -> str:
+    """'numpy' or 'cupy' for (name, array) pairs (None arrays skipped); TypeError on anything else
+    or on a mix, which would otherwise mean a silent copy between host and device."""
+    kinds = {}
+    for name, a in named:
+        if a is None:
+            continue
+        if isinstance(a, np.ndarray):
+            kinds[name] = "numpy"
+        elif _is_cupy(a):
+            kinds[name] = "cupy"
+        else:
+            raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__module__}.{type(a).__name__}")
+    found = set(kinds.values())
+    if len(found) > 1:
+        where = ", ".join(f"{n} is {k}" for n, k in kinds.items())
+        raise TypeError(f"arguments mix NumPy and CuPy arrays ({where}); move them to one device first")
+    return found.pop() if found else "numpy"
+
+
+_FLOAT_DTYPES = {"numpy": (np.float32, np.float64), "cupy": (np.float16, np.float32, np.float64)}
+
+
+def common_dtype(kind: str, *named) -> np.dtype:
+    """The float dtype all (name, array) pairs share; TypeError naming the offender otherwise."""
+    first_name, dtype = None, None
+    for name, a in named:
+        if a is None:
+            continue
+        dt = np.dtype(a.dtype)
+        if dt not in [np.dtype(t) for t in _FLOAT_DTYPES[kind]]:
+            allowed = ", ".join(np.dtype(t).name for t in _FLOAT_DTYPES[kind])
+            hint = " (float16 runs on CUDA only)" if dt == np.float16 else ""
+            raise TypeError(f"{name} must have dtype {allowed}; got {dt}{hint}")
+        if dtype is None:
+            first_name, dtype = name, dt
+        elif dt != dtype:
+            raise TypeError(f"{name} has dtype {dt} but {first_name} has {dtype}; pass arrays of one dtype")
+    return dtype
+
+
+def module(kind: str):
+    """The extension module that runs arrays of this kind."""
+    if kind == "cupy":
+        _probe_cuda()
+        if _cuda is None:
+            raise RuntimeError(f"CuPy arrays need the CUDA backend, which is unavailable: {_CUDA_REASON}")
+        return _cuda
+    if _cpu is None:
+        raise ImportError(
+            "pykernels' compiled module _pykernels_cpu is not installed; run `pip install .` from the "
+            f"source tree ({_CPU_IMPORT_ERROR})")
+    return _cpu
+
+
+def xp_of(kind: str):
+    if kind == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def contiguous(a):
+    """C-contiguous version of an input (copied once if needed, e.g. transposed or negatively strided)."""
+    if a is None or a.flags.c_contiguous:
+        return a
+    return xp_of("cupy" if _is_cupy(a) else "numpy").ascontiguousarray(a)
+
+
+def output(out, name: str, kind: str, shape, dtype):
+    """`out` checked against what the op will write, or a fresh array of the inputs' kind."""
+    shape = tuple(shape)
+    if out is None:
+        return xp_of(kind).empty(shape, dtype=dtype)
+    if array_kind((name, out)) != kind:
+        raise TypeError(f"{name} must be a {'CuPy' if kind == 'cupy' else 'NumPy'} array like the inputs")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(out.shape)}")
+    if np.dtype(out.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {np.dtype(out.dtype)}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (the result is written into it in place)")
+    if kind == "numpy" and not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    return out
+
+
+def run(kind: str, entry: str, *args) -> None:
+    """Call one extension entry point; CUDA entry points also get CuPy's current stream."""
+    mod = module(kind)
+    if kind == "cupy":
+        import cupy
+        getattr(mod, entry)(*args, stream=cupy.cuda.get_current_stream().ptr)
+    else:
+        getattr(mod, entry)(*args)

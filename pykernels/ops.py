@@ -1,0 +1,129 @@
+"""The functional API: conv2d, relu, max_pool2d and their backward passes.
+
+Each function validates its arguments (_args), picks the backend from the arrays (_backend), makes
+inputs contiguous, allocates the result with the input's array type, and runs one extension call.
+Layout NCHW, weights (K, C/groups, R, S), cross-correlation (no kernel flip).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _args, _backend
+
+
+def _prepare(*named):
+    """(kind, dtype, contiguous arrays) for (name, array) pairs."""
+    kind = _backend.array_kind(*named)
+    dtype = _backend.common_dtype(kind, *named)
+    return kind, dtype, [_backend.contiguous(a) for _, a in named]
+
+
+def _check_shape(a, name: str, shape) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+
+
+# ---- conv2d --------------------------------------------------------------------------------------------
+
+def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """2-D cross-correlation of x (N, C, H, W) with weight (K, C/groups, R, S), plus bias (K,).
+
+    stride, dilation: int or (h, w). padding: int, (ph, pw), ((top, bottom), (left, right)), 'valid'
+    or 'same' (TensorFlow's rule: output = ceil(input / stride), odd total padding puts the extra
+    row/column at the bottom/right). Returns y (N, K, P, Q), written into `out` when given.
+    """
+    kind, dtype, (x, weight, bias) = _prepare(("x", x), ("weight", weight), ("bias", bias))
+    geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
+                                groups=groups)
+    if bias is not None and tuple(bias.shape) != (geo.weight_shape[0],):
+        raise ValueError(f"bias must have shape ({geo.weight_shape[0]},) (weight's output channels), "
+                         f"got {tuple(bias.shape)}")
+    y = _backend.output(out, "out", kind, geo.out_shape, dtype)
+    _backend.run(kind, "conv2d_forward", x, weight, bias, y, *geo.kernel_args())
+    return y
+
+
+def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, groups=1,
+                    need_input=True, need_weight=True, need_bias=True):
+    """Gradients of conv2d: (grad_x, grad_weight, grad_bias); one not asked for is None.
+
+    grad_bias is grad_out summed over N, H and W. Deterministic: the same inputs give the same bits.
+    """
+    kind, dtype, (grad_out, x, weight) = _prepare(("grad_out", grad_out), ("x", x), ("weight", weight))
+    geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
+                                groups=groups)
+    _check_shape(grad_out, "grad_out", geo.out_shape)
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        grad_x = _backend.output(None, "grad_x", kind, geo.x_shape, dtype)
+        _backend.run(kind, "conv2d_backward_input", grad_out, weight, grad_x, *geo.kernel_args())
+    if need_weight:
+        grad_w = _backend.output(None, "grad_weight", kind, geo.weight_shape, dtype)
+        _backend.run(kind, "conv2d_backward_weight", grad_out, x, grad_w, *geo.kernel_args())
+    if need_bias:
+        grad_b = _backend.output(None, "grad_bias", kind, (geo.weight_shape[0],), dtype)
+        _backend.run(kind, "conv2d_backward_bias", grad_out, grad_b)
+    return grad_x, grad_w, grad_b
+
+
+# ---- relu ----------------------------------------------------------------------------------------------
+
+def relu(x, *, out=None):
+    """max(x, 0) elementwise; relu(NaN) is NaN. `out` may be x itself (in place)."""
+    kind, dtype, (x,) = _prepare(("x", x))
+    y = _backend.output(out, "out", kind, x.shape, dtype)
+    _backend.run(kind, "relu_forward", x, y)
+    return y
+
+
+def relu_backward(grad_out, y):
+    """grad_out where y > 0, else 0 (so 0 at y == 0). y may be relu's input or its output."""
+    kind, dtype, (grad_out, y) = _prepare(("grad_out", grad_out), ("y", y))
+    _check_shape(y, "y", grad_out.shape)
+    grad_x = _backend.output(None, "grad_x", kind, grad_out.shape, dtype)
+    _backend.run(kind, "relu_backward", grad_out, y, grad_x)
+    return grad_x
+
+
+# ---- max_pool2d ----------------------------------------------------------------------------------------
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=False, return_indices=False):
+    """Max over each window of x (N, C, H, W); returns y, or (y, indices) with return_indices.
+
+    stride defaults to kernel_size. padding takes every form conv2d takes; padded cells act as -inf
+    and may be larger than PyTorch allows, as long as every window overlaps the input. ceil_mode
+    rounds the output size up but drops a last window that would start in the end padding.
+    indices are int64 flat offsets into each H*W plane; ties go to the first maximum in row-major
+    window order; NaN propagates with the index of the first NaN.
+    """
+    kind, dtype, (x,) = _prepare(("x", x))
+    geo = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    y = _backend.output(None, "out", kind, geo.out_shape, dtype)
+    indices = _backend.output(None, "indices", kind, geo.out_shape, np.int64) if return_indices else None
+    _backend.run(kind, "max_pool2d_forward", x, y, indices, *geo.kernel_args())
+    return (y, indices) if return_indices else y
+
+
+def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None, padding=0, dilation=1, *,
+                        ceil_mode=False):
+    """Gradient of max_pool2d w.r.t. its input of shape input_shape, from the indices it returned.
+
+    A gather with a fixed order: deterministic, no atomics. Each index must name a cell of its own
+    window (ValueError otherwise).
+    """
+    kind, dtype, (grad_out,) = _prepare(("grad_out", grad_out))
+    if _backend.array_kind(("indices", indices)) != kind:
+        raise TypeError("indices must be the same kind of array (NumPy or CuPy) as grad_out")
+    if np.dtype(indices.dtype) != np.int64:
+        raise TypeError(f"indices must have dtype int64 (as max_pool2d returns them), got {indices.dtype}")
+    indices = _backend.contiguous(indices)
+    if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
+        raise TypeError(f"input_shape must be a tuple (N, C, H, W), got {input_shape!r}")
+    geo = _args.pool2d_geometry(tuple(input_shape), kernel_size, stride, padding, dilation, ceil_mode,
+                                x_name="input_shape")
+    _check_shape(grad_out, "grad_out", geo.out_shape)
+    _check_shape(indices, "indices", geo.out_shape)
+    grad_x = _backend.output(None, "grad_x", kind, geo.x_shape, dtype)
+    _backend.run(kind, "max_pool2d_backward", grad_out, indices, grad_x, *geo.kernel_args())
+    return grad_x
