@@ -32,6 +32,8 @@ IMPL_ORDER = ("pykernels", "torch", "numpy_im2col", "numpy")
 _TARGET_S = float(os.environ.get("PYKERNELS_BENCH_SECONDS", "0.5"))
 _MIN_ROUNDS, _MAX_ROUNDS = 3, 200
 _THREADS = os.cpu_count() or 1
+_NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _THREADS
+_BUSY_LIMIT = 0.10  # other processes used more than this share of the CPUs: flag the median
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,9 +68,9 @@ def _load_impl(name):
         try:
             import pykernels
 
-            pykernels.conv2d  # noqa: B018  (the compiled extension is there)
+            pykernels.relu(np.zeros((1, 1, 1, 1), np.float32))  # the compiled extension is there
         except (ImportError, AttributeError) as e:
-            return f"pykernels is not importable (build it: tools/dev_install.sh): {e!r}"
+            return f"pykernels' extension is not usable (build it: tools/dev_install.sh): {e}"
         return _PykernelsImpl(pykernels)
     from pykernels import peers
 
@@ -117,6 +119,7 @@ class _Row:
     median_s: float
     rate: float  # GFLOP/s or GB/s
     unit: str  # "GF/s" (GFLOP/s) or "GB/s"
+    others: float = None  # share of the CPUs other processes used meanwhile (None: unknown)
 
 
 _RESULTS: list = []
@@ -144,18 +147,49 @@ def run_benchmark(benchmark, impl, fn, *, group, flops=None, nbytes=None, shape=
     fn()  # warm-up (first-call setup such as oneDNN primitive creation) and calibration
     once = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, math.ceil(_TARGET_S / once))))
+    watch = _OthersWatch()
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if once < 0.05 else 0)
+    others = watch.share()
+    if others is not None:
+        info["others_cpu_share"] = round(others, 3)
 
     median = benchmark.stats.stats.median
     if flops is not None:
         info["gflops_median"] = round(flops / median / 1e9, 2)
-        _RESULTS.append(_Row(group, impl.name, median, flops / median / 1e9, "GF/s"))
+        _RESULTS.append(_Row(group, impl.name, median, flops / median / 1e9, "GF/s", others))
     elif nbytes is not None:
         info["gbps_median"] = round(nbytes / median / 1e9, 2)
-        _RESULTS.append(_Row(group, impl.name, median, nbytes / median / 1e9, "GB/s"))
+        _RESULTS.append(_Row(group, impl.name, median, nbytes / median / 1e9, "GB/s", others))
     else:
-        _RESULTS.append(_Row(group, impl.name, median, float("nan"), ""))
+        _RESULTS.append(_Row(group, impl.name, median, float("nan"), "", others))
     return result
+
+
+class _OthersWatch:
+    """How much of the machine's CPU time other processes took while a case ran (Linux /proc/stat).
+
+    A shared machine makes medians meaningless; share() > _BUSY_LIMIT marks the case in the summary.
+    """
+
+    def __init__(self):
+        self.t0, self.cpu0, self.busy0 = time.perf_counter(), time.process_time(), self._busy()
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait, seconds
+
+    def share(self):
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        ours = time.process_time() - self.cpu0
+        return max(0.0, (busy - self.busy0 - ours) / (wall * _NCPU))
 
 
 def check_shape(impl, result, expected_shape):
@@ -201,12 +235,22 @@ def pytest_terminal_summary(terminalreporter):
         cells = ""
         for i in impls:
             r = row.get(i)
-            cells += f"{'-':>24}" if r is None else f"{r.median_s * 1e3:9.3f} ({r.rate:6.1f} {r.unit})".rjust(24)
+            if r is None:
+                cells += f"{'-':>24}"
+                continue
+            mark = "*" if r.others is not None and r.others > _BUSY_LIMIT else " "
+            cells += f"{r.median_s * 1e3:9.3f}{mark}({r.rate:6.1f} {r.unit})".rjust(24)
         ratio = ""
         if "pykernels" in row and "torch" in row:
             ratio = f"{row['torch'].median_s / row['pykernels'].median_s:.2f}x"
         tr.write_line(f"{group:<38}{cells}{ratio:>12}")
     tr.write_line("torch/ours > 1 means pykernels is faster than torch in this run.")
+    noisy = [r for r in _RESULTS if r.others is not None and r.others > _BUSY_LIMIT]
+    if noisy:
+        worst = max(r.others for r in noisy)
+        tr.write_line(f"* {len(noisy)} of {len(_RESULTS)} cases ran while other processes used more than "
+                      f"{_BUSY_LIMIT:.0%} of the CPUs (up to {worst:.0%}): those medians are not trustworthy; "
+                      "rerun on an idle machine.", yellow=True, bold=True)
 
 
 def _group_key(group):

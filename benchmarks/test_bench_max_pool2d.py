@@ -18,7 +18,8 @@ def test_max_pool2d(bench, impl, shape, pass_):
         def fn():
             return impl.max_pool2d(x, shape.kernel_size, **kw, return_indices=True)
 
-        result = bench.run(impl, fn, group=f"max_pool2d-fwd-{shape.name}", nbytes=shape.bytes_moved("fwd"), shape=shape)
+        result = bench.run(impl, fn, group=f"max_pool2d-fwd-{shape.name}", nbytes=shape.bytes_moved("fwd"),
+                           shape=shape)
         y, idx = result
         bench.check_shape(impl, y, shape.out)
         bench.check_shape(impl, idx, shape.out)
@@ -28,5 +29,6 @@ def test_max_pool2d(bench, impl, shape, pass_):
         def fn():
             return impl.max_pool2d_backward(g, idx, shape.x, shape.kernel_size, **kw)
 
-        result = bench.run(impl, fn, group=f"max_pool2d-bwd-{shape.name}", nbytes=shape.bytes_moved("bwd"), shape=shape)
+        result = bench.run(impl, fn, group=f"max_pool2d-bwd-{shape.name}", nbytes=shape.bytes_moved("bwd"),
+                           shape=shape)
         bench.check_shape(impl, result, shape.x)

@@ -1,4 +1,8 @@
-"""Command line: `python -m pykernels check` (self-test against the reference)."""
+"""Command line of pykernels.
+
+  python -m pykernels demo     train a CNN on real handwritten digits, show its feature maps
+  python -m pykernels check    test every op and gradient against the NumPy reference
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,23 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pykernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    from . import demo
+    demo_parser = commands.add_parser("demo", help="train a LeNet-style CNN on scikit-learn's digits")
+    demo.add_arguments(demo_parser)
+
     check = commands.add_parser("check", help="test every op and gradient against the NumPy reference")
     check.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     check.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
 
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.evaluate and not args.load_model:
+            demo_parser.error("--evaluate needs --load-model FILE (there is nothing trained to evaluate)")
+        return demo.run_demo(args)
     if args.command == "check":
         from .check import run_check
         return 0 if run_check(device=args.device, seed=args.seed) else 1

@@ -99,7 +99,8 @@ class _ConvGeom:
 
 
 #: Per-image GEMMs once an image has this many output pixels (each GEMM is wide enough, and the
-#: result is already NCHW); below it one GEMM over the whole batch pays better. Measured on 2 AVX2 cores.
+#: result is already NCHW); below it one GEMM over the whole batch pays better (measured on the
+#: 2-core CPU machine with the design.md shapes; both layouts are tested).
 _PER_IMAGE_MIN_PQ = 512
 
 

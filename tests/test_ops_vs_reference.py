@@ -1,0 +1,595 @@
+"""Every op and every gradient of pykernels against pykernels.reference (the float64 NumPy truth).
+
+Random configurations come from Hypothesis (derandomized, so every run sees the same examples) and
+from a list of named cases for the shapes that matter: the design.md benchmark shapes at small batch,
+GEMM sizes that cross register/cache block edges, odd channel and width counts (SIMD tails), 'same'
+padding with an odd total and stride > 1, asymmetric padding, dilation, groups and depthwise.
+
+Tolerances: float64 results agree with the reference to ~1e-10 of max|ref|, float32 to ~1e-4 of
+max|ref|, both widened by sqrt(number of summed terms / 1000) for long sums. Max-pool forward values
+and indices must match exactly (a max picks an element, it does not round).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import _pykernels_cpu
+import pykernels as pk
+from pykernels import reference as ref
+
+DTYPES = [np.float32, np.float64]
+
+SETTINGS = settings(
+    deadline=None,
+    max_examples=60,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+def rel_tol(dtype, terms: int) -> float:
+    base = 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+    return base * max(1.0, math.sqrt(terms / 1000.0))
+
+
+def assert_close(got, want, dtype, terms: int, what: str = "") -> None:
+    """got (dtype) agrees with the float64 reference to rel_tol(dtype, terms) * max|want|."""
+    assert isinstance(got, np.ndarray), f"{what}: expected a NumPy array, got {type(got)}"
+    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {np.dtype(dtype)}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    if want.size == 0:
+        return
+    scale = float(np.abs(want).max()) or 1.0
+    tol = rel_tol(dtype, terms) * scale
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g} (max|ref| {scale:.3g}, {terms} terms)"
+
+
+def conv_kwargs(cfg) -> dict:
+    return dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+
+
+def conv_out_hw(cfg):
+    """(P, Q) computed independently of pykernels, via the reference's padding rule."""
+    _, _, h, w = cfg["x_shape"]
+    _, _, r, s = cfg["w_shape"]
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], (h, w), (r, s), (sh, sw), (dh, dw))
+    p = (h + pt + pb - dh * (r - 1) - 1) // sh + 1
+    q = (w + pl + pr - dw * (s - 1) - 1) // sw + 1
+    return p, q
+
+
+def make_conv_inputs(cfg, dtype, use_bias: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(cfg["x_shape"]).astype(dtype)
+    w = rng.standard_normal(cfg["w_shape"]).astype(dtype)
+    b = rng.standard_normal(cfg["w_shape"][0]).astype(dtype) if use_bias else None
+    return x, w, b
+
+
+def check_conv_forward(cfg, dtype, use_bias: bool, seed: int) -> None:
+    x, w, b = make_conv_inputs(cfg, dtype, use_bias, seed)
+    y = pk.conv2d(x, w, b, **conv_kwargs(cfg))
+    want = ref.conv2d(x, w, b, **conv_kwargs(cfg))
+    _, cg, r, s = cfg["w_shape"]
+    assert_close(y, want, dtype, cg * r * s + 1, f"conv2d {cfg}")
+
+
+def check_conv_backward(cfg, dtype, seed: int) -> None:
+    x, w, _ = make_conv_inputs(cfg, dtype, False, seed)
+    n, k = cfg["x_shape"][0], cfg["w_shape"][0]
+    p, q = conv_out_hw(cfg)
+    go = np.random.default_rng(seed + 1).standard_normal((n, k, p, q)).astype(dtype)
+    gx, gw, gb = pk.conv2d_backward(go, x, w, **conv_kwargs(cfg))
+    want_gx, want_gw, want_gb = ref.conv2d_backward(go, x, w, **conv_kwargs(cfg))
+    _, cg, r, s = cfg["w_shape"]
+    kg = k // cfg["groups"]
+    assert_close(gx, want_gx, dtype, kg * r * s, f"grad_x {cfg}")
+    assert_close(gw, want_gw, dtype, n * p * q, f"grad_weight {cfg}")
+    assert_close(gb, want_gb, dtype, n * p * q, f"grad_bias {cfg}")
+
+
+def conv_case(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
+    return dict(x_shape=tuple(x_shape), w_shape=tuple(w_shape), stride=stride, padding=padding, dilation=dilation,
+                groups=groups)
+
+
+# ---- conv2d: random configurations ---------------------------------------------------------------------
+
+@st.composite
+def conv_configs(draw, max_extra=9):
+    n = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["dense", "grouped", "depthwise"]))
+    if kind == "dense":
+        groups, cg, kg = 1, draw(st.integers(1, 5)), draw(st.integers(1, 6))
+    elif kind == "grouped":
+        groups, cg, kg = draw(st.integers(2, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    else:  # depthwise, with channel multiplier 1 or 2
+        groups, cg, kg = draw(st.integers(1, 6)), 1, draw(st.integers(1, 2))
+    r, s = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pad_kind = draw(st.sampled_from(["int", "pair", "asym", "same", "valid"]))
+    if pad_kind == "int":
+        p = draw(st.integers(0, 3))
+        padding, pads = p, (p, p, p, p)
+    elif pad_kind == "pair":
+        ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+        padding, pads = (ph, pw), (ph, ph, pw, pw)
+    elif pad_kind == "asym":
+        pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+        padding = ((pads[0], pads[1]), (pads[2], pads[3]))
+    else:
+        padding, pads = pad_kind, (0, 0, 0, 0)
+    # Sizes chosen so the padded input holds at least one window ('same' always does).
+    h_min = 1 if pad_kind == "same" else max(1, dilation[0] * (r - 1) + 1 - pads[0] - pads[1])
+    w_min = 1 if pad_kind == "same" else max(1, dilation[1] * (s - 1) + 1 - pads[2] - pads[3])
+    h = draw(st.integers(h_min, h_min + max_extra))
+    w = draw(st.integers(w_min, w_min + max_extra))
+    # Stride and dilation also as plain ints sometimes.
+    if stride[0] == stride[1] and draw(st.booleans()):
+        stride = stride[0]
+    if dilation[0] == dilation[1] and draw(st.booleans()):
+        dilation = dilation[0]
+    return conv_case((n, cg * groups, h, w), (kg * groups, cg, r, s), stride, padding, dilation, groups)
+
+
+@SETTINGS
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), use_bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_conv2d_forward_random(cfg, dtype, use_bias, seed):
+    check_conv_forward(cfg, dtype, use_bias, seed)
+
+
+@SETTINGS
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
+def test_conv2d_backward_random(cfg, dtype, seed):
+    check_conv_backward(cfg, dtype, seed)
+
+
+@settings(SETTINGS, max_examples=25)
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), use_bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_conv2d_forward_and_backward_random_portable_isa(portable_isa, cfg, dtype, use_bias, seed):
+    assert _pykernels_cpu.active_isa() == "portable"
+    check_conv_forward(cfg, dtype, use_bias, seed)
+    check_conv_backward(cfg, dtype, seed)
+
+
+# ---- conv2d: named cases -------------------------------------------------------------------------------
+
+CONV_CASES = {
+    # design.md benchmark shapes, small batch
+    "lenet_5x5": conv_case((3, 1, 28, 28), (6, 1, 5, 5)),
+    "resnet_stem_n2": conv_case((2, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3),
+    "resnet_stem_same_n1": conv_case((1, 3, 224, 224), (64, 3, 7, 7), stride=2, padding="same"),
+    "vgg_3x3_64_small": conv_case((1, 64, 14, 14), (64, 64, 3, 3), padding=1),
+    "resnet_1x1_256_64_small": conv_case((2, 256, 7, 7), (64, 256, 1, 1)),
+    # GEMM block edges: K=70, C=37 (CRS = 333), both the per-image path (N >= threads) and the
+    # parallel-GEMM path (N = 1)
+    "gemm_k70_c37_n1": conv_case((1, 37, 13, 13), (70, 37, 3, 3), padding=1),
+    "gemm_k70_c37_n3": conv_case((3, 37, 13, 13), (70, 37, 3, 3), padding=1),
+    "gemm_k70_c37_n1_wide": conv_case((1, 37, 9, 150), (70, 37, 3, 3), padding=(0, 1)),
+    "gemm_k70_c37_strided": conv_case((2, 37, 15, 17), (70, 37, 3, 3), stride=2, padding=((1, 0), (0, 2))),
+    # 1x1: the im2col-free path (stride 1, no padding) and the paths that need im2col
+    "pointwise_odd": conv_case((2, 37, 9, 11), (70, 37, 1, 1)),
+    "pointwise_n1_big": conv_case((1, 19, 23, 29), (33, 19, 1, 1)),
+    "one_by_one_stride2": conv_case((2, 5, 9, 11), (7, 5, 1, 1), stride=2),
+    "one_by_one_padded": conv_case((2, 5, 6, 7), (3, 5, 1, 1), padding=1),
+    # 'same' with an odd total padding and stride > 1 (extra row/column at the bottom/right)
+    "same_odd_total_stride3": conv_case((1, 2, 10, 9), (3, 2, 4, 3), stride=(3, 2), padding="same"),
+    "same_k2_s2_odd_input": conv_case((2, 3, 7, 7), (4, 3, 2, 2), stride=2, padding="same"),
+    "same_dilated": conv_case((1, 2, 9, 8), (2, 2, 3, 2), stride=(1, 2), dilation=(3, 2), padding="same"),
+    "valid": conv_case((2, 3, 8, 9), (4, 3, 3, 2), stride=(2, 3), padding="valid"),
+    # asymmetric padding, non-square kernels, dilation up to 3, stride up to 3
+    "asym_padding": conv_case((2, 3, 7, 8), (5, 3, 3, 4), padding=((0, 2), (3, 1))),
+    "asym_padding_strided_dilated": conv_case((1, 4, 11, 10), (3, 4, 2, 3), stride=(3, 2), dilation=(2, 3),
+                                              padding=((2, 0), (1, 3))),
+    "non_square_1x5": conv_case((2, 3, 6, 12), (4, 3, 1, 5), padding=(0, 2)),
+    "non_square_5x1": conv_case((2, 3, 12, 6), (4, 3, 5, 1), stride=(2, 1)),
+    "dilation3": conv_case((1, 2, 13, 13), (3, 2, 3, 3), dilation=3, padding=3),
+    "padding_exceeds_kernel": conv_case((1, 2, 4, 4), (3, 2, 2, 2), padding=3),
+    "kernel_equals_input": conv_case((2, 3, 5, 5), (4, 3, 5, 5)),
+    # batch 1, one channel, odd widths not a multiple of 8/16
+    "one_channel_batch1": conv_case((1, 1, 5, 7), (1, 1, 3, 3), padding=1),
+    "width_67": conv_case((1, 3, 5, 67), (17, 3, 3, 3), padding=1),
+    "width_1": conv_case((2, 3, 9, 1), (4, 3, 3, 1), padding=(1, 0)),
+    # groups and depthwise
+    "grouped_3": conv_case((2, 6, 7, 7), (9, 2, 3, 3), padding=1, groups=3),
+    "depthwise": conv_case((2, 7, 9, 11), (7, 1, 3, 3), stride=2, padding=1, groups=7),
+    "depthwise_multiplier2": conv_case((1, 5, 8, 8), (10, 1, 3, 3), padding="same", groups=5),
+    "depthwise_many_channels": conv_case((1, 33, 10, 10), (33, 1, 5, 5), padding=2, groups=33),
+    "grouped_pointwise": conv_case((2, 8, 5, 5), (12, 2, 1, 1), groups=4),
+}
+
+CONV_CASE_IDS = list(CONV_CASES)
+
+# A subset run on both instruction sets (AVX2 and portable).
+ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_strided", "pointwise_odd", "width_67",
+                "same_odd_total_stride3", "asym_padding_strided_dilated", "depthwise", "grouped_3",
+                "one_channel_batch1"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", CONV_CASE_IDS)
+def test_conv2d_forward_named(name, dtype):
+    check_conv_forward(CONV_CASES[name], dtype, use_bias=True, seed=zlib.crc32(name.encode()))
+    check_conv_forward(CONV_CASES[name], dtype, use_bias=False, seed=7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", CONV_CASE_IDS)
+def test_conv2d_backward_named(name, dtype):
+    check_conv_backward(CONV_CASES[name], dtype, seed=11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", ISA_CASE_IDS)
+def test_conv2d_both_isas(isa, name, dtype):
+    assert _pykernels_cpu.active_isa() == isa
+    check_conv_forward(CONV_CASES[name], dtype, use_bias=True, seed=3)
+    check_conv_backward(CONV_CASES[name], dtype, seed=5)
+
+
+def test_isas_agree_with_each_other(request):
+    """The portable and AVX2 paths give results within float32 tolerance of each other."""
+    previous = _pykernels_cpu.active_isa()
+    request.addfinalizer(lambda: _pykernels_cpu.set_isa(previous))
+    try:
+        _pykernels_cpu.set_isa("avx2")
+    except ValueError:
+        pytest.skip("no AVX2/FMA on this CPU")
+    cfg = CONV_CASES["gemm_k70_c37_n1"]
+    x, w, b = make_conv_inputs(cfg, np.float32, True, 1)
+    y_avx2 = pk.conv2d(x, w, b, **conv_kwargs(cfg))
+    _pykernels_cpu.set_isa("portable")
+    y_portable = pk.conv2d(x, w, b, **conv_kwargs(cfg))
+    assert_close(y_portable, y_avx2.astype(np.float64), np.float32, 333)
+
+
+def test_conv2d_backward_need_flags():
+    cfg = CONV_CASES["grouped_3"]
+    x, w, _ = make_conv_inputs(cfg, np.float64, False, 2)
+    p, q = conv_out_hw(cfg)
+    go = np.random.default_rng(3).standard_normal((2, 9, p, q))
+    full = pk.conv2d_backward(go, x, w, **conv_kwargs(cfg))
+    for flags in [(True, False, False), (False, True, False), (False, False, True), (False, False, False)]:
+        got = pk.conv2d_backward(go, x, w, **conv_kwargs(cfg), need_input=flags[0], need_weight=flags[1],
+                                 need_bias=flags[2])
+        for asked, g, f in zip(flags, got, full):
+            if asked:
+                np.testing.assert_array_equal(g, f)
+            else:
+                assert g is None
+
+
+# ---- relu ----------------------------------------------------------------------------------------------
+
+def relu_data(shape, dtype, seed, specials=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if specials and x.size:
+        flat = x.reshape(-1)
+        picks = rng.integers(0, flat.size, size=max(1, flat.size // 8))
+        flat[picks] = rng.choice([0.0, -0.0, np.nan, np.inf, -np.inf], size=picks.size)
+    return x.astype(dtype)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31))
+def test_relu_random(shape, dtype, seed):
+    x = relu_data(shape, dtype, seed)
+    y = pk.relu(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, ref.relu(x).astype(dtype))
+    go = relu_data(shape, dtype, seed + 1, specials=False)
+    for yy in (x, y):  # relu_backward accepts relu's input or its output
+        gx = pk.relu_backward(go, yy)
+        assert gx.dtype == dtype
+        np.testing.assert_array_equal(gx, ref.relu_backward(go, yy).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(8, 64, 56, 56), (1, 1, 1, 65537), (3, 5, 7, 11), (2, 1, 1, 17), (65536 * 2 + 3,)],
+                         ids=["relu_vgg", "parallel_threshold_plus1", "odd", "tail17", "flat_large_odd"])
+def test_relu_named(shape, dtype):
+    x = relu_data(shape, dtype, 4)
+    y = pk.relu(x)
+    np.testing.assert_array_equal(y, ref.relu(x).astype(dtype))
+    go = relu_data(shape, dtype, 5, specials=False)
+    np.testing.assert_array_equal(pk.relu_backward(go, x), ref.relu_backward(go, x).astype(dtype))
+
+
+# ---- max_pool2d ----------------------------------------------------------------------------------------
+
+def pool_data(shape, dtype, seed, kind):
+    """'normal' values, 'ties' (small integers, many equal maxima) or 'specials' (ties plus NaN and +-inf)."""
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        x = rng.standard_normal(shape)
+    else:
+        x = rng.integers(-2, 3, size=shape).astype(np.float64)
+        if kind == "specials" and x.size:
+            flat = x.reshape(-1)
+            picks = rng.integers(0, flat.size, size=max(1, flat.size // 6))
+            flat[picks] = rng.choice([np.nan, np.inf, -np.inf, -np.inf], size=picks.size)
+    return x.astype(dtype)
+
+
+def pool_kwargs(cfg) -> dict:
+    return dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], padding=cfg["padding"],
+                dilation=cfg["dilation"], ceil_mode=cfg["ceil_mode"])
+
+
+def pool_case(x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    return dict(x_shape=tuple(x_shape), kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                ceil_mode=ceil_mode)
+
+
+def check_pool(cfg, dtype, seed, kind, want=None):
+    """Forward values and indices exactly equal to the reference's, backward close to it."""
+    x = pool_data(cfg["x_shape"], dtype, seed, kind)
+    if want is None:
+        want = ref.max_pool2d(x, **pool_kwargs(cfg))
+    want_y, want_i = want
+    y, idx = pk.max_pool2d(x, **pool_kwargs(cfg), return_indices=True)
+    assert y.dtype == np.dtype(dtype) and idx.dtype == np.int64
+    assert y.shape == want_y.shape and idx.shape == want_i.shape, (cfg, y.shape, want_y.shape)
+    np.testing.assert_array_equal(y, want_y.astype(dtype), err_msg=f"max_pool2d values {cfg}")
+    np.testing.assert_array_equal(idx, want_i, err_msg=f"max_pool2d indices {cfg}")
+    np.testing.assert_array_equal(pk.max_pool2d(x, **pool_kwargs(cfg)), y)  # without return_indices
+    go = np.random.default_rng(seed + 1).standard_normal(y.shape).astype(dtype)
+    gx = pk.max_pool2d_backward(go, idx, x.shape, **pool_kwargs(cfg))
+    want_gx = ref.max_pool2d_backward(go, want_i, x.shape, **pool_kwargs(cfg))
+    kh, kw = ref._pair(cfg["kernel_size"])
+    assert_close(gx, want_gx, dtype, kh * kw, f"max_pool2d_backward {cfg}")
+
+
+@st.composite
+def pool_configs(draw, max_extra=8):
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kernel = kh if kh == kw and draw(st.booleans()) else (kh, kw)
+    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dilation = dh if dh == dw and draw(st.booleans()) else (dh, dw)
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    # Begin padding up to span - 1 (beyond PyTorch's k/2 limit, but the first window still touches the input).
+    pad_kind = draw(st.sampled_from(["int", "pair", "asym", "same", "valid"]))
+    if pad_kind == "int":
+        p = draw(st.integers(0, min(span_h, span_w) - 1))
+        padding, pads = p, (p, p, p, p)
+    elif pad_kind == "pair":
+        ph, pw = draw(st.integers(0, span_h - 1)), draw(st.integers(0, span_w - 1))
+        padding, pads = (ph, pw), (ph, ph, pw, pw)
+    elif pad_kind == "asym":
+        pads = (draw(st.integers(0, span_h - 1)), draw(st.integers(0, span_h)),
+                draw(st.integers(0, span_w - 1)), draw(st.integers(0, span_w)))
+        padding = ((pads[0], pads[1]), (pads[2], pads[3]))
+    else:
+        padding, pads = pad_kind, (0, 0, 0, 0)
+    h_min = 1 if pad_kind == "same" else max(1, span_h - pads[0] - pads[1])
+    w_min = 1 if pad_kind == "same" else max(1, span_w - pads[2] - pads[3])
+    h = draw(st.integers(h_min, h_min + max_extra))
+    w = draw(st.integers(w_min, w_min + max_extra))
+    return pool_case((n, c, h, w), kernel, stride, padding, dilation, draw(st.booleans()))
+
+
+@settings(SETTINGS, max_examples=150)
+@given(cfg=pool_configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+       kind=st.sampled_from(["normal", "ties", "specials"]))
+def test_max_pool2d_random(cfg, dtype, seed, kind):
+    x = pool_data(cfg["x_shape"], dtype, seed, kind)
+    try:
+        want = ref.max_pool2d(x, **pool_kwargs(cfg))
+    except ValueError:  # a window wholly in the padding: invalid (test_bad_inputs covers the error)
+        assume(False)
+    check_pool(cfg, dtype, seed, kind, want)
+
+
+POOL_CASES = {
+    "pool2x2_vgg_small": pool_case((2, 8, 56, 56), 2),
+    "pool3x3s2_stem_small": pool_case((2, 4, 112, 112), 3, 2, 1),
+    "ceil_last_window_in_padding": pool_case((1, 2, 5, 5), 2, 2, 1, ceil_mode=True),
+    "ceil_k1_s2": pool_case((1, 2, 6, 6), 1, 2, ceil_mode=True),
+    "ceil_k3_s2_odd": pool_case((2, 3, 8, 9), 3, 2, ceil_mode=True),
+    "ceil_dilated": pool_case((1, 1, 8, 7), 3, 2, dilation=2, ceil_mode=True),
+    "ceil_asym_padding": pool_case((1, 2, 7, 6), (2, 3), (2, 2), ((1, 0), (0, 2)), ceil_mode=True),
+    "padding_beyond_torch_limit": pool_case((1, 2, 7, 6), 3, 1, 2),
+    "padding_beyond_torch_limit_dilated": pool_case((1, 2, 9, 9), 3, 2, 4, dilation=2),
+    "padding_beyond_limit_asym": pool_case((2, 1, 6, 5), (3, 4), 1, ((2, 2), (3, 1))),
+    "same_odd_total_stride2": pool_case((1, 3, 10, 9), 3, 2, "same"),
+    "same_k2_s2_odd_input": pool_case((2, 2, 7, 7), 2, 2, "same"),
+    "same_stride3": pool_case((1, 2, 11, 10), (4, 3), 3, "same"),
+    "valid_k3_s1": pool_case((1, 2, 9, 10), 3, 1, "valid"),
+    "non_square_stride_dilation": pool_case((2, 3, 13, 11), (2, 3), (3, 1), (1, 1), dilation=(2, 3)),
+    "width_33_channels_17": pool_case((1, 17, 9, 33), 2),
+    "window_equals_input": pool_case((2, 2, 5, 6), (5, 6)),
+    "kernel1": pool_case((1, 3, 4, 5), 1),
+    "one_pixel": pool_case((1, 1, 1, 1), 1),
+    "one_pixel_padded": pool_case((1, 1, 1, 1), 3, 1, 1),
+}
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "specials"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(POOL_CASES))
+def test_max_pool2d_named(name, dtype, kind):
+    check_pool(POOL_CASES[name], dtype, 21, kind)
+
+
+def test_pool_output_sizes_match_reference_and_cpp():
+    for name, cfg in POOL_CASES.items():
+        y, _ = ref.max_pool2d(np.zeros(cfg["x_shape"]), **pool_kwargs(cfg))
+        geo = pk._args.pool2d_geometry(cfg["x_shape"], cfg["kernel_size"], cfg["stride"], cfg["padding"],
+                                       cfg["dilation"], cfg["ceil_mode"])
+        assert geo.out_shape == y.shape, name
+        cpp = _pykernels_cpu.pool2d_output_shape(geo.x_shape, *geo.kernel_args())
+        assert tuple(cpp) == y.shape, name
+
+
+# ---- out=, non-contiguous and negatively strided inputs ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_conv2d_out_is_written_and_returned(dtype):
+    cfg = CONV_CASES["asym_padding"]
+    x, w, b = make_conv_inputs(cfg, dtype, True, 8)
+    expected = pk.conv2d(x, w, b, **conv_kwargs(cfg))
+    out = np.full(expected.shape, np.nan, dtype=dtype)
+    got = pk.conv2d(x, w, b, **conv_kwargs(cfg), out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    assert_close(out, ref.conv2d(x, w, b, **conv_kwargs(cfg)), dtype, 3 * 3 * 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_relu_out_is_written_and_returned(dtype):
+    x = relu_data((2, 3, 5, 7), dtype, 9)
+    out = np.full_like(x, 123.0)
+    got = pk.relu(x, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, ref.relu(x).astype(dtype))
+    # in place: out may be x itself
+    want = ref.relu(x).astype(dtype)
+    got = pk.relu(x, out=x)
+    assert got is x
+    np.testing.assert_array_equal(x, want)
+
+
+def non_contiguous_views(a, seed=0):
+    """Views of `a`'s values that are not C-contiguous: negatively strided, transposed, strided."""
+    views = {"flipped_w": a[..., ::-1].copy()[..., ::-1],
+             "transposed": np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)}
+    strided = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
+    strided[..., ::2] = a
+    views["strided"] = strided[..., ::2]
+    if a.ndim == 4:
+        views["fortran"] = np.asfortranarray(a)
+        views["flipped_hw"] = a[:, :, ::-1, ::-1].copy()[:, :, ::-1, ::-1]
+    for name, v in views.items():
+        assert not v.flags.c_contiguous, name
+        np.testing.assert_array_equal(v, a)
+    return views
+
+
+def test_conv2d_non_contiguous_inputs():
+    cfg = CONV_CASES["asym_padding_strided_dilated"]
+    x, w, b = make_conv_inputs(cfg, np.float32, True, 12)
+    want = pk.conv2d(x, w, b, **conv_kwargs(cfg))
+    p, q = conv_out_hw(cfg)
+    go = np.random.default_rng(13).standard_normal(want.shape).astype(np.float32)
+    want_grads = pk.conv2d_backward(go, x, w, **conv_kwargs(cfg))
+    xs, ws, gos = non_contiguous_views(x), non_contiguous_views(w), non_contiguous_views(go)
+    bs = {"strided": np.repeat(b, 2)[::2], "reversed": b[::-1].copy()[::-1]}
+    for name in xs:
+        np.testing.assert_array_equal(pk.conv2d(xs[name], w, b, **conv_kwargs(cfg)), want, err_msg=f"x {name}")
+        np.testing.assert_array_equal(pk.conv2d(x, ws[name], b, **conv_kwargs(cfg)), want, err_msg=f"w {name}")
+        grads = pk.conv2d_backward(gos[name], xs[name], ws[name], **conv_kwargs(cfg))
+        for g, wg in zip(grads, want_grads):
+            np.testing.assert_array_equal(g, wg, err_msg=f"backward {name}")
+    for name, bb in bs.items():
+        assert not bb.flags.c_contiguous or bb.strides[0] < 0
+        np.testing.assert_array_equal(pk.conv2d(x, w, bb, **conv_kwargs(cfg)), want, err_msg=f"bias {name}")
+
+
+def test_conv2d_negatively_strided_views_of_other_data():
+    """x[:, :, ::-1] and a transposed view give the answer for the data they show (not their base)."""
+    rng = np.random.default_rng(14)
+    base = rng.standard_normal((2, 3, 9, 8))
+    w = rng.standard_normal((4, 3, 3, 2))
+    for view in (base[:, :, ::-1], base[:, :, :, ::-1], base.transpose(0, 1, 3, 2), base[:, ::-1, 1::2, ::-2]):
+        got = pk.conv2d(view, w, padding=1, stride=(1, 2))
+        np.testing.assert_array_equal(got, pk.conv2d(np.ascontiguousarray(view), w, padding=1, stride=(1, 2)))
+        assert_close(got, ref.conv2d(view, w, padding=1, stride=(1, 2)), np.float64, 18)
+
+
+def test_broadcast_views_are_accepted():
+    """Stride-0 views (np.broadcast_to) are valid inputs: copied once, same answer as the materialised array."""
+    rng = np.random.default_rng(20)
+    x = np.broadcast_to(rng.standard_normal((1, 3, 6, 5)), (3, 3, 6, 5))
+    w = np.broadcast_to(rng.standard_normal((1, 3, 3, 3)), (4, 3, 3, 3))
+    b = np.broadcast_to(np.float64(0.5), (4,))
+    got = pk.conv2d(x, w, b, padding=1)
+    np.testing.assert_array_equal(got, pk.conv2d(x.copy(), w.copy(), b.copy(), padding=1))
+    assert_close(got, ref.conv2d(x, w, b, padding=1), np.float64, 27)
+    y, idx = pk.max_pool2d(x, 2, return_indices=True)
+    ry, ri = ref.max_pool2d(x, 2)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(idx, ri)
+    np.testing.assert_array_equal(pk.relu(x), ref.relu(x))
+
+
+def test_relu_non_contiguous_inputs():
+    x = relu_data((2, 3, 5, 7), np.float64, 15)
+    go = relu_data((2, 3, 5, 7), np.float64, 16, specials=False)
+    want_y, want_g = pk.relu(x), pk.relu_backward(go, x)
+    for (name, xv), gv in zip(non_contiguous_views(x).items(), non_contiguous_views(go).values()):
+        np.testing.assert_array_equal(pk.relu(xv), want_y, err_msg=name)
+        np.testing.assert_array_equal(pk.relu_backward(gv, xv), want_g, err_msg=name)
+    view = x[:, :, ::-1]
+    np.testing.assert_array_equal(pk.relu(view), ref.relu(view))
+
+
+def test_max_pool2d_non_contiguous_inputs():
+    cfg = POOL_CASES["ceil_asym_padding"]
+    x = pool_data(cfg["x_shape"], np.float32, 17, "specials")
+    want_y, want_i = pk.max_pool2d(x, **pool_kwargs(cfg), return_indices=True)
+    go = np.random.default_rng(18).standard_normal(want_y.shape).astype(np.float32)
+    want_g = pk.max_pool2d_backward(go, want_i, x.shape, **pool_kwargs(cfg))
+    for (name, xv), gv, iv in zip(non_contiguous_views(x).items(), non_contiguous_views(go).values(),
+                                  non_contiguous_views(want_i).values()):
+        y, i = pk.max_pool2d(xv, **pool_kwargs(cfg), return_indices=True)
+        np.testing.assert_array_equal(y, want_y, err_msg=name)
+        np.testing.assert_array_equal(i, want_i, err_msg=name)
+        np.testing.assert_array_equal(pk.max_pool2d_backward(gv, iv, x.shape, **pool_kwargs(cfg)), want_g, err_msg=name)
+    view = x[:, :, ::-1]
+    y, i = pk.max_pool2d(view, **pool_kwargs(cfg), return_indices=True)
+    ry, ri = ref.max_pool2d(view, **pool_kwargs(cfg))
+    np.testing.assert_array_equal(y, ry.astype(np.float32))
+    np.testing.assert_array_equal(i, ri)
+
+
+# ---- empty batch ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", ["asym_padding", "pointwise_odd", "grouped_3", "depthwise"])
+def test_conv2d_empty_batch(name, dtype):
+    cfg = dict(CONV_CASES[name])
+    cfg["x_shape"] = (0,) + cfg["x_shape"][1:]
+    x, w, b = make_conv_inputs(cfg, dtype, True, 19)
+    p, q = conv_out_hw(cfg)
+    k = cfg["w_shape"][0]
+    y = pk.conv2d(x, w, b, **conv_kwargs(cfg))
+    assert y.shape == (0, k, p, q) and y.dtype == dtype
+    go = np.zeros((0, k, p, q), dtype=dtype)
+    gx, gw, gb = pk.conv2d_backward(go, x, w, **conv_kwargs(cfg))
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert gw.shape == w.shape and gw.dtype == dtype
+    assert gb.shape == (k,) and gb.dtype == dtype
+    np.testing.assert_array_equal(gw, np.zeros_like(w))
+    np.testing.assert_array_equal(gb, np.zeros(k, dtype=dtype))
+    # and the same through the reference
+    want_gx, want_gw, want_gb = ref.conv2d_backward(go, x, w, **conv_kwargs(cfg))
+    assert want_gw.shape == gw.shape and not want_gw.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_relu_and_pool_empty_batch(dtype):
+    x = np.zeros((0, 3, 5, 5), dtype=dtype)
+    y = pk.relu(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert pk.relu_backward(x, x).shape == x.shape
+    y, idx = pk.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert y.shape == (0, 3, 3, 3) and y.dtype == dtype and idx.shape == y.shape and idx.dtype == np.int64
+    gx = pk.max_pool2d_backward(y, idx, x.shape, 3, 2, 1)
+    assert gx.shape == x.shape and gx.dtype == dtype
