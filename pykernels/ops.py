@@ -12,11 +12,15 @@ import numpy as np
 from . import _args, _backend
 
 
-def _prepare(*named):
-    """(kind, dtype, contiguous arrays) for (name, array) pairs."""
+def _kind_and_dtype(*named):
+    """(kind, dtype) shared by (name, array) pairs; TypeError otherwise."""
     kind = _backend.array_kind(*named)
-    dtype = _backend.common_dtype(kind, *named)
-    return kind, dtype, [_backend.contiguous(a) for _, a in named]
+    return kind, _backend.common_dtype(kind, *named)
+
+
+def _contiguous(*arrays):
+    # Called after the shape checks: a huge broadcast view must get a ValueError, not a copy attempt.
+    return [_backend.contiguous(a) for a in arrays]
 
 
 def _check_shape(a, name: str, shape) -> None:
@@ -33,13 +37,14 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, o
     or 'same' (TensorFlow's rule: output = ceil(input / stride), odd total padding puts the extra
     row/column at the bottom/right). Returns y (N, K, P, Q), written into `out` when given.
     """
-    kind, dtype, (x, weight, bias) = _prepare(("x", x), ("weight", weight), ("bias", bias))
+    kind, dtype = _kind_and_dtype(("x", x), ("weight", weight), ("bias", bias))
     geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups)
     if bias is not None and tuple(bias.shape) != (geo.weight_shape[0],):
         raise ValueError(f"bias must have shape ({geo.weight_shape[0]},) (weight's output channels), "
                          f"got {tuple(bias.shape)}")
     y = _backend.output(out, "out", kind, geo.out_shape, dtype)
+    x, weight, bias = _contiguous(x, weight, bias)
     _backend.run(kind, "conv2d_forward", x, weight, bias, y, *geo.kernel_args())
     return y
 
@@ -50,10 +55,11 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
     grad_bias is grad_out summed over N, H and W. Deterministic: the same inputs give the same bits.
     """
-    kind, dtype, (grad_out, x, weight) = _prepare(("grad_out", grad_out), ("x", x), ("weight", weight))
+    kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("x", x), ("weight", weight))
     geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups)
     _check_shape(grad_out, "grad_out", geo.out_shape)
+    grad_out, x, weight = _contiguous(grad_out, x, weight)
     grad_x = grad_w = grad_b = None
     if need_input:
         grad_x = _backend.output(None, "grad_x", kind, geo.x_shape, dtype)
@@ -71,16 +77,18 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
 def relu(x, *, out=None):
     """max(x, 0) elementwise; relu(NaN) is NaN. `out` may be x itself (in place)."""
-    kind, dtype, (x,) = _prepare(("x", x))
+    kind, dtype = _kind_and_dtype(("x", x))
     y = _backend.output(out, "out", kind, x.shape, dtype)
+    (x,) = _contiguous(x)
     _backend.run(kind, "relu_forward", x, y)
     return y
 
 
 def relu_backward(grad_out, y):
     """grad_out where y > 0, else 0 (so 0 at y == 0). y may be relu's input or its output."""
-    kind, dtype, (grad_out, y) = _prepare(("grad_out", grad_out), ("y", y))
+    kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("y", y))
     _check_shape(y, "y", grad_out.shape)
+    grad_out, y = _contiguous(grad_out, y)
     grad_x = _backend.output(None, "grad_x", kind, grad_out.shape, dtype)
     _backend.run(kind, "relu_backward", grad_out, y, grad_x)
     return grad_x
@@ -97,8 +105,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
     indices are int64 flat offsets into each H*W plane; ties go to the first maximum in row-major
     window order; NaN propagates with the index of the first NaN.
     """
-    kind, dtype, (x,) = _prepare(("x", x))
+    kind, dtype = _kind_and_dtype(("x", x))
     geo = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    (x,) = _contiguous(x)
     y = _backend.output(None, "out", kind, geo.out_shape, dtype)
     indices = _backend.output(None, "indices", kind, geo.out_shape, np.int64) if return_indices else None
     _backend.run(kind, "max_pool2d_forward", x, y, indices, *geo.kernel_args())
@@ -112,18 +121,18 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
     A gather with a fixed order: deterministic, no atomics. Each index must name a cell of its own
     window (ValueError otherwise).
     """
-    kind, dtype, (grad_out,) = _prepare(("grad_out", grad_out))
+    kind, dtype = _kind_and_dtype(("grad_out", grad_out))
     if _backend.array_kind(("indices", indices)) != kind:
         raise TypeError("indices must be the same kind of array (NumPy or CuPy) as grad_out")
     if np.dtype(indices.dtype) != np.int64:
         raise TypeError(f"indices must have dtype int64 (as max_pool2d returns them), got {indices.dtype}")
-    indices = _backend.contiguous(indices)
     if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
         raise TypeError(f"input_shape must be a tuple (N, C, H, W), got {input_shape!r}")
     geo = _args.pool2d_geometry(tuple(input_shape), kernel_size, stride, padding, dilation, ceil_mode,
                                 x_name="input_shape")
     _check_shape(grad_out, "grad_out", geo.out_shape)
     _check_shape(indices, "indices", geo.out_shape)
+    grad_out, indices = _contiguous(grad_out, indices)
     grad_x = _backend.output(None, "grad_x", kind, geo.x_shape, dtype)
     _backend.run(kind, "max_pool2d_backward", grad_out, indices, grad_x, *geo.kernel_args())
     return grad_x

@@ -51,15 +51,19 @@ DType dtype_of(const py::array& a, const char* name) {
 }
 
 template <typename T>
-const char* dtype_name() {
-  return sizeof(T) == 4 ? "float32" : "float64";
-}
+const char* dtype_name();
+template <>
+const char* dtype_name<float>() { return "float32"; }
+template <>
+const char* dtype_name<double>() { return "float64"; }
+template <>
+const char* dtype_name<int64_t>() { return "int64"; }
 
 // Checks dtype T, C-contiguity, ndim and (where given) the exact shape.
 template <typename T>
 void check_array(const py::array& a, const char* name, py::ssize_t ndim, const std::vector<int64_t>& shape = {}) {
   if (!py::isinstance<py::array_t<T>>(a))
-    throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() + " like the first argument, got " +
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
                          std::string(py::str(a.dtype())));
   if (a.ndim() != ndim)
     throw ShapeError(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(a));
@@ -127,10 +131,10 @@ Conv2dShape conv_shape(const py::array& x, const char* x_name, const py::array& 
   s.groups = groups;
   s.win = make_window({s.R, s.S}, stride, pad, dilation);
   s.validate();
-  if (groups >= 1 && w.shape(1) * groups != s.C)
-    throw ShapeError("weight " + shape_str(w) + " expects " + std::to_string(w.shape(1) * groups) +
-                     " input channels (C/groups = " + std::to_string(w.shape(1)) + ", groups = " +
-                     std::to_string(groups) + "), but " + x_name + " " + shape_str(x) + " has " + std::to_string(s.C));
+  if (w.shape(1) != s.C / groups)  // validate() ensured groups >= 1 divides C
+    throw ShapeError("weight " + shape_str(w) + " has C/groups = " + std::to_string(w.shape(1)) + ", but " + x_name +
+                     " " + shape_str(x) + " has " + std::to_string(s.C) + " channels in " + std::to_string(groups) +
+                     " group(s), " + std::to_string(s.C / groups) + " per group");
   return s;
 }
 
@@ -362,7 +366,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         s.N = x[0], s.C = x[1], s.H = x[2], s.W = x[3], s.K = w[0], s.R = w[2], s.S = w[3], s.groups = groups;
         s.win = make_window({s.R, s.S}, stride, pad, dilation);
         s.validate();
-        if (w[1] * groups != s.C) throw ShapeError("weight's C/groups does not match x's channels");
+        if (w[1] != s.C / groups) throw ShapeError("weight's C/groups does not match x's channels");
         return std::array<int64_t, 4>{s.N, s.K, s.P, s.Q};
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),

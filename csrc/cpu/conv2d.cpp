@@ -99,9 +99,10 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   const bool pointwise = is_pointwise(s);
   const int threads = available_threads();
   const bool per_item_threads = items >= threads;  // else the GEMM itself goes parallel
+  const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
   Workspace<T> col(per_item_threads ? threads : 1, pointwise ? 0 : CRS * PQ);
   ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (per_item_threads && items > 1)
+#pragma omp parallel for schedule(static) if (per_item_threads && items > 1 && worth_threads)
   for (int64_t item = 0; item < items; ++item) {
     errors.run([&] {
       const int64_t n = item / G, g = item % G;
@@ -132,9 +133,10 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   const bool pointwise = is_pointwise(s);
   const int threads = available_threads();
   const bool per_item_threads = items >= threads;
+  const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
   Workspace<T> col(per_item_threads ? threads : 1, pointwise ? 0 : CRS * PQ);
   ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (per_item_threads && items > 1)
+#pragma omp parallel for schedule(static) if (per_item_threads && items > 1 && worth_threads)
   for (int64_t item = 0; item < items; ++item) {
     errors.run([&] {
       const int64_t n = item / G, g = item % G;
@@ -170,7 +172,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   const int64_t units = G * blocks_per_group;
   Workspace<T> col(threads, rows_per_block * PQ);
   ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (units > 1)
+#pragma omp parallel for schedule(static) if (units > 1 && double(s.N * G) * double(Kg * CRS) * double(PQ) >= kMinParallelWork)
   for (int64_t unit = 0; unit < units; ++unit) {
     errors.run([&] {
       const int64_t g = unit / blocks_per_group, row0 = (unit % blocks_per_group) * rows_per_block;
@@ -193,7 +195,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b) {
   const int64_t PQ = s.P * s.Q;
-#pragma omp parallel for schedule(static) if (s.K > 1)
+#pragma omp parallel for schedule(static) if (s.K > 1 && s.y_numel() >= kMinParallelWork)
   for (int64_t k = 0; k < s.K; ++k) {
     double sum = 0;  // wide accumulator: N*P*Q terms, fixed order
     for (int64_t n = 0; n < s.N; ++n) {

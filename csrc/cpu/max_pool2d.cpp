@@ -11,6 +11,7 @@
 #include <atomic>
 
 #include "cpu/kernels.hpp"
+#include "cpu/parallel.hpp"
 
 namespace pykernels::cpu {
 
@@ -33,7 +34,7 @@ template <typename T>
 void max_pool2d_forward(const Pool2dShape& s, const T* x, T* y, int64_t* indices) {
   const Window2d& win = s.win;
   const int64_t HW = s.H * s.W, PQ = s.P * s.Q, planes = s.N * s.C;
-#pragma omp parallel for schedule(static) if (planes > 1)
+#pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
   for (int64_t plane = 0; plane < planes; ++plane) {
     const T* xp = x + plane * HW;
     T* yp = y + plane * PQ;
@@ -72,7 +73,7 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
 
   // 1. Every index must be a cell of its own window; report the first that is not.
   std::atomic<int64_t> first_bad{-1};
-#pragma omp parallel for schedule(static) if (planes > 1)
+#pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
   for (int64_t plane = 0; plane < planes; ++plane) {
     const int64_t* ip = indices + plane * PQ;
     for (int64_t o = 0; o < PQ; ++o) {
@@ -96,7 +97,7 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
   if (first_bad.load() >= 0) return first_bad.load();
 
   // 2. Gather: input cell (h, w) collects window (p, q) when h = p*sh - pt + r*dh for some tap r.
-#pragma omp parallel for schedule(static) if (planes > 1)
+#pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
   for (int64_t plane = 0; plane < planes; ++plane) {
     const T* gyp = grad_y + plane * PQ;
     const int64_t* ip = indices + plane * PQ;

@@ -7,6 +7,10 @@
 
 namespace pykernels::cpu {
 
+// Below this much work (multiply-adds or elements touched) a parallel region costs more than it saves,
+// especially on a busy machine where waking a second thread can take a millisecond.
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
 // Threads a parallel region started here would get (1 when already inside an active region).
 inline int available_threads() {
 #ifdef _OPENMP

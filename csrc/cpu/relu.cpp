@@ -2,16 +2,13 @@
 // large contiguous chunks. relu(NaN) is NaN (as NumPy's maximum and PyTorch); the gradient passes
 // where y > 0 only, so it is 0 at y == 0.
 #include "cpu/kernels.hpp"
+#include "cpu/parallel.hpp"
 
 namespace pykernels::cpu {
 
-namespace {
-constexpr int64_t kParallelThreshold = int64_t(1) << 16;  // below this, threads cost more than they save
-}
-
 template <typename T>
 void relu_forward(int64_t count, const T* x, T* y) {
-#pragma omp parallel for schedule(static) if (count >= kParallelThreshold)
+#pragma omp parallel for schedule(static) if (count >= kMinParallelWork)
   for (int64_t i = 0; i < count; ++i) {
     const T v = x[i];
     y[i] = (v > T(0) || v != v) ? v : T(0);
@@ -20,7 +17,7 @@ void relu_forward(int64_t count, const T* x, T* y) {
 
 template <typename T>
 void relu_backward(int64_t count, const T* grad_y, const T* y, T* grad_x) {
-#pragma omp parallel for schedule(static) if (count >= kParallelThreshold)
+#pragma omp parallel for schedule(static) if (count >= kMinParallelWork)
   for (int64_t i = 0; i < count; ++i) grad_x[i] = y[i] > T(0) ? grad_y[i] : T(0);
 }
 
