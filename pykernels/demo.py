@@ -115,35 +115,41 @@ def load_model(model: Sequential, path: str, xp=np) -> None:
             p[...] = xp.asarray(saved[name], dtype=p.dtype)
 
 
-def save_feature_maps(model: Sequential, image, label: int, path: str, xp=np) -> None:
-    """One PNG: the digit, then every channel after each conv, ReLU and max-pool of the network."""
+def save_feature_maps(model: Sequential, image, label: int, path: str, xp=np, columns: int = 16) -> None:
+    """One PNG: the digit and the network's prediction, then every channel after each conv, ReLU and
+    max-pool of the network (channels wrap onto rows of `columns`)."""
     matplotlib = _require("matplotlib", "--save-maps")
     matplotlib.use("Agg")
     plt = _require("matplotlib.pyplot", "--save-maps")
     activations = model.forward_with_activations(xp.asarray(image[None]))
-    stages = [(f"{i}: {type(layer).__name__}", _to_host(a)[0])
+    stages = [(f"after layer {i}: {type(layer).__name__}", _to_host(a)[0])
               for i, (layer, a) in enumerate(zip(model.layers, activations))
               if isinstance(layer, (Conv2D, ReLU, MaxPool2D))]
-    columns = max(a.shape[0] for _, a in stages)
-    fig, axes = plt.subplots(len(stages) + 1, columns, figsize=(columns * 0.9, (len(stages) + 1) * 1.1),
-                             squeeze=False)
+    rows_per_stage = [math.ceil(maps.shape[0] / columns) for _, maps in stages]
+    n_rows = 1 + sum(rows_per_stage)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(columns * 0.7, n_rows * 0.85), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    probabilities = _to_host(activations[-1])[0]
+    logits = _to_host(activations[-1])[0]
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
     axes[0, 0].imshow(image[0], cmap="gray_r")
-    axes[0, 0].set_title(f"input: {label}", fontsize=7)
-    axes[0, 1].bar(range(10), np.exp(probabilities - probabilities.max()))
-    axes[0, 1].axis("on")
-    axes[0, 1].set_xticks(range(10))
-    axes[0, 1].tick_params(labelsize=4)
-    axes[0, 1].set_yticks([])
-    axes[0, 1].set_title("prediction", fontsize=7)
-    for row, (title, maps) in enumerate(stages, start=1):
-        axes[row, 0].set_title(title, fontsize=7, loc="left")
+    axes[0, 0].set_title(f"digit {label}", fontsize=6)
+    bars = axes[0, 1]
+    bars.axis("on")
+    bars.bar(range(10), probabilities)
+    bars.set_xticks(range(10))
+    bars.tick_params(labelsize=4, length=1)
+    bars.set_yticks([])
+    bars.set_title(f"predicted {int(probabilities.argmax())}", fontsize=6)
+    row = 1
+    for (title, maps), n in zip(stages, rows_per_stage):
+        axes[row, 0].set_title(title, fontsize=6, loc="left")
         for c in range(maps.shape[0]):
-            axes[row, c].imshow(maps[c], cmap="viridis")
-    fig.suptitle("pykernels: a trained CNN's feature maps", fontsize=9)
-    fig.savefig(path, dpi=110)
+            axes[row + c // columns, c % columns].imshow(maps[c], cmap="viridis")
+        row += n
+    fig.suptitle("pykernels demo: feature maps of the trained CNN", fontsize=8)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
