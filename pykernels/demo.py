@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -100,19 +101,24 @@ def train(model: Sequential, x_train, y_train, x_test, y_test, *, epochs: int, b
 
 
 def save_model(model: Sequential, path: str) -> None:
-    np.savez(path, **{name: _to_host(p) for name, p in model.params.items()})
+    # Through a file object, so the file is exactly `path` (np.savez would append .npz to a bare name).
+    with open(path, "wb") as f:
+        np.savez(f, **{name: _to_host(p) for name, p in model.params.items()})
 
 
 def load_model(model: Sequential, path: str, xp=np) -> None:
+    """Copies saved parameters into the model; checks them all before changing any."""
     with np.load(path) as saved:
         missing = sorted(set(model.params) - set(saved.files))
         if missing:
             raise ValueError(f"{path} lacks parameters {missing}; it was not saved by this demo's network")
-        for name, p in model.params.items():
-            if saved[name].shape != tuple(p.shape):
-                raise ValueError(f"{path}: parameter {name} has shape {saved[name].shape}, the network expects "
-                                 f"{tuple(p.shape)}")
-            p[...] = xp.asarray(saved[name], dtype=p.dtype)
+        arrays = {name: saved[name] for name in model.params}
+    for name, p in model.params.items():
+        if arrays[name].shape != tuple(p.shape):
+            raise ValueError(f"{path}: parameter {name} has shape {arrays[name].shape}, the network expects "
+                             f"{tuple(p.shape)}")
+    for name, p in model.params.items():
+        p[...] = xp.asarray(arrays[name], dtype=p.dtype)
 
 
 def save_feature_maps(model: Sequential, image, label: int, path: str, xp=np, columns: int = 16) -> None:
@@ -168,13 +174,22 @@ def run_demo(args) -> int:
     except MissingExtra as exc:
         print(exc, file=sys.stderr)
         return 2
+    for flag, path in (("--save-maps", args.save_maps), ("--save-model", args.save_model)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            print(f"{flag}: folder {folder} does not exist", file=sys.stderr)
+            return 2
     model = build_model(args.seed, xp)
     n_params = sum(int(np.prod(p.shape)) for p in model.params.values())
     print(f"pykernels demo: {len(x_train)} training and {len(x_test)} test digits (8x8), "
           f"{n_params} parameters, backend {args.device}")
     start = time.perf_counter()
     if args.load_model:
-        load_model(model, args.load_model, xp)
+        try:
+            load_model(model, args.load_model, xp)
+        except (OSError, ValueError) as exc:
+            print(f"--load-model: cannot load {args.load_model}: {exc}", file=sys.stderr)
+            return 2
         print(f"loaded parameters from {args.load_model}")
     if not args.evaluate:
         train(model, x_train, y_train, x_test, y_test, epochs=args.epochs, batch_size=args.batch_size,
@@ -197,11 +212,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=_positive_int, default=15)
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--lr", type=_positive_float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--save-maps", metavar="PNG", help="write the feature maps of a test digit to this PNG")
     parser.add_argument("--save-model", metavar="NPZ", help="save the trained parameters")
     parser.add_argument("--load-model", metavar="NPZ", help="start from saved parameters")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate (with --load-model)")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:  # the range NumPy and scikit-learn accept as a seed
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

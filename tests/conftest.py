@@ -17,9 +17,10 @@ def _use_isa(request, name):
     return name
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def isa(request):
-    """Runs the test once on the AVX2+FMA path (skipped on CPUs without it) and once on the portable path."""
+    """Runs the test on each instruction-set path: AVX-512 and AVX2+FMA (each skipped, with the reason,
+    on CPUs without it) and the portable path, which every x86-64 CPU runs."""
     return _use_isa(request, request.param)
 
 

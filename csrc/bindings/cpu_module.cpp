@@ -389,12 +389,12 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       },
       py::arg("index"), py::arg("shape"));
 
-  m.def("active_isa", &pykernels::cpu::active_isa, "Instruction set of the hot loops: 'avx2' or 'portable'.");
+  m.def("active_isa", &pykernels::cpu::active_isa, "Instruction set of the hot loops: 'avx512', 'avx2' or 'portable'.");
   m.def(
       "set_isa",
       [](const std::string& name) {
         if (!pykernels::cpu::set_isa(name.c_str()))
-          throw ShapeError("isa must be 'portable' or, on a CPU with AVX2 and FMA, 'avx2'; got '" + name + "'");
+          throw ShapeError("isa must be 'portable', or 'avx2' / 'avx512' on a CPU that has them; got '" + name + "'");
       },
       py::arg("name"), "Force the hot loops' instruction set (for tests).");
   m.def("openmp_threads", []() {

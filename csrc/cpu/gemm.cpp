@@ -1,4 +1,4 @@
-// Run-time choice between the AVX2+FMA and the portable GEMM builds, and the parallel driver.
+// Run-time choice between the AVX-512, AVX2+FMA and portable GEMM builds, and the parallel driver.
 #include "cpu/gemm.hpp"
 #include "cpu/parallel.hpp"
 
@@ -15,28 +15,51 @@ namespace pykernels::cpu {
   template <typename T>                                                                                      \
   void gemm(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*, int64_t, bool);       \
   }
-PYKERNELS_DECLARE_GEMM(avx2)
 PYKERNELS_DECLARE_GEMM(portable)
+#ifdef PYKERNELS_X86_ISAS
+PYKERNELS_DECLARE_GEMM(avx2)
+PYKERNELS_DECLARE_GEMM(avx512)
+#endif
 #undef PYKERNELS_DECLARE_GEMM
 
 namespace {
 
-enum class Isa { portable, avx2 };
+enum class Isa { portable, avx2, avx512 };
 
-bool cpu_has_avx2_fma() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+bool cpu_supports(Isa isa) {
+#if defined(PYKERNELS_X86_ISAS) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
+  switch (isa) {
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::portable:
+      return true;
+  }
   return false;
+#else
+  return isa == Isa::portable;
 #endif
 }
 
+bool parse_isa(const char* name, Isa* out) {
+  for (Isa isa : {Isa::portable, Isa::avx2, Isa::avx512})
+    if (std::strcmp(name, isa == Isa::portable ? "portable" : isa == Isa::avx2 ? "avx2" : "avx512") == 0) {
+      *out = isa;
+      return true;
+    }
+  return false;
+}
+
 Isa initial_isa() {
-  // PYKERNELS_CPU_ISA=portable forces the baseline path (for tests and for bisecting a CPU issue).
-  const char* forced = std::getenv("PYKERNELS_CPU_ISA");
-  if (forced && std::strcmp(forced, "portable") == 0) return Isa::portable;
-  return cpu_has_avx2_fma() ? Isa::avx2 : Isa::portable;
+  // PYKERNELS_CPU_ISA=portable|avx2 caps the choice (for tests and for bisecting a CPU issue).
+  Isa forced;
+  const char* env = std::getenv("PYKERNELS_CPU_ISA");
+  if (env && parse_isa(env, &forced) && cpu_supports(forced)) return forced;
+  for (Isa isa : {Isa::avx512, Isa::avx2})
+    if (cpu_supports(isa)) return isa;
+  return Isa::portable;
 }
 
 std::atomic<Isa>& current_isa() {
@@ -46,27 +69,37 @@ std::atomic<Isa>& current_isa() {
 
 }  // namespace
 
-const char* active_isa() { return current_isa().load() == Isa::avx2 ? "avx2" : "portable"; }
+const char* active_isa() {
+  switch (current_isa().load()) {
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
 
 bool set_isa(const char* name) {
-  if (std::strcmp(name, "portable") == 0) {
-    current_isa().store(Isa::portable);
-    return true;
-  }
-  if (std::strcmp(name, "avx2") == 0 && cpu_has_avx2_fma()) {
-    current_isa().store(Isa::avx2);
-    return true;
-  }
-  return false;
+  Isa isa;
+  if (!parse_isa(name, &isa) || !cpu_supports(isa)) return false;
+  current_isa().store(isa);
+  return true;
 }
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
           int64_t ldc, bool accumulate) {
-  if (current_isa().load() == Isa::avx2)
-    avx2::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
-  else
-    portable::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+  switch (current_isa().load()) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      return avx512::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+    case Isa::avx2:
+      return avx2::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+#endif
+    default:
+      return portable::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+  }
 }
 
 template <typename T>

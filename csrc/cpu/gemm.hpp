@@ -27,8 +27,8 @@ template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
                    int64_t ldc, bool accumulate);
 
-// Which instruction set the hot loops use: "avx2" (AVX2+FMA, chosen at run time when the CPU has it)
-// or "portable" (any x86-64). Tests force "portable" to cover both paths.
+// Which instruction set the hot loops use: "avx512", "avx2" (AVX2+FMA) or "portable" (any x86-64); the
+// best the CPU runs is chosen at load time. Tests force each in turn to cover every path.
 const char* active_isa();
 // Returns false when the name is unknown or the CPU cannot run it.
 bool set_isa(const char* name);
