@@ -4,11 +4,14 @@
 // in row-major order; a later cell wins only if strictly greater (ties go to the first maximum) or
 // if it is the first NaN (NaN propagates with the index of the first NaN, NumPy's argmax rule).
 // A window of only -inf therefore keeps its first in-bounds cell: never an index of -1.
-// Backward gathers: each input cell sums the gradients of the windows whose index names it, in a
-// fixed order, so it needs no atomics and is bit-for-bit deterministic. Indices come from the user,
-// so they are checked first: each must be a cell of its own window.
+// Backward: one thread per plane adds each window's gradient into the cell its index names, in output
+// order. That fixed order makes it bit-for-bit deterministic with no atomics (the CUDA kernel, with
+// many threads per plane, gathers instead). Indices come from the user, so each is checked to be a
+// cell of its own window before it is used.
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
@@ -28,40 +31,116 @@ Span taps_inside(int64_t start, int64_t kernel, int64_t dilation, int64_t limit)
   return {begin, std::max(begin, end)};
 }
 
+// The general window scan: taps in row-major order, only those inside x.
+template <typename T>
+void pool_window(const Pool2dShape& s, const T* xp, int64_t h0, Span rows, int64_t w0, T* y_out, int64_t* idx_out) {
+  const Window2d& win = s.win;
+  const Span cols = taps_inside(w0, win.kernel_w, win.dilation_w, s.W);
+  int64_t best_at = (h0 + rows.begin * win.dilation_h) * s.W + w0 + cols.begin * win.dilation_w;
+  T best = xp[best_at];
+  for (int64_t r = rows.begin; r < rows.end && best == best; ++r) {
+    const int64_t row_at = (h0 + r * win.dilation_h) * s.W + w0;
+    for (int64_t c = cols.begin; c < cols.end; ++c) {
+      const int64_t at = row_at + c * win.dilation_w;
+      const T v = xp[at];
+      if (v > best || v != v) {
+        best = v;
+        best_at = at;
+        if (v != v) break;  // first NaN wins; the outer loop stops too (best != best)
+      }
+    }
+  }
+  *y_out = best;
+  *idx_out = best_at;
+}
+
+// One output row's interior windows [q0, q1) (every column tap inside x), all at once: for each tap in
+// row-major order, one pass over q. The same update rule as pool_window, written without branches
+// (winning tap kept as an integer of T's width) so the compiler vectorises the q loop; STRIDE is the
+// column stride when it is a small constant (1, 2), or 0 for any other (read from `stride`).
+template <int STRIDE, typename T>
+void pool_row_interior(const Pool2dShape& s, const T* xp, int64_t h0, Span rows, int64_t q0, int64_t q1, T* y_row,
+                       int64_t* idx_row, std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>& taps) {
+  using Tap = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  const Window2d& win = s.win;
+  const int64_t stride = STRIDE ? STRIDE : win.stride_w;
+  const int64_t n = q1 - q0;
+  T* best = y_row + q0;
+  Tap* tap = taps.data();
+  const T* first = xp + (h0 + rows.begin * win.dilation_h) * s.W + q0 * stride - win.pad_left;
+  for (int64_t i = 0; i < n; ++i) {
+    best[i] = first[i * stride];
+    tap[i] = Tap(0);
+  }
+  Tap t = 0;
+  for (int64_t r = rows.begin; r < rows.end; ++r)
+    for (int64_t c = 0; c < win.kernel_w; ++c, ++t) {
+      if (t == 0) continue;
+      const T* xr = xp + (h0 + r * win.dilation_h) * s.W + q0 * stride - win.pad_left + c * win.dilation_w;
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = xr[i * stride], b = best[i];
+        const bool take = (v > b) | ((v != v) & (b == b));  // bitwise: no branch, so it vectorises
+        best[i] = take ? v : b;
+        tap[i] = take ? t : tap[i];
+      }
+    }
+  if (!idx_row) return;
+  // Offset of each tap from the window's first cell, then index = first cell + offset of the winner.
+  int64_t offsets[64];
+  const int64_t n_taps = (rows.end - rows.begin) * win.kernel_w;
+  if (n_taps <= 64) {
+    for (int64_t k = 0; k < n_taps; ++k)
+      offsets[k] = (k / win.kernel_w) * win.dilation_h * s.W + (k % win.kernel_w) * win.dilation_w;
+    const int64_t base = (h0 + rows.begin * win.dilation_h) * s.W + q0 * stride - win.pad_left;
+    for (int64_t i = 0; i < n; ++i) idx_row[q0 + i] = base + i * stride + offsets[tap[i]];
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows.begin + tap[i] / win.kernel_w, c = tap[i] % win.kernel_w;
+    idx_row[q0 + i] = (h0 + r * win.dilation_h) * s.W + (q0 + i) * stride - win.pad_left + c * win.dilation_w;
+  }
+}
+
 }  // namespace
 
 template <typename T>
 void max_pool2d_forward(const Pool2dShape& s, const T* x, T* y, int64_t* indices) {
   const Window2d& win = s.win;
   const int64_t HW = s.H * s.W, PQ = s.P * s.Q, planes = s.N * s.C;
+  // Interior columns: q with q*sw - pl >= 0 and q*sw - pl + (kw-1)*dw <= W-1.
+  const int64_t q0 = std::min(s.Q, (win.pad_left + win.stride_w - 1) / win.stride_w);
+  const int64_t last_tap = (win.kernel_w - 1) * win.dilation_w;
+  const int64_t q_end_num = s.W - 1 - last_tap + win.pad_left;
+  const int64_t q1 = std::max(q0, std::min(s.Q, q_end_num < 0 ? 0 : q_end_num / win.stride_w + 1));
+  // Tap numbers must fit the integer of T's width (int32 for float): true for any real window.
+  const bool vector_rows = win.kernel_h * win.kernel_w < (int64_t(1) << 30);
 #pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
   for (int64_t plane = 0; plane < planes; ++plane) {
     const T* xp = x + plane * HW;
     T* yp = y + plane * PQ;
     int64_t* ip = indices ? indices + plane * PQ : nullptr;
+    int64_t unused_index;
+    std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> taps(vector_rows ? size_t(q1 - q0) : 0);
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t h0 = p * win.stride_h - win.pad_top;
       const Span rows = taps_inside(h0, win.kernel_h, win.dilation_h, s.H);
-      for (int64_t q = 0; q < s.Q; ++q) {
-        const int64_t w0 = q * win.stride_w - win.pad_left;
-        const Span cols = taps_inside(w0, win.kernel_w, win.dilation_w, s.W);
-        int64_t best_at = (h0 + rows.begin * win.dilation_h) * s.W + w0 + cols.begin * win.dilation_w;
-        T best = xp[best_at];
-        for (int64_t r = rows.begin; r < rows.end && best == best; ++r) {
-          const int64_t row_at = (h0 + r * win.dilation_h) * s.W + w0;
-          for (int64_t c = cols.begin; c < cols.end; ++c) {
-            const int64_t at = row_at + c * win.dilation_w;
-            const T v = xp[at];
-            if (v > best || v != v) {
-              best = v;
-              best_at = at;
-              if (v != v) break;  // first NaN wins; the outer loop stops too (best != best)
-            }
-          }
-        }
-        yp[p * s.Q + q] = best;
-        if (ip) ip[p * s.Q + q] = best_at;
+      T* y_row = yp + p * s.Q;
+      int64_t* idx_row = ip ? ip + p * s.Q : nullptr;
+      auto scalar = [&](int64_t q) {
+        pool_window(s, xp, h0, rows, q * win.stride_w - win.pad_left, y_row + q, idx_row ? idx_row + q : &unused_index);
+      };
+      if (!vector_rows) {
+        for (int64_t q = 0; q < s.Q; ++q) scalar(q);
+        continue;
       }
+      for (int64_t q = 0; q < q0; ++q) scalar(q);
+      if (win.stride_w == 1)
+        pool_row_interior<1>(s, xp, h0, rows, q0, q1, y_row, idx_row, taps);
+      else if (win.stride_w == 2)
+        pool_row_interior<2>(s, xp, h0, rows, q0, q1, y_row, idx_row, taps);
+      else
+        pool_row_interior<0>(s, xp, h0, rows, q0, q1, y_row, idx_row, taps);
+      for (int64_t q = q1; q < s.Q; ++q) scalar(q);
     }
   }
 }
@@ -70,60 +149,43 @@ template <typename T>
 int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t* indices, T* grad_x) {
   const Window2d& win = s.win;
   const int64_t HW = s.H * s.W, PQ = s.P * s.Q, planes = s.N * s.C;
-
-  // 1. Every index must be a cell of its own window; report the first that is not.
+  const double inv_W = 1.0 / double(s.W);
   std::atomic<int64_t> first_bad{-1};
-#pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
-  for (int64_t plane = 0; plane < planes; ++plane) {
-    const int64_t* ip = indices + plane * PQ;
-    for (int64_t o = 0; o < PQ; ++o) {
-      const int64_t idx = ip[o];
-      bool ok = idx >= 0 && idx < HW;
-      if (ok) {
-        const int64_t dh = idx / s.W - ((o / s.Q) * win.stride_h - win.pad_top);
-        const int64_t dw = idx % s.W - ((o % s.Q) * win.stride_w - win.pad_left);
-        ok = dh >= 0 && dw >= 0 && dh % win.dilation_h == 0 && dw % win.dilation_w == 0 &&
-             dh / win.dilation_h < win.kernel_h && dw / win.dilation_w < win.kernel_w;
-      }
-      if (!ok) {
-        const int64_t at = plane * PQ + o;
-        int64_t cur = first_bad.load();
-        while ((cur < 0 || at < cur) && !first_bad.compare_exchange_weak(cur, at)) {
-        }
-        break;
-      }
-    }
-  }
-  if (first_bad.load() >= 0) return first_bad.load();
-
-  // 2. Gather: input cell (h, w) collects window (p, q) when h = p*sh - pt + r*dh for some tap r.
+  // One thread owns a plane and adds its windows' gradients in output order: a fixed order, so the
+  // result is bit-for-bit reproducible without atomics. Each index is checked to be a cell of its own
+  // window before it is used (they come from the user).
 #pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
   for (int64_t plane = 0; plane < planes; ++plane) {
     const T* gyp = grad_y + plane * PQ;
     const int64_t* ip = indices + plane * PQ;
     T* gxp = grad_x + plane * HW;
-    for (int64_t h = 0; h < s.H; ++h) {
-      for (int64_t w = 0; w < s.W; ++w) {
-        const int64_t cell = h * s.W + w;
-        T sum = T(0);
-        for (int64_t r = 0; r < win.kernel_h; ++r) {
-          const int64_t ph = h + win.pad_top - r * win.dilation_h;  // = p * stride_h
-          if (ph < 0) break;
-          if (ph % win.stride_h != 0 || ph / win.stride_h >= s.P) continue;
-          const int64_t p = ph / win.stride_h;
-          for (int64_t c = 0; c < win.kernel_w; ++c) {
-            const int64_t qw = w + win.pad_left - c * win.dilation_w;
-            if (qw < 0) break;
-            if (qw % win.stride_w != 0 || qw / win.stride_w >= s.Q) continue;
-            const int64_t o = p * s.Q + qw / win.stride_w;
-            if (ip[o] == cell) sum += gyp[o];
-          }
+    std::fill(gxp, gxp + HW, T(0));
+    for (int64_t p = 0; p < s.P; ++p) {
+      const int64_t h0 = p * win.stride_h - win.pad_top;
+      for (int64_t q = 0; q < s.Q; ++q) {
+        const int64_t o = p * s.Q + q, idx = ip[o];
+        bool ok = idx >= 0 && idx < HW;
+        if (ok) {
+          int64_t h = int64_t(double(idx) * inv_W);  // idx / W without a division; corrected below
+          h -= h * s.W > idx;
+          h += (h + 1) * s.W <= idx;
+          const int64_t dh = h - h0, dw = idx - h * s.W - (q * win.stride_w - win.pad_left);
+          ok = dh >= 0 && dw >= 0 && dh < win.kernel_h * win.dilation_h && dw < win.kernel_w * win.dilation_w &&
+               (win.dilation_h == 1 || dh % win.dilation_h == 0) && (win.dilation_w == 1 || dw % win.dilation_w == 0);
         }
-        gxp[cell] = sum;
+        if (!ok) {
+          const int64_t at = plane * PQ + o;
+          int64_t cur = first_bad.load();
+          while ((cur < 0 || at < cur) && !first_bad.compare_exchange_weak(cur, at)) {
+          }
+          p = s.P;  // stop this plane
+          break;
+        }
+        gxp[idx] += gyp[o];
       }
     }
   }
-  return -1;
+  return first_bad.load();
 }
 
 #define PYKERNELS_INSTANTIATE(T)                                                               \

@@ -18,7 +18,10 @@ void relu_forward(int64_t count, const T* x, T* y) {
 template <typename T>
 void relu_backward(int64_t count, const T* grad_y, const T* y, T* grad_x) {
 #pragma omp parallel for schedule(static) if (count >= kMinParallelWork)
-  for (int64_t i = 0; i < count; ++i) grad_x[i] = y[i] > T(0) ? grad_y[i] : T(0);
+  for (int64_t i = 0; i < count; ++i) {
+    const T g = grad_y[i];  // loaded unconditionally: a conditional load would stop vectorisation
+    grad_x[i] = y[i] > T(0) ? g : T(0);
+  }
 }
 
 template void relu_forward<float>(int64_t, const float*, float*);
