@@ -1,13 +1,16 @@
 // 2-D cross-correlation on the CPU: forward, backward-input, backward-weight and backward-bias.
 //
-// Every pass is im2col + our GEMM (gemm.hpp), one image and group at a time:
-//   forward        y_g  (K/g x PQ)  = w_g (K/g x CRS)      * col (CRS x PQ)
-//   backward-input col  (CRS x PQ)  = w_g^T (CRS x K/g)    * gy_g (K/g x PQ), then col2im adds into gx
+// Every pass is one GEMM (gemm.hpp) per image and group, with CRS = C/groups * R * S:
+//   forward         y_g  (K/g x PQ)  = w_g (K/g x CRS)   * col (CRS x PQ)
+//   backward-input  col  (CRS x PQ)  = w_g^T (CRS x K/g) * gy_g (K/g x PQ), then col2im adds into gx
 //   backward-weight gw_g (K/g x CRS) = sum_n gy_g (K/g x PQ) * col^T (PQ x CRS), n in order 0..N-1
-// where CRS = C/groups * R * S. A 1x1 kernel with stride 1 and no padding needs no im2col: col is x.
+// col (im2col of x) is never stored for forward and backward-weight: the GEMM asks for it block by
+// block and pack_col / pack_col_transposed write it straight into the packed layout (implicit GEMM),
+// which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
+// and no padding needs no im2col at all: col is x.
 // Forward and backward-input run one image per thread (each writes its own output); backward-weight
-// splits the rows of col among threads, so every gradient element is summed over n in the same order
-// whatever the thread count: results are bit-for-bit reproducible.
+// splits the columns of grad_w among threads, so every gradient element is summed over n in the same
+// order whatever the thread count: results are bit-for-bit reproducible.
 #include <algorithm>
 #include <vector>
 
@@ -54,27 +57,6 @@ void for_each_col_segment(const Conv2dShape& s, int64_t row0, int64_t row1, Visi
   }
 }
 
-// col[(row - row0) * PQ + p * Q + q] = x_g[c, p*sh + r*dh - pt, q*sw + kw*dw - pl], zero outside x.
-template <typename T>
-void im2col(const Conv2dShape& s, const T* x_g, int64_t row0, int64_t row1, T* col) {
-  const int64_t PQ = s.P * s.Q, HW = s.H * s.W, sh = s.win.stride_h, sw = s.win.stride_w;
-  for_each_col_segment(s, row0, row1, [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
-    T* out = col + (row - row0) * PQ;
-    std::fill(out, out + ps.begin * s.Q, T(0));
-    for (int64_t p = ps.begin; p < ps.end; ++p) {
-      T* o = out + p * s.Q;
-      const T* xr = x_g + c * HW + (p * sh + h_off) * s.W + w_off;
-      std::fill(o, o + qs.begin, T(0));
-      if (sw == 1)
-        std::copy(xr + qs.begin, xr + qs.end, o + qs.begin);
-      else
-        for (int64_t q = qs.begin; q < qs.end; ++q) o[q] = xr[q * sw];
-      std::fill(o + qs.end, o + s.Q, T(0));
-    }
-    std::fill(out + ps.end * s.Q, out + PQ, T(0));
-  });
-}
-
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x.
 template <typename T>
 void col2im_add(const Conv2dShape& s, const T* col, T* gx_g) {
@@ -90,6 +72,72 @@ void col2im_add(const Conv2dShape& s, const T* col, T* gx_g) {
                        });
 }
 
+// ---- implicit GEMM: im2col values written straight into the GEMM's packed B blocks ------------------
+
+// One image and group of x, as the GEMM's B operand. Forward reads it as col (rows crs, columns pq);
+// backward-weight as col^T (rows pq, columns crs, starting at column_base).
+template <typename T>
+struct Im2colSource {
+  const Conv2dShape* s;
+  const T* x_g;
+  int64_t column_base;
+};
+
+// Packs rows [k0, k0+kc) (crs) x columns [j0, j0+nc) (pq) of col.
+template <typename T>
+void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
+  const auto& src = *static_cast<const Im2colSource<T>*>(ctx);
+  const Conv2dShape& s = *src.s;
+  const int64_t HW = s.H * s.W, sw = s.win.stride_w, strips = (nc + nr - 1) / nr;
+  for_each_col_segment(s, k0, k0 + kc, [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
+    const T* xc = src.x_g + c * HW;
+    int64_t p = j0 / s.Q, q = j0 % s.Q;  // output position of the block's first column
+    for (int64_t st = 0; st < strips; ++st) {
+      T* o = out + (st * kc + (row - k0)) * nr;
+      const int64_t cols = std::min(nr, nc - st * nr);
+      for (int64_t j = 0; j < cols;) {
+        const int64_t seg = std::min(s.Q - q, cols - j);  // columns left in output row p
+        if (p < ps.begin || p >= ps.end) {
+          std::fill(o + j, o + j + seg, T(0));
+        } else {
+          const T* xr = xc + (p * s.win.stride_h + h_off) * s.W + w_off;
+          const int64_t lo = std::clamp(qs.begin, q, q + seg), hi = std::clamp(qs.end, lo, q + seg);
+          std::fill(o + j, o + j + (lo - q), T(0));
+          T* oo = o + j - q;
+          if (sw == 1)
+            std::copy(xr + lo, xr + hi, oo + lo);
+          else
+            for (int64_t i = lo; i < hi; ++i) oo[i] = xr[i * sw];
+          std::fill(oo + hi, oo + q + seg, T(0));
+        }
+        j += seg;
+        q += seg;
+        if (q == s.Q) q = 0, ++p;
+      }
+      std::fill(o + cols, o + nr, T(0));
+    }
+  });
+}
+
+// Packs rows [k0, k0+kc) (pq) x columns [j0, j0+nc) (crs, offset by column_base) of col^T: each strip
+// of nr crs values is first formed as nr contiguous rows of col by pack_col (fast: contiguous reads of
+// x), then transposed in cache into the packed layout.
+template <typename T>
+void pack_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
+  const auto& src = *static_cast<const Im2colSource<T>*>(ctx);
+  std::vector<T> rows(static_cast<size_t>(nr * kc));
+  for (int64_t jb = 0; jb < nc; jb += nr, out += kc * nr) {
+    const int64_t cols = std::min(nr, nc - jb);
+    // rows[j * kc + k] = col[column_base + j0 + jb + j][k0 + k]
+    pack_col<T>(&src, src.column_base + j0 + jb, cols, k0, kc, kc, rows.data());
+    for (int64_t k = 0; k < kc; ++k) {
+      T* o = out + k * nr;
+      for (int64_t j = 0; j < cols; ++j) o[j] = rows[j * kc + k];
+      std::fill(o + cols, o + nr, T(0));
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -97,10 +145,8 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);
-  const int threads = available_threads();
-  const bool per_item_threads = items >= threads;  // else the GEMM itself goes parallel
+  const bool per_item_threads = items >= available_threads();  // else the GEMM itself goes parallel
   const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
-  Workspace<T> col(per_item_threads ? threads : 1, pointwise ? 0 : CRS * PQ);
   ParallelErrors errors;
 #pragma omp parallel for schedule(static) if (per_item_threads && items > 1 && worth_threads)
   for (int64_t item = 0; item < items; ++item) {
@@ -108,14 +154,20 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
       const int64_t n = item / G, g = item % G;
       const T* x_g = x + (n * s.C + g * Cg) * HW;
       T* y_g = y + (n * s.K + g * Kg) * PQ;
-      T* my_col = col.for_this_thread();
-      if (!pointwise) im2col(s, x_g, 0, CRS, my_col);
-      const T* B = pointwise ? x_g : my_col;
       const T* A = w + g * Kg * CRS;
-      if (per_item_threads)
-        gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, B, {PQ, 1}, y_g, PQ, false);
-      else
-        gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, B, {PQ, 1}, y_g, PQ, false);
+      if (pointwise) {  // col is x itself
+        if (per_item_threads)
+          gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false);
+        else
+          gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false);
+      } else {
+        const Im2colSource<T> col{&s, x_g, 0};
+        const BPacker<T> B{&pack_col<T>, &col};
+        if (per_item_threads)
+          gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false);
+        else
+          gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false);
+      }
       if (bias)
         for (int64_t k = 0; k < Kg; ++k) {
           const T b = bias[g * Kg + k];
@@ -165,27 +217,25 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     std::fill(grad_w, grad_w + s.w_numel(), T(0));
     return;
   }
-  // Work unit = (group, block of col rows): each owns a disjoint block of columns of grad_w.
+  // Work unit = (group, block of crs columns of grad_w): units own disjoint outputs, and each sums over
+  // n = 0..N-1 in order, so the bits do not depend on the thread count.
   const int threads = available_threads();
   const int64_t blocks_per_group = std::max<int64_t>(1, std::min<int64_t>(CRS, (2 * threads + G - 1) / G));
-  const int64_t rows_per_block = (CRS + blocks_per_group - 1) / blocks_per_group;
+  const int64_t cols_per_block = (CRS + blocks_per_group - 1) / blocks_per_group;
   const int64_t units = G * blocks_per_group;
-  Workspace<T> col(threads, rows_per_block * PQ);
   ParallelErrors errors;
 #pragma omp parallel for schedule(static) if (units > 1 && double(s.N * G) * double(Kg * CRS) * double(PQ) >= kMinParallelWork)
   for (int64_t unit = 0; unit < units; ++unit) {
     errors.run([&] {
-      const int64_t g = unit / blocks_per_group, row0 = (unit % blocks_per_group) * rows_per_block;
-      const int64_t row1 = std::min(CRS, row0 + rows_per_block);
-      if (row1 <= row0) return;
-      T* gw = grad_w + g * Kg * CRS + row0;
-      T* my_col = col.for_this_thread();
+      const int64_t g = unit / blocks_per_group, col0 = (unit % blocks_per_group) * cols_per_block;
+      const int64_t col1 = std::min(CRS, col0 + cols_per_block);
+      if (col1 <= col0) return;
+      T* gw = grad_w + g * Kg * CRS + col0;
       for (int64_t n = 0; n < s.N; ++n) {
-        const T* x_g = x + (n * s.C + g * Cg) * HW;
+        const Im2colSource<T> col_t{&s, x + (n * s.C + g * Cg) * HW, col0};
         const T* gy_g = grad_y + (n * s.K + g * Kg) * PQ;
-        im2col(s, x_g, row0, row1, my_col);
-        // gw[:, row0:row1] (+)= gy_g (Kg x PQ) * col_block^T (PQ x rows)
-        gemm<T>(Kg, row1 - row0, PQ, gy_g, {PQ, 1}, my_col, {1, PQ}, gw, CRS, n > 0);
+        // gw[:, col0:col1] (+)= gy_g (Kg x PQ) * col^T[:, col0:col1] (PQ x cols)
+        gemm<T>(Kg, col1 - col0, PQ, gy_g, {PQ, 1}, BPacker<T>{&pack_col_transposed<T>, &col_t}, gw, CRS, n > 0);
       }
     });
   }

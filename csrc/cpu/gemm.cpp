@@ -13,7 +13,7 @@ namespace pykernels::cpu {
 #define PYKERNELS_DECLARE_GEMM(ns)                                                                           \
   namespace ns {                                                                                             \
   template <typename T>                                                                                      \
-  void gemm(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*, int64_t, bool);       \
+  void gemm(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, int64_t, T*, int64_t, bool);       \
   }
 PYKERNELS_DECLARE_GEMM(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -87,31 +87,73 @@ bool set_isa(const char* name) {
   return true;
 }
 
+namespace {
+
+// Columns [j_offset, j_offset + N) of B into columns [0, N) of C, on the active instruction set.
 template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
-          int64_t ldc, bool accumulate) {
+void gemm_columns(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, int64_t j_offset, T* C,
+                  int64_t ldc, bool accumulate) {
   switch (current_isa().load()) {
 #ifdef PYKERNELS_X86_ISAS
     case Isa::avx512:
-      return avx512::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+      return avx512::gemm<T>(M, N, K, A, a, b, j_offset, C, ldc, accumulate);
     case Isa::avx2:
-      return avx2::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+      return avx2::gemm<T>(M, N, K, A, a, b, j_offset, C, ldc, accumulate);
 #endif
     default:
-      return portable::gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+      return portable::gemm<T>(M, N, K, A, a, b, j_offset, C, ldc, accumulate);
   }
 }
 
+// A strided matrix B as a BPacker.
 template <typename T>
-void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
-                   int64_t ldc, bool accumulate) {
+struct StridedMatrix {
+  const T* data;
+  MatrixView view;
+};
+
+template <typename T>
+void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
+  const auto& m = *static_cast<const StridedMatrix<T>*>(ctx);
+  const T* B = m.data + k0 * m.view.row_stride + j0 * m.view.col_stride;
+  for (int64_t jb = 0; jb < nc; jb += nr) {
+    const int64_t cols = std::min(nr, nc - jb);
+    if (cols == nr && m.view.col_stride == 1) {
+      for (int64_t k = 0; k < kc; ++k, out += nr) std::memcpy(out, B + k * m.view.row_stride + jb, sizeof(T) * nr);
+    } else {
+      for (int64_t k = 0; k < kc; ++k, out += nr) {
+        for (int64_t j = 0; j < cols; ++j) out[j] = B[k * m.view.row_stride + (jb + j) * m.view.col_stride];
+        for (int64_t j = cols; j < nr; ++j) out[j] = T(0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
+          bool accumulate) {
+  gemm_columns<T>(M, N, K, A, a, b, 0, C, ldc, accumulate);
+}
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
+          int64_t ldc, bool accumulate) {
+  const StridedMatrix<T> matrix{B, b};
+  gemm_columns<T>(M, N, K, A, a, BPacker<T>{&pack_strided<T>, &matrix}, 0, C, ldc, accumulate);
+}
+
+template <typename T>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
+                   bool accumulate) {
   const int threads = available_threads();
   // Columns split in chunks of 64 so each thread's share is a whole number of register tiles; every C
   // element still sums over K in the serial order, so the bits do not depend on the thread count.
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  if (threads <= 1 || chunks <= 1 || M * N * K < (int64_t(1) << 18)) {
-    gemm<T>(M, N, K, A, a, B, b, C, ldc, accumulate);
+  if (threads <= 1 || chunks <= 1 || double(M) * double(N) * double(K) < 4.0 * double(kMinParallelWork)) {
+    gemm_columns<T>(M, N, K, A, a, b, 0, C, ldc, accumulate);
     return;
   }
   ParallelErrors errors;
@@ -124,18 +166,26 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
 #endif
     const int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
     const int64_t j0 = c0 * kChunk, j1 = std::min(N, c1 * kChunk);
-    if (j1 > j0) gemm<T>(M, j1 - j0, K, A, a, B + j0 * b.col_stride, b, C + j0, ldc, accumulate);
+    if (j1 > j0) gemm_columns<T>(M, j1 - j0, K, A, a, b, j0, C + j0, ldc, accumulate);
   });
   errors.rethrow();
 }
 
-template void gemm<float>(int64_t, int64_t, int64_t, const float*, MatrixView, const float*, MatrixView, float*,
-                          int64_t, bool);
-template void gemm<double>(int64_t, int64_t, int64_t, const double*, MatrixView, const double*, MatrixView,
-                           double*, int64_t, bool);
-template void gemm_parallel<float>(int64_t, int64_t, int64_t, const float*, MatrixView, const float*, MatrixView,
-                                   float*, int64_t, bool);
-template void gemm_parallel<double>(int64_t, int64_t, int64_t, const double*, MatrixView, const double*,
-                                    MatrixView, double*, int64_t, bool);
+template <typename T>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
+                   int64_t ldc, bool accumulate) {
+  const StridedMatrix<T> matrix{B, b};
+  gemm_parallel<T>(M, N, K, A, a, BPacker<T>{&pack_strided<T>, &matrix}, C, ldc, accumulate);
+}
+
+#define PYKERNELS_INSTANTIATE(T)                                                                               \
+  template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*, int64_t, bool); \
+  template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool);           \
+  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*,        \
+                                 int64_t, bool);                                                                 \
+  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool);
+PYKERNELS_INSTANTIATE(float)
+PYKERNELS_INSTANTIATE(double)
+#undef PYKERNELS_INSTANTIATE
 
 }  // namespace pykernels::cpu

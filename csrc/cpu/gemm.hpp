@@ -2,8 +2,11 @@
 //
 //   C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]
 //
-// A and B are read through (row stride, column stride) pairs, so a transposed operand costs nothing
-// extra: packing reads it in whatever order it lies. C is row-major with leading dimension ldc.
+// A is read through a (row stride, column stride) pair, so a transposed operand costs nothing extra:
+// packing reads it in whatever order it lies. B is either such a strided matrix or a BPacker, a
+// function that writes any block of B straight into the packed layout: convolution uses that to
+// form im2col columns on the fly (implicit GEMM) instead of materialising them. C is row-major with
+// leading dimension ldc.
 // Each element of C is summed over K in the same order whatever the thread count, so results are
 // bit-for-bit identical run to run and between serial and parallel calls.
 #pragma once
@@ -16,6 +19,23 @@ struct MatrixView {
   int64_t row_stride;
   int64_t col_stride;
 };
+
+// B by blocks: pack(ctx, k0, kc, j0, nc, nr, out) writes rows [k0, k0+kc) x columns [j0, j0+nc) of B
+// as strips of nr columns (strip s at out + s*kc*nr; for each k, nr consecutive values; columns past
+// nc are zero).
+template <typename T>
+struct BPacker {
+  void (*pack)(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out);
+  const void* ctx;
+};
+
+// Serial GEMM on the calling thread.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
+          bool accumulate);
+template <typename T>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
+                   bool accumulate);
 
 // Serial GEMM on the calling thread.
 template <typename T>
