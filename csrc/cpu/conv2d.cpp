@@ -3,7 +3,7 @@
 // Every pass is one GEMM (gemm.hpp) per image and group, with CRS = C/groups * R * S:
 //   forward         y_g  (K/g x PQ)  = w_g (K/g x CRS)   * col (CRS x PQ)
 //   backward-input  col  (CRS x PQ)  = w_g^T (CRS x K/g) * gy_g (K/g x PQ), then col2im adds into gx
-//   backward-weight gw_g (K/g x CRS) = sum_n gy_g (K/g x PQ) * col^T (PQ x CRS), n in order 0..N-1
+//   backward-weight gw_g (K/g x CRS) = GY_g (K/g x N*PQ) * COL^T (N*PQ x CRS), one GEMM over the batch
 // col (im2col of x) is never stored for forward and backward-weight: the GEMM asks for it block by
 // block and pack_col / pack_col_transposed write it straight into the packed layout (implicit GEMM),
 // which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
@@ -119,14 +119,14 @@ void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, i
   });
 }
 
-// Packs rows [k0, k0+kc) (pq) x columns [j0, j0+nc) (crs, offset by column_base) of col^T: each strip
-// of nr crs values is first formed as nr contiguous rows of col by pack_col (fast: contiguous reads of
-// x), then transposed in cache into the packed layout.
+// Writes rows [k0, k0+kc) (pq) x columns [j0, j0+nc) (crs, offset by column_base) of one image's col^T
+// into packed strips that lie strip_stride apart: each strip of nr crs values is first formed as nr
+// contiguous rows of col by pack_col (contiguous reads of x), then transposed in cache.
 template <typename T>
-void pack_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
-  const auto& src = *static_cast<const Im2colSource<T>*>(ctx);
+void write_col_transposed(const Im2colSource<T>& src, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr,
+                          T* out, int64_t strip_stride) {
   std::vector<T> rows(static_cast<size_t>(nr * kc));
-  for (int64_t jb = 0; jb < nc; jb += nr, out += kc * nr) {
+  for (int64_t jb = 0; jb < nc; jb += nr, out += strip_stride) {
     const int64_t cols = std::min(nr, nc - jb);
     // rows[j * kc + k] = col[column_base + j0 + jb + j][k0 + k]
     pack_col<T>(&src, src.column_base + j0 + jb, cols, k0, kc, kc, rows.data());
@@ -135,6 +135,55 @@ void pack_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t j0, in
       for (int64_t j = 0; j < cols; ++j) o[j] = rows[j * kc + k];
       std::fill(o + cols, o + nr, T(0));
     }
+  }
+}
+
+// ---- backward-weight over the whole batch as one GEMM: the reduction runs over n*PQ + pq ----------------
+
+// grad_y of one group as A: rows are the group's output channels, columns n*PQ + pq.
+template <typename T>
+struct GradOutRows {
+  const Conv2dShape* s;
+  const T* grad_y;
+  int64_t g;
+};
+
+template <typename T>
+void pack_grad_out_rows(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out) {
+  const auto& src = *static_cast<const GradOutRows<T>*>(ctx);
+  const Conv2dShape& s = *src.s;
+  const int64_t PQ = s.P * s.Q, first_row = src.g * s.K_per_group() + i0;
+  for (int64_t ib = 0; ib < mc; ib += mr) {
+    const int64_t rows = std::min(mr, mc - ib);
+    int64_t n = k0 / PQ, pq = k0 % PQ;
+    for (int64_t k = 0; k < kc; ++k, out += mr) {
+      const T* column = src.grad_y + (n * s.K + first_row + ib) * PQ + pq;
+      for (int64_t i = 0; i < rows; ++i) out[i] = column[i * PQ];
+      std::fill(out + rows, out + mr, T(0));
+      if (++pq == PQ) pq = 0, ++n;
+    }
+  }
+}
+
+// x of one group as B = col^T over the whole batch: rows n*PQ + pq, columns crs from column_base.
+template <typename T>
+struct BatchColTransposed {
+  const Conv2dShape* s;
+  const T* x;
+  int64_t g;
+  int64_t column_base;
+};
+
+template <typename T>
+void pack_batch_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
+  const auto& src = *static_cast<const BatchColTransposed<T>*>(ctx);
+  const Conv2dShape& s = *src.s;
+  const int64_t PQ = s.P * s.Q;
+  for (int64_t k = k0; k < k0 + kc;) {  // one image's rows at a time
+    const int64_t n = k / PQ, pq = k % PQ, rows = std::min(PQ - pq, k0 + kc - k);
+    const Im2colSource<T> image{&s, src.x + (n * s.C + src.g * s.C_per_group()) * s.H * s.W, src.column_base};
+    write_col_transposed(image, pq, rows, j0, nc, nr, out + (k - k0) * nr, kc * nr);
+    k += rows;
   }
 }
 
@@ -212,13 +261,13 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
-  const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W;
+  const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   if (s.N == 0) {
     std::fill(grad_w, grad_w + s.w_numel(), T(0));
     return;
   }
-  // Work unit = (group, block of crs columns of grad_w): units own disjoint outputs, and each sums over
-  // n = 0..N-1 in order, so the bits do not depend on the thread count.
+  // One GEMM per work unit = (group, block of crs columns of grad_w), reducing over all n*PQ + pq in
+  // order: units own disjoint outputs and the sum order never depends on the thread count.
   const int threads = available_threads();
   const int64_t blocks_per_group = std::max<int64_t>(1, std::min<int64_t>(CRS, (2 * threads + G - 1) / G));
   const int64_t cols_per_block = (CRS + blocks_per_group - 1) / blocks_per_group;
@@ -230,13 +279,11 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const int64_t g = unit / blocks_per_group, col0 = (unit % blocks_per_group) * cols_per_block;
       const int64_t col1 = std::min(CRS, col0 + cols_per_block);
       if (col1 <= col0) return;
-      T* gw = grad_w + g * Kg * CRS + col0;
-      for (int64_t n = 0; n < s.N; ++n) {
-        const Im2colSource<T> col_t{&s, x + (n * s.C + g * Cg) * HW, col0};
-        const T* gy_g = grad_y + (n * s.K + g * Kg) * PQ;
-        // gw[:, col0:col1] (+)= gy_g (Kg x PQ) * col^T[:, col0:col1] (PQ x cols)
-        gemm<T>(Kg, col1 - col0, PQ, gy_g, {PQ, 1}, BPacker<T>{&pack_col_transposed<T>, &col_t}, gw, CRS, n > 0);
-      }
+      const GradOutRows<T> gy{&s, grad_y, g};
+      const BatchColTransposed<T> col_t{&s, x, g, col0};
+      // gw[:, col0:col1] = GY_g (Kg x N*PQ) * COL^T[:, col0:col1] (N*PQ x cols)
+      gemm<T>(Kg, col1 - col0, s.N * PQ, APacker<T>{&pack_grad_out_rows<T>, &gy},
+              BPacker<T>{&pack_batch_col_transposed<T>, &col_t}, grad_w + g * Kg * CRS + col0, CRS, false);
     });
   }
   errors.rethrow();

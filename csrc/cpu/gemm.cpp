@@ -13,7 +13,7 @@ namespace pykernels::cpu {
 #define PYKERNELS_DECLARE_GEMM(ns)                                                                           \
   namespace ns {                                                                                             \
   template <typename T>                                                                                      \
-  void gemm(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, int64_t, T*, int64_t, bool);       \
+  void gemm(int64_t, int64_t, int64_t, APacker<T>, BPacker<T>, int64_t, T*, int64_t, bool);                 \
   }
 PYKERNELS_DECLARE_GEMM(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -89,28 +89,41 @@ bool set_isa(const char* name) {
 
 namespace {
 
-// Columns [j_offset, j_offset + N) of B into columns [0, N) of C, on the active instruction set.
-template <typename T>
-void gemm_columns(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, int64_t j_offset, T* C,
-                  int64_t ldc, bool accumulate) {
-  switch (current_isa().load()) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::gemm<T>(M, N, K, A, a, b, j_offset, C, ldc, accumulate);
-    case Isa::avx2:
-      return avx2::gemm<T>(M, N, K, A, a, b, j_offset, C, ldc, accumulate);
-#endif
-    default:
-      return portable::gemm<T>(M, N, K, A, a, b, j_offset, C, ldc, accumulate);
-  }
-}
-
-// A strided matrix B as a BPacker.
+// A strided matrix as an APacker or a BPacker.
 template <typename T>
 struct StridedMatrix {
   const T* data;
   MatrixView view;
 };
+
+template <typename T>
+void pack_strided_a(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out) {
+  const auto& m = *static_cast<const StridedMatrix<T>*>(ctx);
+  const T* A = m.data + i0 * m.view.row_stride + k0 * m.view.col_stride;
+  for (int64_t ib = 0; ib < mc; ib += mr) {
+    const int64_t rows = std::min(mr, mc - ib);
+    for (int64_t k = 0; k < kc; ++k, out += mr) {
+      for (int64_t i = 0; i < rows; ++i) out[i] = A[(ib + i) * m.view.row_stride + k * m.view.col_stride];
+      for (int64_t i = rows; i < mr; ++i) out[i] = T(0);
+    }
+  }
+}
+
+// Columns [j_offset, j_offset + N) of B into columns [0, N) of C, on the active instruction set.
+template <typename T>
+void gemm_columns(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, int64_t j_offset, T* C, int64_t ldc,
+                  bool accumulate) {
+  switch (current_isa().load()) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      return avx512::gemm<T>(M, N, K, a, b, j_offset, C, ldc, accumulate);
+    case Isa::avx2:
+      return avx2::gemm<T>(M, N, K, a, b, j_offset, C, ldc, accumulate);
+#endif
+    default:
+      return portable::gemm<T>(M, N, K, a, b, j_offset, C, ldc, accumulate);
+  }
+}
 
 template <typename T>
 void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
@@ -132,16 +145,22 @@ void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t n
 }  // namespace
 
 template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int64_t ldc, bool accumulate) {
+  gemm_columns<T>(M, N, K, a, b, 0, C, ldc, accumulate);
+}
+
+template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
           bool accumulate) {
-  gemm_columns<T>(M, N, K, A, a, b, 0, C, ldc, accumulate);
+  const StridedMatrix<T> a_matrix{A, a};
+  gemm_columns<T>(M, N, K, APacker<T>{&pack_strided_a<T>, &a_matrix}, b, 0, C, ldc, accumulate);
 }
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
           int64_t ldc, bool accumulate) {
-  const StridedMatrix<T> matrix{B, b};
-  gemm_columns<T>(M, N, K, A, a, BPacker<T>{&pack_strided<T>, &matrix}, 0, C, ldc, accumulate);
+  const StridedMatrix<T> b_matrix{B, b};
+  gemm<T>(M, N, K, A, a, BPacker<T>{&pack_strided<T>, &b_matrix}, C, ldc, accumulate);
 }
 
 template <typename T>
@@ -152,8 +171,10 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   // element still sums over K in the serial order, so the bits do not depend on the thread count.
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const StridedMatrix<T> a_matrix{A, a};
+  const APacker<T> a_packer{&pack_strided_a<T>, &a_matrix};
   if (threads <= 1 || chunks <= 1 || double(M) * double(N) * double(K) < 4.0 * double(kMinParallelWork)) {
-    gemm_columns<T>(M, N, K, A, a, b, 0, C, ldc, accumulate);
+    gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
     return;
   }
   ParallelErrors errors;
@@ -166,7 +187,7 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
 #endif
     const int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
     const int64_t j0 = c0 * kChunk, j1 = std::min(N, c1 * kChunk);
-    if (j1 > j0) gemm_columns<T>(M, j1 - j0, K, A, a, b, j0, C + j0, ldc, accumulate);
+    if (j1 > j0) gemm_columns<T>(M, j1 - j0, K, a_packer, b, j0, C + j0, ldc, accumulate);
   });
   errors.rethrow();
 }
@@ -181,6 +202,7 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
 #define PYKERNELS_INSTANTIATE(T)                                                                               \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*, int64_t, bool); \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool);           \
+  template void gemm<T>(int64_t, int64_t, int64_t, APacker<T>, BPacker<T>, T*, int64_t, bool);                     \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*,        \
                                  int64_t, bool);                                                                 \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool);

@@ -29,7 +29,17 @@ struct BPacker {
   const void* ctx;
 };
 
+// A by blocks: pack(ctx, i0, mc, k0, kc, mr, out) writes rows [i0, i0+mc) x columns [k0, k0+kc) of A as
+// strips of mr rows (strip s at out + s*kc*mr; for each k, mr consecutive values; rows past mc zero).
+template <typename T>
+struct APacker {
+  void (*pack)(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out);
+  const void* ctx;
+};
+
 // Serial GEMM on the calling thread.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int64_t ldc, bool accumulate);
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
           bool accumulate);

@@ -76,8 +76,9 @@ inline unsigned grid_for(int64_t work, int64_t cap = int64_t(1) << 16) {
 }
 constexpr int64_t kMaxGridX = 2147483647;
 
-// 32-bit index arithmetic is used when every value a kernel forms stays below this bound.
-constexpr int64_t kInt32Limit = (int64_t(1) << 31) - (int64_t(1) << 20);
+// 32-bit index arithmetic is used when every value a kernel forms stays below this bound: 2^30 leaves
+// room for a grid-stride step (at most 2^16 blocks x 256 threads) or a tile past the end.
+constexpr int64_t kInt32Limit = int64_t(1) << 30;
 
 // a = hi*(MID*LO) + mid*LO + lo advanced by a fixed step without division: the step's digits are
 // precomputed (split_step), so each digit needs at most one carry.

@@ -180,13 +180,15 @@ BadIndex max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_
     err = cudaGetLastError();
   }
   if (err == cudaSuccess) err = cudaMemcpyAsync(&bad, flag, sizeof(bad), cudaMemcpyDeviceToHost, stream);
-  if (err == cudaSuccess && bad != ~0ull)
-    err = cudaMemcpyAsync(&bad_value, indices + bad, sizeof(bad_value), cudaMemcpyDeviceToHost, stream);
   const cudaError_t free_err = cudaFreeAsync(flag, stream);
   if (err == cudaSuccess) err = free_err;
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   check_cuda(err, "max_pool2d backward");
   if (bad == ~0ull) return {};
+  // Error path only: fetch the offending value for the message.
+  err = cudaMemcpyAsync(&bad_value, indices + bad, sizeof(bad_value), cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  check_cuda(err, "max_pool2d backward");
   return {int64_t(bad), bad_value};
 }
 
