@@ -397,6 +397,26 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
           throw ShapeError("isa must be 'portable', or 'avx2' / 'avx512' on a CPU that has them; got '" + name + "'");
       },
       py::arg("name"), "Force the hot loops' instruction set (for tests).");
+  m.def(
+      "conv2d_uses_winograd",
+      [](std::array<int64_t, 4> x, std::array<int64_t, 4> w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        Conv2dShape s;
+        s.N = x[0], s.C = x[1], s.H = x[2], s.W = x[3], s.K = w[0], s.R = w[2], s.S = w[3], s.groups = groups;
+        s.win = make_window({s.R, s.S}, stride, pad, dilation);
+        s.validate();
+        return std::string(pykernels::cpu::conv_algorithm()) == "auto" && pykernels::cpu::winograd_applies(s);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), "Whether conv2d forward on these shapes takes the Winograd path (for tests).");
+  m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
+        "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
+  m.def(
+      "set_conv_algorithm",
+      [](const std::string& name) {
+        if (!pykernels::cpu::set_conv_algorithm(name.c_str()))
+          throw ShapeError("algorithm must be 'auto' or 'gemm'; got '" + name + "'");
+      },
+      py::arg("name"), "Force the convolution algorithm (for tests).");
   m.def("openmp_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

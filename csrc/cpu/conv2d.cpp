@@ -8,10 +8,14 @@
 // block and pack_col / pack_col_transposed write it straight into the packed layout (implicit GEMM),
 // which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
 // and no padding needs no im2col at all: col is x.
+// 3x3 stride-1 layers take the Winograd path instead (winograd.cpp), backward-input as the transposed
+// convolution; set_conv_algorithm("gemm") turns that off.
 // Forward and backward-input run one image per thread (each writes its own output); backward-weight
 // splits the columns of grad_w among threads, so every gradient element is summed over n in the same
 // order whatever the thread count: results are bit-for-bit reproducible.
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "cpu/gemm.hpp"
@@ -21,6 +25,23 @@
 namespace pykernels::cpu {
 
 namespace {
+
+std::atomic<bool> winograd_enabled{true};
+
+// True when no value is NaN or +-inf. Winograd's transforms mix a whole 6x6 patch, so one non-finite
+// input would reach outputs whose windows never see it; such inputs take the GEMM path instead.
+template <typename T>
+bool all_finite(const T* v, int64_t count) {
+  int finite = 1;  // an integer AND reduction, which the compiler vectorises (a float sum it may not)
+  for (int64_t i = 0; i < count; ++i) finite &= (v[i] - v[i] == T(0));  // NaN for NaN and +-inf
+  return finite != 0;
+}
+
+template <typename T>
+bool use_winograd(const Conv2dShape& s, const T* x, const T* w) {
+  return winograd_enabled.load() && winograd_applies(s) && all_finite(w, s.w_numel()) &&
+         all_finite(x, s.x_numel());
+}
 
 bool is_pointwise(const Conv2dShape& s) {
   const Window2d& w = s.win;
@@ -189,8 +210,17 @@ void pack_batch_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t 
 
 }  // namespace
 
+bool set_conv_algorithm(const char* name) {
+  if (std::strcmp(name, "auto") != 0 && std::strcmp(name, "gemm") != 0) return false;
+  winograd_enabled.store(std::strcmp(name, "auto") == 0);
+  return true;
+}
+
+const char* conv_algorithm() { return winograd_enabled.load() ? "auto" : "gemm"; }
+
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+  if (use_winograd(s, x, w)) return conv2d_forward_winograd(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);
@@ -227,8 +257,36 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   errors.rethrow();
 }
 
+namespace {
+
+// Backward-input of a stride-1 convolution is a forward convolution of grad_y with the kernel flipped
+// and its channel axes swapped, padded by R-1-pad: the transposed convolution. For 3x3 layers with
+// padding <= 2 that runs on the Winograd path. Returns false when it does not apply.
+template <typename T>
+bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  const Window2d& win = s.win;
+  if (std::max({win.pad_top, win.pad_bottom, win.pad_left, win.pad_right}) > 2) return false;
+  if (!winograd_enabled.load() || !winograd_applies(s)) return false;
+  if (!all_finite(w, s.w_numel()) || !all_finite(grad_y, s.y_numel())) return false;
+  Conv2dShape t;
+  t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = 3, t.S = 3, t.groups = 1;
+  t.win.pad_top = 2 - win.pad_top, t.win.pad_bottom = 2 - win.pad_bottom;
+  t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
+  t.validate();  // t.P, t.Q == s.H, s.W
+  if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return false;
+  std::vector<T> flipped(static_cast<size_t>(s.C * s.K * 9));  // (C, K, 3, 3): w[k][c] rotated 180 degrees
+  for (int64_t k = 0; k < s.K; ++k)
+    for (int64_t c = 0; c < s.C; ++c)
+      for (int64_t i = 0; i < 9; ++i) flipped[static_cast<size_t>((c * s.K + k) * 9 + (8 - i))] = w[(k * s.C + c) * 9 + i];
+  conv2d_forward_winograd<T>(t, grad_y, flipped.data(), nullptr, grad_x);
+  return true;
+}
+
+}  // namespace
+
 template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);

@@ -22,6 +22,17 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
 
+// Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) for the 3x3 stride-1 layers it suits,
+// implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
+// unknown name.
+bool set_conv_algorithm(const char* name);
+const char* conv_algorithm();
+
+// winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward.
+bool winograd_applies(const Conv2dShape& s);
+template <typename T>
+void conv2d_forward_winograd(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+
 // relu.cpp -- elementwise over `count` values.
 template <typename T>
 void relu_forward(int64_t count, const T* x, T* y);

@@ -1,0 +1,117 @@
+"""The Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the float64 reference.
+
+3x3 stride-1 layers with enough channels and tiles take it for the forward pass, and for the
+backward-input pass as the transposed convolution (padding <= 2). Every case here is checked to take
+the path it is meant to test, and runs under both algorithms ('auto' and 'gemm') so the two agree.
+"""
+
+import numpy as np
+import pytest
+
+import _pykernels_cpu
+import pykernels as pk
+from pykernels import reference as ref
+
+# (x shape, weight shape, padding): 3x3, stride 1, groups 1, C and K >= 8, >= 96 output tiles of 4x4.
+CASES = {
+    "same_odd": ((4, 8, 17, 23), (9, 8, 3, 3), 1),
+    "valid": ((3, 11, 30, 21), (8, 11, 3, 3), 0),
+    "asym_pad": ((4, 9, 19, 18), (12, 9, 3, 3), ((0, 2), (1, 0))),
+    "pad2": ((3, 8, 21, 25), (8, 8, 3, 3), 2),
+    "tf_same": ((2, 16, 37, 29), (10, 16, 3, 3), "same"),
+    "tiles_with_ragged_edge": ((8, 12, 14, 14), (16, 12, 3, 3), 1),
+}
+# Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
+FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
+
+
+@pytest.fixture(params=["auto", "gemm"])
+def algorithm(request):
+    previous = _pykernels_cpu.conv_algorithm()
+    request.addfinalizer(lambda: _pykernels_cpu.set_conv_algorithm(previous))
+    _pykernels_cpu.set_conv_algorithm(request.param)
+    return request.param
+
+
+def _pads(x_shape, padding):
+    (pt, pb), (pl, pr) = ref.normalize_padding(padding, x_shape[2:], (3, 3), (1, 1), (1, 1))
+    return pt, pb, pl, pr
+
+
+@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD))
+def test_cases_take_the_winograd_path(name):
+    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD}[name]
+    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+
+
+def test_small_or_strided_layers_do_not():
+    pads = (1, 1, 1, 1)
+    assert not _pykernels_cpu.conv2d_uses_winograd((8, 4, 28, 28), (8, 4, 3, 3), (1, 1), pads, (1, 1), 1)  # C < 8
+    assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (2, 2), pads, (1, 1), 1)  # stride
+    assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), pads, (2, 2), 1)  # dilated
+    assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
+    assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
+
+
+def _relative_error(got, want):
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+# float32 Winograd rounds a few more times than direct convolution; 3e-5 of max |ref| is still 10x
+# tighter than the suite's general float32 bound (1e-4).
+TOLERANCE = {np.float32: 3e-5, np.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD))
+def test_forward_and_backward_input_match_reference(algorithm, name, dtype):
+    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD}[name]
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    want = ref.conv2d(x, w, b, padding=padding)
+    g = rng.standard_normal(want.shape)
+    want_gx, want_gw, _ = ref.conv2d_backward(g, x, w, padding=padding)
+    y = pk.conv2d(x.astype(dtype), w.astype(dtype), b.astype(dtype), padding=padding)
+    gx, gw, _ = pk.conv2d_backward(g.astype(dtype), x.astype(dtype), w.astype(dtype), padding=padding,
+                                   need_bias=False)
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert _relative_error(y, want) < TOLERANCE[dtype]
+    assert _relative_error(gx, want_gx) < TOLERANCE[dtype]
+    assert _relative_error(gw, want_gw) < TOLERANCE[dtype]
+
+
+def test_winograd_is_deterministic_and_thread_count_independent():
+    x_shape, w_shape, padding = CASES["asym_pad"]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    first = pk.conv2d(x, w, padding=padding)
+    assert np.array_equal(first, pk.conv2d(x, w, padding=padding))
+    g = rng.standard_normal(first.shape).astype(np.float32)
+    gx1 = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
+    gx2 = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
+    assert np.array_equal(gx1, gx2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["x", "weight"])
+def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(bad, where):
+    # Winograd's transforms would smear one NaN/inf over a whole 4x4 output tile (and inf - inf makes
+    # NaN), so non-finite inputs take the GEMM path: only outputs whose window sees the value change.
+    x_shape, w_shape, padding = CASES["same_odd"]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    if where == "x":
+        x[0, 0, 5, 5] = bad
+    else:
+        w[2, 1, 0, 0] = bad
+    y = pk.conv2d(x, w, padding=padding)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ref.conv2d(x, w, padding=padding)
+    assert np.array_equal(np.isnan(y), np.isnan(want))
+    assert np.array_equal(np.isinf(y), np.isinf(want))
+    finite = np.isfinite(want)
+    assert _relative_error(np.where(finite, y, 0), np.where(finite, want, 0)) < 1e-12
