@@ -7,8 +7,9 @@
 //   2. 36 GEMMs           M[xi] (K x Tc) = U[xi] (K x C) * V[xi] (C x Tc)   (U = G g G^T, once per call)
 //   3. output transform   y tile = A^T M A (4x4), plus bias
 // Tiles sit innermost (index t contiguous) so both transforms are plain loops over t that the
-// compiler vectorises. Each phase is parallel over independent outputs (channels, xi, output
-// channels); no sum is split between threads, so results are bit-for-bit reproducible.
+// compiler vectorises. Threads take whole chunks when there are enough, else split each phase over
+// independent outputs (channels, xi, output channels); no sum is ever split between threads, so
+// results are bit-for-bit reproducible.
 // Accuracy: the transforms mix values of magnitude up to ~10x the input's, so float32 results carry
 // a few more ulps of rounding than direct convolution (tests bound it against the float64 reference).
 #include <algorithm>
@@ -118,102 +119,148 @@ bool winograd_applies(const Conv2dShape& s) {
          s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4) >= 96;
 }
 
+namespace {
+
+// Everything one chunk of tiles needs; V and M are per chunk in flight.
+template <typename T>
+struct WinogradChunk {
+  const Conv2dShape& s;
+  const T* x;
+  const T* U;
+  const T* bias;
+  T* y;
+  int64_t Tc, tile_cols, per_image;
+};
+
+// Transforms, multiplies and writes out tiles [t0, t0 + n_tiles). With `parallel`, each phase is
+// split among the OpenMP threads (three barriers); without, it runs on the calling thread.
+template <typename T>
+void winograd_chunk(const WinogradChunk<T>& job, int64_t t0, int64_t n_tiles, T* V, T* M, int64_t* tiles,
+                    Workspace<T>& scratch, bool parallel, ParallelErrors& errors) {
+  const Conv2dShape& s = job.s;
+  const int64_t C = s.C, K = s.K, HW = s.H * s.W, PQ = s.P * s.Q, Tc = job.Tc;
+  int64_t *tile_n = tiles, *tile_h = tiles + Tc, *tile_w = tiles + 2 * Tc;
+  for (int64_t t = 0; t < n_tiles; ++t) {  // tile -> image and top-left output cell
+    const int64_t id = t0 + t, in_image = id % job.per_image;
+    tile_n[t] = id / job.per_image;
+    tile_h[t] = (in_image / job.tile_cols) * kTile;
+    tile_w[t] = (in_image % job.tile_cols) * kTile;
+  }
+
+  // 1. Input transform, by channel.
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t c = 0; c < C; ++c) {
+    errors.run([&] {
+      T* stage = scratch.for_this_thread();
+      T* mid = stage + kXi * Tc;
+      for (int64_t t = 0; t < n_tiles; ++t)
+        load_patch(job.x + (tile_n[t] * C + c) * HW, s.H, s.W, tile_h[t] - s.win.pad_top,
+                   tile_w[t] - s.win.pad_left, stage + t, Tc);
+      for (int64_t j = 0; j < kAlpha; ++j) {  // along rows of the patch: mid[k][j] = sum_i Bt[k][i] d[i][j]
+        const T* in[6];
+        T* out[6];
+        for (int i = 0; i < 6; ++i) in[i] = stage + (i * kAlpha + j) * Tc, out[i] = mid + (i * kAlpha + j) * Tc;
+        input_transform_1d(in, out, n_tiles);
+      }
+      for (int64_t k = 0; k < kAlpha; ++k) {  // along columns: V[k][l] = sum_j mid[k][j] Bt[l][j]
+        const T* in[6];
+        T* out[6];
+        for (int j = 0; j < 6; ++j) in[j] = mid + (k * kAlpha + j) * Tc, out[j] = V + ((k * kAlpha + j) * C + c) * Tc;
+        input_transform_1d(in, out, n_tiles);
+      }
+    });
+  }
+  errors.rethrow();
+
+  // 2. One GEMM per transformed position.
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t xi = 0; xi < kXi; ++xi) {
+    errors.run([&] {
+      gemm<T>(K, n_tiles, C, job.U + xi * K * C, {C, 1}, V + xi * C * Tc, {Tc, 1}, M + xi * K * Tc, Tc, false);
+    });
+  }
+  errors.rethrow();
+
+  // 3. Output transform and bias, by output channel.
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t k = 0; k < K; ++k) {
+    errors.run([&] {
+      T* mid = scratch.for_this_thread();      // 4 x 6 rows after the first pass
+      T* out = mid + 4 * kAlpha * Tc;         // 4 x 4 outputs
+      for (int64_t j = 0; j < kAlpha; ++j) {  // mid[a][j] = sum_i At[a][i] M[i][j]
+        const T* in[6];
+        T* o[4];
+        for (int i = 0; i < 6; ++i) in[i] = M + ((i * kAlpha + j) * K + k) * Tc;
+        for (int a = 0; a < 4; ++a) o[a] = mid + (a * kAlpha + j) * Tc;
+        output_transform_1d(in, o, n_tiles);
+      }
+      for (int64_t a = 0; a < kTile; ++a) {  // out[a][b] = sum_j mid[a][j] At[b][j]
+        const T* in[6];
+        T* o[4];
+        for (int j = 0; j < 6; ++j) in[j] = mid + (a * kAlpha + j) * Tc;
+        for (int b = 0; b < 4; ++b) o[b] = out + (a * kTile + b) * Tc;
+        output_transform_1d(in, o, n_tiles);
+      }
+      const T b = job.bias ? job.bias[k] : T(0);
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        T* yk = job.y + (tile_n[t] * K + k) * PQ;
+        const int64_t rows = std::min(kTile, s.P - tile_h[t]), cols = std::min(kTile, s.Q - tile_w[t]);
+        for (int64_t a = 0; a < rows; ++a) {
+          T* yr = yk + (tile_h[t] + a) * s.Q + tile_w[t];
+          for (int64_t bb = 0; bb < cols; ++bb) yr[bb] = out[(a * kTile + bb) * Tc + t] + b;
+        }
+      }
+    });
+  }
+  errors.rethrow();
+}
+
+}  // namespace
+
 template <typename T>
 void conv2d_forward_winograd(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
-  const int64_t C = s.C, K = s.K, HW = s.H * s.W, PQ = s.P * s.Q;
+  const int64_t C = s.C, K = s.K;
   const int64_t tile_cols = (s.Q + kTile - 1) / kTile;
   const int64_t per_image = (s.P + kTile - 1) / kTile * tile_cols, total = s.N * per_image;
   if (total == 0) return;
   // Tiles per chunk: V (36 x C x Tc) of about 4 MiB, and at least 128 tiles: each chunk's 36 GEMMs pack
   // all of U (K x C) again, which only pays off over enough columns.
   const int64_t Tc = std::clamp<int64_t>((int64_t(4) << 20) / (kXi * C * int64_t(sizeof(T))) / 32 * 32, 128, 512);
+  const int64_t chunks = (total + Tc - 1) / Tc;
   const std::vector<T> U = transform_filters(w, K, C);
-  std::vector<T> V(static_cast<size_t>(kXi * C * Tc)), M(static_cast<size_t>(kXi * K * Tc));
+  const WinogradChunk<T> job{s, x, U.data(), bias, y, Tc, tile_cols, per_image};
   const int threads = available_threads();
-  // Per thread: a 36 x Tc patch stage and a 36 x Tc intermediate.
-  Workspace<T> scratch(threads, 2 * kXi * Tc);
-  std::vector<int64_t> tile_n(static_cast<size_t>(Tc)), tile_h(static_cast<size_t>(Tc)),
-      tile_w(static_cast<size_t>(Tc));
-  const bool parallel = double(total) * double(K) * double(C) * 36 >= kMinParallelWork;
+  const bool worth_threads = double(total) * double(K) * double(C) * kXi >= kMinParallelWork;
+  // Enough chunks for every thread: one parallel region, a chunk per thread at a time, no barriers
+  // inside (each thread has its own V and M). Otherwise split each phase of each chunk.
+  const bool chunk_parallel = worth_threads && threads > 1 && chunks >= threads;
+  const int slots = chunk_parallel ? threads : 1;
+  const int64_t V_size = kXi * C * Tc, M_size = kXi * K * Tc;
+  std::vector<T> V(static_cast<size_t>(slots * V_size)), M(static_cast<size_t>(slots * M_size));
+  std::vector<int64_t> tiles(static_cast<size_t>(slots * 3 * Tc));
+  Workspace<T> scratch(threads, 2 * kXi * Tc);  // per thread: a 36 x Tc patch stage and an intermediate
   ParallelErrors errors;
-
-  for (int64_t t0 = 0; t0 < total; t0 += Tc) {
-    const int64_t n_tiles = std::min(Tc, total - t0);
-    for (int64_t t = 0; t < n_tiles; ++t) {  // tile -> image and top-left output cell
-      const int64_t id = t0 + t, in_image = id % per_image;
-      tile_n[t] = id / per_image;
-      tile_h[t] = (in_image / tile_cols) * kTile;
-      tile_w[t] = (in_image % tile_cols) * kTile;
-    }
-
-    // 1. Input transform, parallel over channels.
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t c = 0; c < C; ++c) {
+  if (chunk_parallel) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       errors.run([&] {
-        T* stage = scratch.for_this_thread();
-        T* mid = stage + kXi * Tc;
-        for (int64_t t = 0; t < n_tiles; ++t)
-          load_patch(x + (tile_n[t] * C + c) * HW, s.H, s.W, tile_h[t] - s.win.pad_top, tile_w[t] - s.win.pad_left,
-                     stage + t, Tc);
-        for (int64_t j = 0; j < kAlpha; ++j) {  // along rows of the patch: mid[k][j] = sum_i Bt[k][i] d[i][j]
-          const T* in[6];
-          T* out[6];
-          for (int i = 0; i < 6; ++i) in[i] = stage + (i * kAlpha + j) * Tc, out[i] = mid + (i * kAlpha + j) * Tc;
-          input_transform_1d(in, out, n_tiles);
-        }
-        for (int64_t k = 0; k < kAlpha; ++k) {  // along columns: V[k][l] = sum_j mid[k][j] Bt[l][j]
-          const T* in[6];
-          T* out[6];
-          for (int j = 0; j < 6; ++j) in[j] = mid + (k * kAlpha + j) * Tc, out[j] = V.data() + ((k * kAlpha + j) * C + c) * Tc;
-          input_transform_1d(in, out, n_tiles);
-        }
+#ifdef _OPENMP
+        const int64_t slot = omp_get_thread_num();
+#else
+        const int64_t slot = 0;
+#endif
+        const int64_t t0 = chunk * Tc;
+        ParallelErrors inner;
+        winograd_chunk(job, t0, std::min(Tc, total - t0), V.data() + slot * V_size, M.data() + slot * M_size,
+                       tiles.data() + slot * 3 * Tc, scratch, false, inner);
       });
     }
     errors.rethrow();
-
-    // 2. One GEMM per transformed position, parallel over positions.
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t xi = 0; xi < kXi; ++xi) {
-      errors.run([&] {
-        gemm<T>(K, n_tiles, C, U.data() + xi * K * C, {C, 1}, V.data() + xi * C * Tc, {Tc, 1},
-                M.data() + xi * K * Tc, Tc, false);
-      });
-    }
-    errors.rethrow();
-
-    // 3. Output transform and bias, parallel over output channels.
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t k = 0; k < K; ++k) {
-      errors.run([&] {
-        T* mid = scratch.for_this_thread();      // 4 x 6 rows after the first pass
-        T* out = mid + 4 * kAlpha * Tc;         // 4 x 4 outputs
-        for (int64_t j = 0; j < kAlpha; ++j) {  // mid[a][j] = sum_i At[a][i] M[i][j]
-          const T* in[6];
-          T* o[4];
-          for (int i = 0; i < 6; ++i) in[i] = M.data() + ((i * kAlpha + j) * K + k) * Tc;
-          for (int a = 0; a < 4; ++a) o[a] = mid + (a * kAlpha + j) * Tc;
-          output_transform_1d(in, o, n_tiles);
-        }
-        for (int64_t a = 0; a < kTile; ++a) {  // out[a][b] = sum_j mid[a][j] At[b][j]
-          const T* in[6];
-          T* o[4];
-          for (int j = 0; j < 6; ++j) in[j] = mid + (a * kAlpha + j) * Tc;
-          for (int b = 0; b < 4; ++b) o[b] = out + (a * kTile + b) * Tc;
-          output_transform_1d(in, o, n_tiles);
-        }
-        const T b = bias ? bias[k] : T(0);
-        for (int64_t t = 0; t < n_tiles; ++t) {
-          T* yk = y + (tile_n[t] * K + k) * PQ;
-          const int64_t rows = std::min(kTile, s.P - tile_h[t]), cols = std::min(kTile, s.Q - tile_w[t]);
-          for (int64_t a = 0; a < rows; ++a) {
-            T* yr = yk + (tile_h[t] + a) * s.Q + tile_w[t];
-            for (int64_t bb = 0; bb < cols; ++bb) yr[bb] = out[(a * kTile + bb) * Tc + t] + b;
-          }
-        }
-      });
-    }
-    errors.rethrow();
+    return;
   }
+  for (int64_t t0 = 0; t0 < total; t0 += Tc)
+    winograd_chunk(job, t0, std::min(Tc, total - t0), V.data(), M.data(), tiles.data(), scratch, worth_threads,
+                   errors);
 }
 
 template void conv2d_forward_winograd<float>(const Conv2dShape&, const float*, const float*, const float*, float*);
