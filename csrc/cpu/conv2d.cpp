@@ -15,6 +15,7 @@
 // order whatever the thread count: results are bit-for-bit reproducible.
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -26,7 +27,13 @@ namespace pykernels::cpu {
 
 namespace {
 
-std::atomic<bool> winograd_enabled{true};
+// PYKERNELS_CONV_ALGORITHM=gemm turns Winograd off for the whole process (e.g. to compare results).
+bool winograd_by_default() {
+  const char* env = std::getenv("PYKERNELS_CONV_ALGORITHM");
+  return !(env && std::strcmp(env, "gemm") == 0);
+}
+
+std::atomic<bool> winograd_enabled{winograd_by_default()};
 
 // True when no value is NaN or +-inf. Winograd's transforms mix a whole 6x6 patch, so one non-finite
 // input would reach outputs whose windows never see it; such inputs take the GEMM path instead.
