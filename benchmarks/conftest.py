@@ -21,7 +21,11 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
+# OpenBLAS threads spin after each NumPy matmul (the numpy_im2col peer) and slow whichever benchmark
+# runs next; a short timeout stops that. Read when NumPy loads, so set before the import.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 import pytest
 
 from pykernels import shapes as _shapes

@@ -2,6 +2,7 @@
 
   python -m pykernels demo     train a CNN on real handwritten digits, show its feature maps
   python -m pykernels check    test every op and gradient against the NumPy reference
+  python -m pykernels bench    time the kernels against PyTorch / NumPy / CuPy on design.md's shapes
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
     check.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     check.add_argument("--seed", type=int, default=0)
 
+    from . import bench
+    bench_parser = commands.add_parser("bench", help="time the kernels against PyTorch / NumPy / CuPy, if installed")
+    bench.add_arguments(bench_parser)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.evaluate and not args.load_model:
@@ -31,6 +36,8 @@ def main(argv=None) -> int:
     if args.command == "check":
         from .check import run_check
         return 0 if run_check(device=args.device, seed=args.seed) else 1
+    if args.command == "bench":
+        return bench.run_bench(args)
     return 2
 
 

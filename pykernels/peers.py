@@ -348,10 +348,10 @@ class TorchPeer(_Peer):
                             dilation=1, *, ceil_mode=False):
         k, s, p, d = self._pool_args(kernel_size, stride, padding, dilation)
         # aten wants the input tensor only for its sizes and dtype: keep one uninitialised per shape
-        key = (tuple(input_shape), grad_out.dtype)
+        key = (tuple(input_shape), grad_out.dtype, grad_out.device)
         x = self._empty.get(key)
         if x is None:
-            x = self._empty[key] = self.torch.empty(tuple(input_shape), dtype=grad_out.dtype)
+            x = self._empty[key] = self.torch.empty(tuple(input_shape), dtype=grad_out.dtype, device=grad_out.device)
         return self.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, d, bool(ceil_mode), indices)
 
 

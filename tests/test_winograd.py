@@ -20,6 +20,11 @@ CASES = {
     "pad2": ((3, 8, 21, 25), (8, 8, 3, 3), 2),
     "tf_same": ((2, 16, 37, 29), (10, 16, 3, 3), "same"),
     "tiles_with_ragged_edge": ((8, 12, 14, 14), (16, 12, 3, 3), 1),
+    # More tiles than one chunk holds (512 for C = 8, 448 for C = 64): several chunks, which threads
+    # take whole, each with its own buffers.
+    "many_chunks_c8": ((6, 8, 44, 41), (8, 8, 3, 3), 1),
+    "many_chunks_c64": ((8, 64, 32, 32), (8, 64, 3, 3), 1),
+    "vgg_like_4_chunks": ((8, 64, 56, 56), (8, 64, 3, 3), 1),
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}

@@ -133,10 +133,12 @@ struct WinogradChunk {
 };
 
 // Transforms, multiplies and writes out tiles [t0, t0 + n_tiles). With `parallel`, each phase is
-// split among the OpenMP threads (three barriers); without, it runs on the calling thread.
+// split among the OpenMP threads (three barriers) and each thread takes its slice of `scratch`;
+// without, it runs on the calling thread with `own_scratch` (inside another parallel region the
+// thread number of a nested one-thread team is 0, so it cannot pick its own slice).
 template <typename T>
 void winograd_chunk(const WinogradChunk<T>& job, int64_t t0, int64_t n_tiles, T* V, T* M, int64_t* tiles,
-                    Workspace<T>& scratch, bool parallel, ParallelErrors& errors) {
+                    Workspace<T>& scratch, T* own_scratch, bool parallel, ParallelErrors& errors) {
   const Conv2dShape& s = job.s;
   const int64_t C = s.C, K = s.K, HW = s.H * s.W, PQ = s.P * s.Q, Tc = job.Tc;
   int64_t *tile_n = tiles, *tile_h = tiles + Tc, *tile_w = tiles + 2 * Tc;
@@ -151,7 +153,7 @@ void winograd_chunk(const WinogradChunk<T>& job, int64_t t0, int64_t n_tiles, T*
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t c = 0; c < C; ++c) {
     errors.run([&] {
-      T* stage = scratch.for_this_thread();
+      T* stage = parallel ? scratch.for_this_thread() : own_scratch;
       T* mid = stage + kXi * Tc;
       for (int64_t t = 0; t < n_tiles; ++t)
         load_patch(job.x + (tile_n[t] * C + c) * HW, s.H, s.W, tile_h[t] - s.win.pad_top,
@@ -185,7 +187,7 @@ void winograd_chunk(const WinogradChunk<T>& job, int64_t t0, int64_t n_tiles, T*
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t k = 0; k < K; ++k) {
     errors.run([&] {
-      T* mid = scratch.for_this_thread();      // 4 x 6 rows after the first pass
+      T* mid = parallel ? scratch.for_this_thread() : own_scratch;  // 4 x 6 rows after the first pass
       T* out = mid + 4 * kAlpha * Tc;         // 4 x 4 outputs
       for (int64_t j = 0; j < kAlpha; ++j) {  // mid[a][j] = sum_i At[a][i] M[i][j]
         const T* in[6];
@@ -252,15 +254,15 @@ void conv2d_forward_winograd(const Conv2dShape& s, const T* x, const T* w, const
         const int64_t t0 = chunk * Tc;
         ParallelErrors inner;
         winograd_chunk(job, t0, std::min(Tc, total - t0), V.data() + slot * V_size, M.data() + slot * M_size,
-                       tiles.data() + slot * 3 * Tc, scratch, false, inner);
+                       tiles.data() + slot * 3 * Tc, scratch, scratch.for_this_thread(), false, inner);
       });
     }
     errors.rethrow();
     return;
   }
   for (int64_t t0 = 0; t0 < total; t0 += Tc)
-    winograd_chunk(job, t0, std::min(Tc, total - t0), V.data(), M.data(), tiles.data(), scratch, worth_threads,
-                   errors);
+    winograd_chunk(job, t0, std::min(Tc, total - t0), V.data(), M.data(), tiles.data(), scratch,
+                   scratch.for_this_thread(), worth_threads, errors);
 }
 
 template void conv2d_forward_winograd<float>(const Conv2dShape&, const float*, const float*, const float*, float*);

@@ -1,0 +1,959 @@
+"""`python -m pykernels bench`: time pykernels against the installed peers on design.md's shapes.
+
+Every case (op x shape x pass) is timed in this one process: the inputs are made once, each
+implementation is warmed up, then the implementations take turns, one call each per round (pykernels,
+peer, peer, pykernels, peer, peer, ...), so that whatever else the machine does hits all of them alike.
+Rounds go on until --repeat rounds are done and the case has run for --min-time seconds. The table
+gives each implementation's median time, its rate (GFLOP/s for conv2d from shapes.ConvShape.flops(),
+GB/s for relu and max_pool2d from bytes_moved()) and the ratio peer median / pykernels median:
+above 1 pykernels is faster than that peer.
+
+Peers (pykernels/peers.py): on the CPU, PyTorch (when installed; torch.set_num_threads(os.cpu_count()),
+the thread count pykernels' OpenMP uses too), NumPy im2col + matmul for conv2d and NumPy ufuncs for
+relu. On CUDA (CuPy arrays, batch 32): PyTorch CUDA (cuDNN, cudnn.benchmark on) when torch.cuda is
+available, CuPy im2col + matmul (cuBLAS) for conv2d and CuPy ufuncs for relu; every call is timed with
+CUDA events recorded on the stream that implementation launches on (CuPy's or torch's current stream).
+On the CPU, with the NumPy im2col peer, the command restarts itself once with OPENBLAS_THREAD_TIMEOUT=4
+(see OPENBLAS_ENV: OpenBLAS' spinning threads would otherwise slow whichever call comes next).
+
+This module is self-contained: benchmarks/conftest.py (pytest-benchmark) lives outside the installed
+package, so its timing helpers cannot be imported from here; both read shapes and peers from
+pykernels.shapes and pykernels.peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from . import _backend, peers, shapes
+
+OPS = ("conv2d", "relu", "max_pool2d")
+SHAPES_BY_OP = {"conv2d": shapes.CONV_SHAPES, "relu": shapes.RELU_SHAPES, "max_pool2d": shapes.POOL_SHAPES}
+PASSES_BY_OP = {"conv2d": ("fwd", "bwd_data", "bwd_weight"), "relu": ("fwd", "bwd"), "max_pool2d": ("fwd", "bwd")}
+ALL_PASSES = ("fwd", "bwd_data", "bwd_weight", "bwd")
+#: The peers each op is compared with, per device, in the table's order.
+PEERS_BY_DEVICE = {
+    "cpu": {"conv2d": ("torch", "numpy_im2col"), "relu": ("torch", "numpy"), "max_pool2d": ("torch",)},
+    "cuda": {"conv2d": ("torch", "cupy_im2col"), "relu": ("torch", "cupy"), "max_pool2d": ("torch",)},
+}
+OURS = "pykernels"
+
+DEFAULT_REPEAT = 10
+DEFAULT_MIN_TIME = 1.5  # seconds per case: the full CPU table takes about a minute on 2 cores
+WARMUP_CALLS, WARMUP_SECONDS = 2, 0.05  # untimed calls per implementation before a case's rounds
+BUSY_LIMIT = 0.10  # other processes used more than this share of the CPUs during a case: flag it
+#: OpenBLAS (NumPy's matmul, so the numpy_im2col peer) leaves its worker threads spinning for about
+#: 2**28 cycles after each call; interleaved on the same cores, that spinning made the next pykernels
+#: call 2x and the next torch call 5x slower (resnet_3x3_128 fwd, 2 cores). OPENBLAS_THREAD_TIMEOUT=4
+#: (2**4 cycles, OpenBLAS's minimum) lets them sleep at once, at no measurable cost to NumPy; OpenBLAS
+#: reads it only when it loads, with NumPy, so the command line sets it and restarts itself once.
+OPENBLAS_ENV = ("OPENBLAS_THREAD_TIMEOUT", "4")
+#: Largest relative difference from pykernels' result before a peer's row is flagged "!".
+AGREE_RTOL = {"float16": 2e-2, "float32": 1e-3, "float64": 1e-9}
+
+
+class BenchError(Exception):
+    """A request bench cannot serve (bad option combination, missing extra): message, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Time pykernels against every installed peer on design.md's benchmark shapes, interleaved in one\n"
+        "process after warm-up; print medians, GFLOP/s (conv2d) or GB/s (relu, max_pool2d) and the\n"
+        "ratio peer time / pykernels time (> 1: pykernels is faster).")
+    parser.add_argument("--op", dest="ops", action="extend", type=_op_list, metavar="OP",
+                        help=f"{'|'.join(OPS)}; repeat or comma-separate (default: all)")
+    parser.add_argument("--shape", dest="shapes", action="extend", type=_shape_list, metavar="NAME",
+                        help="a design.md shape name; repeat or comma-separate (default: all of the ops': "
+                             f"{', '.join(s.name for s in shapes.ALL_SHAPES)})")
+    parser.add_argument("--pass", dest="passes", action="extend", type=_pass_list, metavar="PASS",
+                        help=f"{'|'.join(ALL_PASSES)}; repeat or comma-separate (default: all that apply; "
+                             "for conv2d, bwd means bwd_data and bwd_weight)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: NumPy arrays; cuda: CuPy arrays, batch 32 (default: cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32",
+                        help="float32 (default) or float64; float16 with --device cuda only")
+    parser.add_argument("--repeat", type=_positive_int, default=DEFAULT_REPEAT, metavar="N",
+                        help=f"at least N timed rounds per case (default {DEFAULT_REPEAT})")
+    parser.add_argument("--min-time", type=_non_negative_float, default=DEFAULT_MIN_TIME, metavar="SECONDS",
+                        help="keep adding rounds until a case has run this long, all implementations "
+                             f"together (default {DEFAULT_MIN_TIME})")
+    parser.add_argument("--batch", type=_positive_int, metavar="N",
+                        help="run every shape with batch N instead of design.md's (the table's CPU batch, or 32 "
+                             "with --device cuda); for quick checks and tests: the numbers are then not "
+                             "the table's")
+    parser.add_argument("--json", metavar="FILE", help="also write the results and the machine's details as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="draw the ratios per shape and pass (needs matplotlib)")
+
+
+def _comma_list(text: str, valid, what: str) -> List[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}")
+    for item in items:
+        if item not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {what} {item!r}; choose from {', '.join(valid)}")
+    return items
+
+
+def _op_list(text: str) -> List[str]:
+    return _comma_list(text, OPS, "op")
+
+
+def _shape_list(text: str) -> List[str]:
+    return _comma_list(text, [s.name for s in shapes.ALL_SHAPES], "shape")
+
+
+def _pass_list(text: str) -> List[str]:
+    return _comma_list(text.replace("-", "_"), ALL_PASSES, "pass")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# what to run
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: object  # shapes.ConvShape / ReluShape / PoolShape, batch already chosen
+    pass_: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.shape.name} {self.pass_}"
+
+    def work(self, dtype):
+        """(amount, unit) of one call: FLOPs for conv2d, bytes for relu and max_pool2d."""
+        if self.op == "conv2d":
+            return self.shape.flops(), "GFLOP/s"
+        return self.shape.bytes_moved(self.pass_, dtype), "GB/s"
+
+
+def op_of_shape(name: str) -> str:
+    for op, table in SHAPES_BY_OP.items():
+        if any(s.name == name for s in table):
+            return op
+    raise KeyError(name)
+
+
+def select_cases(ops, shape_names, passes, device: str, batch: Optional[int]) -> List[Case]:
+    """The cases in the table's order: op, then design.md's shape order, then pass."""
+    for name in shape_names or ():
+        if ops and op_of_shape(name) not in ops:
+            raise BenchError(f"--shape {name} is a {op_of_shape(name)} shape, but --op asks for {', '.join(ops)}")
+    wanted_ops = set(ops or (OPS if not shape_names else [op_of_shape(n) for n in shape_names]))
+    cases = []
+    for op in OPS:
+        if op not in wanted_ops:
+            continue
+        for shape in SHAPES_BY_OP[op]:
+            if shape_names and shape.name not in shape_names:
+                continue
+            shape = _sized(shape, device, batch)
+            cases += [Case(op, shape, p) for p in passes_for(op, passes)]
+    if not cases:
+        raise BenchError(f"--pass {','.join(passes)} applies to none of the chosen ops "
+                         "(conv2d: fwd, bwd_data, bwd_weight, bwd = both; relu and max_pool2d: fwd, bwd)")
+    return cases
+
+
+def passes_for(op: str, wanted) -> List[str]:
+    applicable = PASSES_BY_OP[op]
+    if not wanted:
+        return list(applicable)
+    return [p for p in applicable if p in wanted or (p.startswith("bwd_") and "bwd" in wanted)]
+
+
+def _sized(shape, device: str, batch: Optional[int]):
+    if batch is not None:
+        return shape.with_batch(batch)
+    return shape.gpu() if device == "cuda" else shape
+
+
+# ------------------------------------------------------------------------------------------------
+# implementations: pykernels and the peers, one interface (asarray / to_numpy / supports / ops)
+
+
+class Ours:
+    """pykernels itself, with the peers' interface."""
+
+    name = OURS
+
+    def __init__(self, xp=np):
+        import pykernels
+
+        self._pk = pykernels
+        self._xp = xp
+
+    def supports(self, op: str) -> bool:
+        return hasattr(self._pk, op)
+
+    def asarray(self, a):
+        return self._xp.ascontiguousarray(self._xp.asarray(a))
+
+    def to_numpy(self, a):
+        return None if a is None else _host(a)
+
+    def __getattr__(self, op):
+        return getattr(self._pk, op)
+
+
+def _host(a):
+    """A NumPy copy of a CuPy array; NumPy arrays as they are."""
+    return np.asarray(a) if isinstance(a, np.ndarray) else a.get()
+
+
+class _ArrayModulePeer:
+    """A peer written against an array module ``xp`` (CuPy by default; the tests use NumPy)."""
+
+    name = ""
+    ops = frozenset()
+
+    def __init__(self, xp=None):
+        if xp is None:
+            import cupy as xp
+        self.xp = xp
+
+    def supports(self, op: str) -> bool:
+        return op in self.ops
+
+    def asarray(self, a):
+        return self.xp.ascontiguousarray(self.xp.asarray(a))
+
+    def to_numpy(self, a):
+        return None if a is None else _host(a)
+
+
+class CupyPeer(_ArrayModulePeer):
+    """ReLU with CuPy ufuncs (the GPU twin of peers.NumpyPeer)."""
+
+    name = "cupy"
+    ops = peers.RELU_OPS
+
+    def relu(self, x, *, out=None):
+        return self.xp.maximum(x, 0, out=out)
+
+    def relu_backward(self, grad_out, y):
+        return self.xp.where(y > 0, grad_out, grad_out.dtype.type(0))
+
+
+class CupyIm2colPeer(_ArrayModulePeer):
+    """conv2d as im2col + one matmul per group over the whole batch, on CuPy arrays (cuBLAS).
+
+    The GPU twin of peers.NumpyIm2colPeer; written against an array module ``xp`` (CuPy by default)
+    with nothing CuPy-only in it, so the tests check it with NumPy.
+    """
+
+    name = "cupy_im2col"
+    ops = peers.CONV_OPS
+
+    def _cols(self, x, g):
+        """The patch matrix (G, Cg*R*S, N*P*Q): one copy of a strided view of the padded x."""
+        xp = self.xp
+        if g.padded:
+            x = xp.pad(x, ((0, 0), (0, 0), (g.pt, g.pb), (g.pl, g.pr)))
+        x = xp.ascontiguousarray(x)
+        sn, sc, sh, sw = x.strides
+        view = xp.lib.stride_tricks.as_strided(
+            x, shape=(g.C, g.R, g.S, g.N, g.P, g.Q),
+            strides=(sc, sh * g.dh, sw * g.dw, sn, sh * g.sh, sw * g.sw))
+        return xp.ascontiguousarray(view).reshape(g.G, g.Cg * g.R * g.S, g.N * g.P * g.Q)
+
+    def _col2im(self, dcols, g):
+        """Adjoint of _cols: scatter-add (G, Cg*R*S, N*P*Q) into a contiguous (N, C, H, W)."""
+        xp = self.xp
+        d = dcols.reshape(g.C, g.R, g.S, g.N, g.P, g.Q)
+        grad = xp.zeros((g.N, g.C, g.Hp, g.Wp), dtype=dcols.dtype)
+        for r in range(g.R):
+            h0 = r * g.dh
+            for s in range(g.S):
+                w0 = s * g.dw
+                grad[:, :, h0:h0 + g.sh * (g.P - 1) + 1:g.sh, w0:w0 + g.sw * (g.Q - 1) + 1:g.sw] += \
+                    d[:, r, s].transpose(1, 0, 2, 3)
+        return xp.ascontiguousarray(grad[:, :, g.pt:g.pt + g.H, g.pl:g.pl + g.W])
+
+    def conv2d(self, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=None):
+        g = peers._ConvGeom(x.shape, weight.shape, stride, padding, dilation, groups)
+        y = self.xp.matmul(weight.reshape(g.G, g.Kg, g.Cg * g.R * g.S), self._cols(x, g))
+        y = y.reshape(g.K, g.N, g.P, g.Q)
+        if bias is not None:
+            y += bias.reshape(g.K, 1, 1, 1)
+        y = y.transpose(1, 0, 2, 3)
+        if out is not None:
+            out[...] = y
+            return out
+        return self.xp.ascontiguousarray(y)
+
+    def conv2d_backward(self, grad_out, x, weight, *, stride=1, padding=0, dilation=1, groups=1,
+                        need_input=True, need_weight=True, need_bias=True):
+        xp = self.xp
+        g = peers._ConvGeom(x.shape, weight.shape, stride, padding, dilation, groups)
+        go = xp.ascontiguousarray(grad_out.transpose(1, 0, 2, 3)).reshape(g.G, g.Kg, g.N * g.P * g.Q)
+        gx = gw = gb = None
+        if need_input:
+            wt = weight.reshape(g.G, g.Kg, g.Cg * g.R * g.S).transpose(0, 2, 1)
+            gx = self._col2im(xp.matmul(wt, go), g)
+        if need_weight:
+            gw = xp.matmul(go, self._cols(x, g).swapaxes(-1, -2)).reshape(weight.shape)
+        if need_bias:
+            gb = grad_out.sum(axis=(0, 2, 3))
+        return gx, gw, gb
+
+
+def _torch_cuda_peer():
+    """peers.TorchPeer on CUDA tensors that share CuPy's memory (DLPack, no copy)."""
+
+    class TorchCudaPeer(peers.TorchPeer):
+        def asarray(self, a):
+            if isinstance(a, self.torch.Tensor):
+                return a.contiguous()
+            return self.torch.from_dlpack(a).contiguous()
+
+    return TorchCudaPeer()
+
+
+def load_peer(name: str, device: str):
+    """The peer ``name`` for ``device``, or a string saying why it cannot run here."""
+    if name == "torch":
+        if not peers.torch_available():
+            return "torch is not installed"
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        if device == "cpu":
+            return peers.get_peer("torch")
+        if not torch.cuda.is_available():
+            return "torch has no CUDA here (a CPU-only build, or no GPU)"
+        torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm during warm-up
+        return _torch_cuda_peer()
+    if name == "cupy_im2col":
+        return CupyIm2colPeer()
+    if name == "cupy":
+        return CupyPeer()
+    return peers.get_peer(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# one case: the call to time, the timers, the interleaved rounds
+
+
+def make_call(impl, case: Case, inputs) -> Callable[[], object]:
+    """A no-argument function running ``case`` with ``impl``; inputs converted here, outside timing."""
+    shape, pass_ = case.shape, case.pass_
+    if case.op == "conv2d":
+        x, w, _, g = (impl.asarray(a) for a in inputs)
+        kw = shape.kwargs()
+        if pass_ == "fwd":
+            return lambda: impl.conv2d(x, w, **kw)
+        which = 0 if pass_ == "bwd_data" else 1
+        need = dict(need_input=which == 0, need_weight=which == 1, need_bias=False)
+        return lambda: impl.conv2d_backward(g, x, w, **kw, **need)[which]
+    x, g = (impl.asarray(a) for a in inputs)
+    if case.op == "relu":
+        if pass_ == "fwd":
+            return lambda: impl.relu(x)
+        y = impl.relu(x)
+        return lambda: impl.relu_backward(g, y)
+    kw = shape.kwargs()
+    if pass_ == "fwd":
+        return lambda: impl.max_pool2d(x, shape.kernel_size, **kw, return_indices=True)
+    _, idx = impl.max_pool2d(x, shape.kernel_size, **kw, return_indices=True)
+    return lambda: impl.max_pool2d_backward(g, idx, shape.x, shape.kernel_size, **kw)
+
+
+class CpuTimer:
+    @staticmethod
+    def seconds(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+class CupyEventTimer:
+    """CUDA events recorded on CuPy's current stream around the call; waits for the end event."""
+
+    def __init__(self):
+        import cupy
+
+        self.cupy = cupy
+        self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def seconds(self, fn) -> float:
+        stream = self.cupy.cuda.get_current_stream()
+        self.start.record(stream)
+        fn()
+        self.end.record(stream)
+        self.end.synchronize()
+        return self.cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3
+
+
+class TorchEventTimer:
+    """CUDA events recorded on torch's current stream (the stream torch launches on)."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def seconds(self, fn) -> float:
+        stream = self.torch.cuda.current_stream()
+        self.start.record(stream)
+        fn()
+        self.end.record(stream)
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3
+
+
+def timer_for(impl, device: str):
+    if device == "cpu":
+        return CpuTimer()
+    return TorchEventTimer() if impl.name == "torch" else CupyEventTimer()
+
+
+def warm_up(fn) -> object:
+    """Untimed calls (first-call setup, caches, cuDNN autotuning); returns the last result."""
+    t0 = time.perf_counter()
+    for i in range(100):
+        result = fn()
+        if i + 1 >= WARMUP_CALLS and time.perf_counter() - t0 >= WARMUP_SECONDS:
+            break
+    return result
+
+
+def time_interleaved(entries, repeat: int, min_time: float) -> List[List[float]]:
+    """Rounds of one timed call per (timer, fn) entry, in order, until ``repeat`` rounds are done and
+    ``min_time`` seconds have passed; the seconds of every call, per entry. GC is off meanwhile."""
+    times: List[List[float]] = [[] for _ in entries]
+    if not entries:
+        return times
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        rounds = 0
+        while rounds < repeat or time.perf_counter() - t0 < min_time:
+            for (timer, fn), out in zip(entries, times):
+                out.append(timer.seconds(fn))
+            rounds += 1
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return times
+
+
+class OthersWatch:
+    """Share of the machine's CPU time other processes took meanwhile (Linux /proc/stat; else None)."""
+
+    def __init__(self):
+        self.t0, self.cpu0, self.busy0 = time.perf_counter(), time.process_time(), self._busy()
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait, seconds
+
+    def share(self):
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        ours = time.process_time() - self.cpu0
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0.0, (busy - self.busy0 - ours) / (wall * ncpu))
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Row:
+    case: Case
+    impl: str
+    times: List[float] = field(default_factory=list)  # seconds; empty when the impl did not run
+    note: str = ""  # why it did not run, or that its result differs from pykernels'
+    differs: bool = False
+    others: Optional[float] = None  # others' CPU share during the case
+    ratio: Optional[float] = None  # peer median / pykernels median (peer rows only), see set_ratios
+
+    @property
+    def median(self) -> Optional[float]:
+        return float(np.median(self.times)) if self.times else None
+
+    def rate(self, dtype) -> Optional[float]:
+        amount, _ = self.case.work(dtype)
+        return amount / self.median / 1e9 if self.times else None
+
+
+def set_ratios(rows: List[Row]) -> None:
+    """ratio = peer median / pykernels median for every peer row of one case that ran."""
+    ours = next((r for r in rows if r.impl == OURS), None)
+    if ours is None or ours.median is None:
+        return
+    for r in rows:
+        if r.impl != OURS and r.median is not None:
+            r.ratio = r.median / ours.median
+
+
+def results_differ(ours, theirs, dtype) -> Optional[str]:
+    """None when ``theirs`` matches ``ours`` (host arrays, or tuples of them) within dtype's tolerance."""
+    ours_t = ours if isinstance(ours, tuple) else (ours,)
+    theirs_t = theirs if isinstance(theirs, tuple) else (theirs,)
+    for a, b in zip(ours_t, theirs_t):
+        if a.shape != b.shape:
+            return f"result shape {b.shape}, pykernels' {a.shape}"
+        if a.dtype.kind in "iu":
+            if not np.array_equal(a, b):
+                return "indices differ from pykernels'"
+            continue
+        scale = max(float(np.max(np.abs(a), initial=0.0)), 1e-30)
+        rel = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)) / scale
+        if not rel <= AGREE_RTOL[np.dtype(dtype).name]:
+            return f"result differs from pykernels' by {rel:.1e} of its largest value"
+    return None
+
+
+def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float, xp=np) -> List[Row]:
+    """Time one case with every implementation (``impls``: name -> impl object or reason string)."""
+    inputs = tuple(xp.asarray(a) for a in case.shape.random_inputs(seed=0, dtype=dtype))  # on the device
+    rows, entries, results = [], [], []
+    for name, impl in impls.items():
+        row = Row(case, name)
+        rows.append(row)
+        prepared = prepare(impl, case, inputs)
+        if isinstance(prepared, str):
+            row.note = prepared
+            continue
+        fn, result = prepared
+        entries.append((timer_for(impl, device), fn))
+        results.append((row, result))
+    _note_differences(results, dtype)
+    watch = OthersWatch() if device == "cpu" else None
+    for (row, _), times in zip(results, time_interleaved(entries, repeat, min_time)):
+        row.times = times
+    others = watch.share() if watch else None
+    for row in rows:
+        row.others = others if row.times else None
+    set_ratios(rows)
+    return rows
+
+
+def prepare(impl, case: Case, inputs):
+    """(the call to time, its warm-up result on the host), or a string saying why ``impl`` cannot run."""
+    if isinstance(impl, str):
+        return impl
+    op = case.op if case.pass_ == "fwd" else f"{case.op}_backward"
+    if not impl.supports(op):
+        return f"{impl.name} has no {op}"
+    try:
+        fn = make_call(impl, case, inputs)
+        return fn, _to_host(impl, warm_up(fn))
+    except (NotImplementedError, TypeError, ValueError, RuntimeError, MemoryError) as exc:
+        return f"{impl.name} cannot run {case.label}: {type(exc).__name__}: {exc}"
+
+
+def _to_host(impl, result):
+    if isinstance(result, tuple):
+        return tuple(impl.to_numpy(r) for r in result)
+    return impl.to_numpy(result)
+
+
+def _note_differences(results, dtype) -> None:
+    ours = next((res for row, res in results if row.impl == OURS), None)
+    if ours is None:
+        return
+    for row, res in results:
+        if row.impl != OURS:
+            why = results_differ(ours, res, dtype)
+            if why:
+                row.differs, row.note = True, f"{row.impl} on {row.case.label}: {why}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+
+
+COLUMNS = ("op", "shape", "pass", "impl", "median ms", "rate", "ratio", "rounds")
+
+
+class Table:
+    """The aligned text table, printed case by case while the benchmark runs."""
+
+    def __init__(self, cases, impl_names, dtype, device: str, out=None):
+        self.dtype, self.device, self.out = dtype, device, out
+        self.widths = [
+            max([len("op")] + [len(c.op) for c in cases]),
+            max([len("shape")] + [len(c.shape.name) for c in cases]),
+            max([len("pass")] + [len(c.pass_) for c in cases]),
+            max([len("impl")] + [len(n) for n in impl_names]),
+            11, 15, 8, 7,
+        ]
+        self.notes: List[str] = []
+        self._last_group = None
+
+    def _line(self, cells) -> str:
+        left = [f"{c:<{w}}" for c, w in zip(cells[:4], self.widths[:4])]
+        right = [f"{c:>{w}}" for c, w in zip(cells[4:], self.widths[4:])]
+        return "  ".join(left + right).rstrip()
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def header(self, title_lines) -> None:
+        for line in title_lines:
+            self.print(line)
+        self.print()
+        self.print(self._line(COLUMNS))
+
+    def rows(self, rows: List[Row]) -> None:
+        group = (rows[0].case.op, rows[0].case.shape.name)
+        if self._last_group is not None and group != self._last_group:
+            self.print()
+        self._last_group = group
+        for row in rows:
+            self.print(self._line(self.cells(row)))
+            if row.note and row.note not in self.notes:
+                self.notes.append(row.note)
+
+    def cells(self, row: Row):
+        c = row.case
+        if row.median is None:
+            return (c.op, c.shape.name, c.pass_, row.impl, "-", "-", "-", "-")
+        busy = "*" if row.others is not None and row.others > BUSY_LIMIT else ""
+        _, unit = c.work(self.dtype)
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x" + ("!" if row.differs else "")
+        return (c.op, c.shape.name, c.pass_, row.impl, f"{row.median * 1e3:.3f}{busy}",
+                f"{_three_digits(row.rate(self.dtype))} {unit}", ratio, str(len(row.times)))
+
+    def footer(self, all_rows: List[Row], elapsed: float) -> None:
+        self.print()
+        busy = [r for r in all_rows if r.others is not None and r.others > BUSY_LIMIT]
+        if busy:
+            self.print(f"* other processes used more than {BUSY_LIMIT:.0%} of the CPUs while this case ran "
+                       f"(up to {max(r.others for r in busy):.0%}): rerun on an idle machine to trust it.")
+        if needs_quiet_openblas([r.case for r in all_rows], self.device):
+            self.print(f"warning: {OPENBLAS_ENV[0]} was unset when NumPy loaded, so OpenBLAS threads spin after "
+                       "each numpy_im2col call and slow the next call; `python -m pykernels bench` sets it, "
+                       f"or run with {OPENBLAS_ENV[0]}={OPENBLAS_ENV[1]}.")
+        if any(r.differs for r in all_rows):
+            self.print("! this peer's result differs from pykernels' (see the notes): its time may not compare.")
+        for note in self.notes:
+            self.print(f"note: {note}")
+        self.print(f"{len(all_rows)} rows in {elapsed:.1f} s.")
+
+
+def _three_digits(value: float) -> str:
+    """123.4, 12.3, 1.23, 0.0123: never 0.0 for a small positive rate."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def title_lines(meta: dict, repeat: int, min_time: float) -> List[str]:
+    where = meta["gpu"] if meta["device"] == "cuda" else meta["cpu_model"]
+    threads = f"{meta['threads']} threads"
+    if meta["device"] == "cpu":
+        threads += f" (pykernels OpenMP {meta['pykernels_openmp_threads']}, torch {meta['torch_threads'] or '-'})"
+    isa = f", ISA {meta['active_isa']}" if meta["device"] == "cpu" else ""
+    return [
+        f"pykernels bench: {meta['device']}, {meta['dtype']}, {where}, {threads}{isa}",
+        f"medians of >= {repeat} interleaved rounds (>= {min_time:g} s per case) after warm-up; "
+        "rate: GFLOP/s (conv2d) or GB/s (relu, max_pool2d)",
+        "ratio = peer median / pykernels median: > 1 means pykernels is faster than that peer",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata, JSON and the plot
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def metadata(device: str, dtype, impls) -> dict:
+    torch_mod = sys.modules.get("torch")
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device,
+        "dtype": np.dtype(dtype).name,
+        "cpu_model": cpu_model(),
+        "threads": os.cpu_count(),
+        "pykernels_openmp_threads": None,
+        "torch_threads": torch_mod.get_num_threads() if torch_mod else None,
+        "pykernels_version": _pykernels_version(),
+        "active_isa": None,
+        "numpy_version": np.__version__,
+        "torch_version": getattr(torch_mod, "__version__", None) if torch_mod else None,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "environment": {k: os.environ[k] for k in (OPENBLAS_ENV[0], "OMP_NUM_THREADS", "PYKERNELS_CPU_ISA")
+                        if k in os.environ},
+        "peers": {name: (impl if isinstance(impl, str) else "available") for name, impl in impls.items()
+                  if name != OURS},
+        "gpu": None,
+    }
+    try:
+        import _pykernels_cpu
+
+        meta["active_isa"] = _pykernels_cpu.active_isa()
+        meta["pykernels_openmp_threads"] = _pykernels_cpu.openmp_threads()
+    except (ImportError, AttributeError):
+        pass
+    if device == "cuda":
+        meta.update(_cuda_metadata())
+    return meta
+
+
+def _pykernels_version() -> str:
+    import pykernels
+
+    return pykernels.__version__
+
+
+def _cuda_metadata() -> dict:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    meta = {"gpu": name.decode() if isinstance(name, bytes) else str(name), "cupy_version": cupy.__version__,
+            "cuda_runtime_version": cupy.cuda.runtime.runtimeGetVersion()}
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and torch_mod.cuda.is_available():
+        meta["cudnn_version"] = torch_mod.backends.cudnn.version()
+    return meta
+
+
+def row_record(row: Row, dtype) -> dict:
+    c = row.case
+    amount, unit = c.work(dtype)
+    rate_key = "gflops" if unit == "GFLOP/s" else "gbps"
+    return {
+        "op": c.op, "shape": c.shape.name, "pass": c.pass_, "impl": row.impl,
+        "x_shape": list(c.shape.x), "batch": c.shape.batch,
+        "median_ms": None if row.median is None else row.median * 1e3,
+        "times_ms": [t * 1e3 for t in row.times],
+        rate_key: row.rate(dtype),
+        "ratio": row.ratio,
+        "rounds": len(row.times),
+        "others_cpu_share": row.others,
+        "note": row.note or None,
+    }
+
+
+def write_json(path: str, meta: dict, rows: List[Row], dtype, settings: dict) -> None:
+    doc = {"metadata": dict(meta, **settings),
+           "ratio_definition": "peer median_ms / pykernels median_ms (> 1: pykernels is faster)",
+           "results": [row_record(r, dtype) for r in rows]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def require_matplotlib():
+    """matplotlib's Figure class, or BenchError naming the demo extra."""
+    from .demo import MissingExtra, _require
+
+    try:
+        return _require("matplotlib.figure", "--plot").Figure
+    except MissingExtra as exc:
+        raise BenchError(str(exc)) from None
+
+
+def write_plot(path: str, rows: List[Row], meta: dict) -> None:
+    """Bars of peer/pykernels ratios per shape and pass (one colour per peer), log scale, a line at 1."""
+    Figure = require_matplotlib()
+    ratios = {}  # label -> {peer: ratio}, in the table's order
+    for r in rows:
+        label = f"{r.case.shape.name} {r.case.pass_}"
+        ratios.setdefault(label, {})
+        if r.impl != OURS and r.ratio is not None:
+            ratios[label][r.impl] = r.ratio
+    peer_names = list(dict.fromkeys(p for by_peer in ratios.values() for p in by_peer))
+    colours = {p: f"C{i}" for i, p in enumerate(peer_names)}
+    fig = Figure(figsize=(min(18.0, max(6.0, 0.5 * len(ratios) + 2)), 5.5))
+    ax = fig.subplots()
+    for i, by_peer in enumerate(ratios.values()):
+        width = 0.8 / max(1, len(by_peer))
+        for k, (peer, ratio) in enumerate(by_peer.items()):
+            ax.bar(i + (k - (len(by_peer) - 1) / 2) * width, ratio, width, color=colours[peer])
+    _log_ratio_axis(ax, [v for by_peer in ratios.values() for v in by_peer.values()])
+    ax.set_xticks(range(len(ratios)))
+    ax.set_xticklabels(list(ratios), fontsize=7, rotation=60, ha="right")
+    ax.set_xlim(-0.6, len(ratios) - 0.4)
+    ax.set_ylabel("peer time / pykernels time\n(> 1: pykernels is faster)")
+    where = meta["gpu"] if meta["device"] == "cuda" else meta["cpu_model"]
+    ax.set_title(f"pykernels bench: {meta['device']}, {meta['dtype']}, {where}, {meta['date']}", fontsize=9)
+    if peer_names:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=colours[p], label=p) for p in peer_names], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _log_ratio_axis(ax, values) -> None:
+    """Log y axis with ticks at powers of two (labelled 0.25x ... 16x) and a line at 1."""
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=1)
+    lo = min(values + [1.0]) / 1.3
+    hi = max(values + [1.0]) * 1.3
+    ax.set_ylim(lo, hi)
+    ticks = [2.0 ** e for e in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_bench(args) -> int:
+    try:
+        return _run(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    dtype = np.dtype(args.dtype)
+    cases = select_cases(args.ops, args.shapes, args.passes, args.device, args.batch)
+    _check_request(args)
+    if needs_quiet_openblas(cases, args.device) and _started_as_bench_command():
+        _restart_with_quiet_openblas()
+    xp = _array_module(args.device)
+    impls = implementations(cases, args.device, xp)
+    meta = metadata(args.device, dtype, impls)
+    table = Table(cases, list(impls), dtype, args.device)
+    table.header(title_lines(meta, args.repeat, args.min_time))
+    all_rows: List[Row] = []
+    t0 = time.perf_counter()
+    for case in cases:
+        case_impls = {n: impls[n] for n in (OURS,) + PEERS_BY_DEVICE[args.device][case.op]}
+        rows = run_case(case, case_impls, args.device, dtype, args.repeat, args.min_time, xp)
+        table.rows(rows)
+        all_rows += rows
+    table.footer(all_rows, time.perf_counter() - t0)
+    if args.json:
+        write_json(args.json, meta, all_rows, dtype, _settings(args))
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(args.plot, all_rows, meta)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _check_request(args) -> None:
+    """Everything that can fail before any timing: dtype, device, extras, output folders."""
+    if args.dtype == "float16" and args.device != "cuda":
+        raise BenchError("--dtype float16 runs on CUDA only (add --device cuda)")
+    if args.device == "cuda" and not _backend.cuda_available():
+        raise BenchError(f"--device cuda: the CUDA backend is unavailable ({_backend.cuda_unavailable_reason()}); "
+                         "run without --device to benchmark the CPU kernels")
+    if args.device == "cpu":
+        try:
+            _backend.module("numpy")
+        except ImportError as exc:
+            raise BenchError(str(exc)) from None
+    if args.plot:
+        require_matplotlib()
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise BenchError(f"{flag}: folder {folder} does not exist")
+
+
+def needs_quiet_openblas(cases, device: str) -> bool:
+    """True when OpenBLAS' spinning threads would skew the interleaved timings (see OPENBLAS_ENV)."""
+    uses_matmul_peer = any("numpy_im2col" in PEERS_BY_DEVICE[device][c.op] for c in cases)
+    return uses_matmul_peer and OPENBLAS_ENV[0] not in os.environ
+
+
+def _started_as_bench_command() -> bool:
+    """This process is `python -m pykernels bench ...` (not a test or another program calling main())."""
+    main_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")
+    return bool(sys.argv) and os.path.abspath(sys.argv[0]) == main_file and sys.argv[1:2] == ["bench"]
+
+
+def _restart_with_quiet_openblas() -> None:
+    """Replace this process by the same command with OPENBLAS_ENV set (once: then it is set)."""
+    env = dict(os.environ)
+    env[OPENBLAS_ENV[0]] = OPENBLAS_ENV[1]
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, "-m", "pykernels"] + sys.argv[1:]  # 3.10+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def _array_module(device: str):
+    if device == "cuda":
+        import cupy
+
+        return cupy
+    return np
+
+
+def implementations(cases, device: str, xp) -> dict:
+    """pykernels and every peer the cases need: name -> object, or the reason it is unavailable."""
+    impls = {OURS: Ours(xp)}
+    for case in cases:
+        for name in PEERS_BY_DEVICE[device][case.op]:
+            if name not in impls:
+                impls[name] = load_peer(name, device)
+    return impls
+
+
+def _settings(args) -> dict:
+    return {"repeat": args.repeat, "min_time_s": args.min_time, "batch_override": args.batch,
+            "warmup": {"min_calls": WARMUP_CALLS, "min_seconds": WARMUP_SECONDS},
+            "options": {k: v for k, v in sorted(vars(args).items()) if k != "command"}}
