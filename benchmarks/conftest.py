@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import pytest
 
 from pykernels import shapes as _shapes
+from pykernels.bench import OthersWatch
 
 #: Implementations in the order of the summary table's columns.
 IMPL_ORDER = ("pykernels", "torch", "numpy_im2col", "numpy")
@@ -36,7 +37,6 @@ IMPL_ORDER = ("pykernels", "torch", "numpy_im2col", "numpy")
 _TARGET_S = float(os.environ.get("PYKERNELS_BENCH_SECONDS", "0.5"))
 _MIN_ROUNDS, _MAX_ROUNDS = 3, 200
 _THREADS = os.cpu_count() or 1
-_NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _THREADS
 _BUSY_LIMIT = 0.10  # other processes used more than this share of the CPUs: flag the median
 
 
@@ -151,7 +151,7 @@ def run_benchmark(benchmark, impl, fn, *, group, flops=None, nbytes=None, shape=
     fn()  # warm-up (first-call setup such as oneDNN primitive creation) and calibration
     once = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, math.ceil(_TARGET_S / once))))
-    watch = _OthersWatch()
+    watch = OthersWatch()
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if once < 0.05 else 0)
     others = watch.share()
     if others is not None:
@@ -167,33 +167,6 @@ def run_benchmark(benchmark, impl, fn, *, group, flops=None, nbytes=None, shape=
     else:
         _RESULTS.append(_Row(group, impl.name, median, float("nan"), "", others))
     return result
-
-
-class _OthersWatch:
-    """How much of the machine's CPU time other processes took while a case ran (Linux /proc/stat).
-
-    A shared machine makes medians meaningless; share() > _BUSY_LIMIT marks the case in the summary.
-    """
-
-    def __init__(self):
-        self.t0, self.cpu0, self.busy0 = time.perf_counter(), time.process_time(), self._busy()
-
-    @staticmethod
-    def _busy():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(t) for t in f.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait, seconds
-
-    def share(self):
-        busy = self._busy()
-        if busy is None or self.busy0 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        ours = time.process_time() - self.cpu0
-        return max(0.0, (busy - self.busy0 - ours) / (wall * _NCPU))
 
 
 def check_shape(impl, result, expected_shape):

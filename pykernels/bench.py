@@ -37,6 +37,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from ._cli_types import non_negative_float, positive_int
 from . import _backend, peers, shapes
 
 OPS = ("conv2d", "relu", "max_pool2d")
@@ -90,12 +91,12 @@ def add_arguments(parser) -> None:
                         help="cpu: NumPy arrays; cuda: CuPy arrays, batch 32 (default: cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32",
                         help="float32 (default) or float64; float16 with --device cuda only")
-    parser.add_argument("--repeat", type=_positive_int, default=DEFAULT_REPEAT, metavar="N",
+    parser.add_argument("--repeat", type=positive_int, default=DEFAULT_REPEAT, metavar="N",
                         help=f"at least N timed rounds per case (default {DEFAULT_REPEAT})")
-    parser.add_argument("--min-time", type=_non_negative_float, default=DEFAULT_MIN_TIME, metavar="SECONDS",
+    parser.add_argument("--min-time", type=non_negative_float, default=DEFAULT_MIN_TIME, metavar="SECONDS",
                         help="keep adding rounds until a case has run this long, all implementations "
                              f"together (default {DEFAULT_MIN_TIME})")
-    parser.add_argument("--batch", type=_positive_int, metavar="N",
+    parser.add_argument("--batch", type=positive_int, metavar="N",
                         help="run every shape with batch N instead of design.md's (the table's CPU batch, or 32 "
                              "with --device cuda); for quick checks and tests: the numbers are then not "
                              "the table's")
@@ -123,26 +124,6 @@ def _shape_list(text: str) -> List[str]:
 
 def _pass_list(text: str) -> List[str]:
     return _comma_list(text.replace("-", "_"), ALL_PASSES, "pass")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------

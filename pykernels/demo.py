@@ -9,7 +9,6 @@ stratified 80/20 train/test set with a fixed seed.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -18,6 +17,7 @@ import time
 import numpy as np
 
 from . import _backend
+from ._cli_types import positive_float, positive_int, seed
 from .layers import SGD, Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
 
 
@@ -209,41 +209,11 @@ def run_demo(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--epochs", type=_positive_int, default=15)
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--lr", type=_positive_float, default=0.05)
-    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=15)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--lr", type=positive_float, default=0.05)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--save-maps", metavar="PNG", help="write the feature maps of a test digit to this PNG")
     parser.add_argument("--save-model", metavar="NPZ", help="save the trained parameters")
     parser.add_argument("--load-model", metavar="NPZ", help="start from saved parameters")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate (with --load-model)")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**32:  # the range NumPy and scikit-learn accept as a seed
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value

@@ -17,7 +17,7 @@ torch is imported lazily: this module imports fine without it.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 

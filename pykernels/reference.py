@@ -8,8 +8,6 @@ Conventions (see docs/design): NCHW, weights (K, C/groups, R, S), cross-correlat
 padding int | (ph, pw) | ((top, bottom), (left, right)) | 'valid' | 'same' (TensorFlow rule).
 """
 
-import math
-
 import numpy as np
 
 __all__ = [

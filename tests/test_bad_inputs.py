@@ -6,7 +6,6 @@ they re-check everything and raise ValueError/TypeError instead of crashing.
 from __future__ import annotations
 
 import contextlib
-import re
 
 import numpy as np
 import pytest
