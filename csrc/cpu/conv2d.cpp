@@ -5,7 +5,7 @@
 //   backward-input  col  (CRS x PQ)  = w_g^T (CRS x K/g) * gy_g (K/g x PQ), then col2im adds into gx
 //   backward-weight gw_g (K/g x CRS) = GY_g (K/g x N*PQ) * COL^T (N*PQ x CRS), one GEMM over the batch
 // col (im2col of x) is never stored for forward and backward-weight: the GEMM asks for it block by
-// block and pack_col / pack_col_transposed write it straight into the packed layout (implicit GEMM),
+// block and pack_col / pack_batch_col_transposed write it straight into the packed layout (implicit GEMM),
 // which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
 // and no padding needs no im2col at all: col is x.
 // 3x3 stride-1 layers take the Winograd path instead (winograd.cpp), backward-input as the transposed
@@ -70,8 +70,9 @@ Range valid_outputs(int64_t offset, int64_t stride, int64_t limit, int64_t count
   return {begin, end};
 }
 
-// Visits every (row of col, output row p) pair of one image and group, with the input row it reads
-// and the range of q whose input column is inside x; `visit` gets (row, p, h, q_range, w_offset).
+// Visits rows [row0, row1) of col (one per channel c and kernel tap r, kw) of one image and group:
+// `visit` gets (row, c, the range of output rows p and of output columns q whose input cell is inside
+// x, and the input offsets h = p*stride_h + h_off, w = q*stride_w + w_off).
 template <typename Visit>
 void for_each_col_segment(const Conv2dShape& s, int64_t row0, int64_t row1, Visit&& visit) {
   const Window2d& win = s.win;
