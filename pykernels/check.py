@@ -120,5 +120,5 @@ def run_check(device: str = "cpu", seed: int = 0, out=sys.stdout) -> bool:
     for name, dtype, err, verdict in rows:
         print(f"{name:<{width}}  {dtype:<8}  {err:>11.2e}  {verdict}", file=out)
     failed = sum(r[3] == "FAIL" for r in rows)
-    print(f"{len(rows) - failed}/{len(rows)} passed in {time.perf_counter() - start:.1f} s", file=out)
+    print(f"{len(rows) - failed}/{len(rows)} passed in {time.perf_counter() - start:.2f} s", file=out)
     return ok
