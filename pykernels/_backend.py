@@ -23,7 +23,11 @@ _CUDA_REASON = None  # why CUDA is unavailable, once probed
 
 
 def _probe_cuda():
-    """Import the CUDA extension and CuPy lazily; remember why not when either is missing."""
+    """Import the CUDA extension and CuPy lazily; remember why not when either is missing.
+
+    The extension's own (static) CUDA runtime is asked first, so a missing or too old NVIDIA driver is
+    named as such; then CuPy, which allocates the arrays and owns the current device and stream.
+    """
     global _cuda, _CUDA_REASON
     if _cuda is not None or _CUDA_REASON is not None:
         return
@@ -33,10 +37,17 @@ def _probe_cuda():
         _CUDA_REASON = f"the CUDA extension _pykernels_cuda is not installed ({exc}); build with nvcc present"
         return
     try:
+        count = module.device_count()
+    except RuntimeError as exc:
+        driver = "" if module.driver_version() else "; no NVIDIA driver was found"
+        _CUDA_REASON = f"{exc}{driver}"
+        return
+    try:
         import cupy
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # ImportError, or CUDARuntimeError when there is no driver/GPU
-        _CUDA_REASON = f"CuPy is missing or finds no GPU ({type(exc).__name__}: {exc})"
+        count = min(count, cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # ImportError, or CUDARuntimeError when CuPy's runtime finds no GPU
+        _CUDA_REASON = (f"CuPy is missing or finds no GPU ({type(exc).__name__}: {exc}); "
+                        "install it with pip install 'pykernels[cuda]'")
         return
     if count < 1:
         _CUDA_REASON = "no CUDA GPU is visible"

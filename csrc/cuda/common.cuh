@@ -68,6 +68,37 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
+// A stream-ordered workspace (cudaMallocAsync / cudaFreeAsync on the launch stream), freed when it
+// goes out of scope -- after the kernels enqueued before that, in stream order. On a device without
+// the stream-ordered allocator (cudaErrorNotSupported), plain cudaMalloc / cudaFree (which waits).
+class Workspace {
+ public:
+  Workspace(size_t bytes, cudaStream_t stream, const char* what) : stream_(stream) {
+    cudaError_t err = cudaMallocAsync(&ptr_, bytes, stream_);
+    if (err == cudaErrorNotSupported) {
+      (void)cudaGetLastError();
+      async_ = false;
+      err = cudaMalloc(&ptr_, bytes);
+    }
+    if (err != cudaSuccess) ptr_ = nullptr;
+    check_cuda(err, what);
+  }
+  ~Workspace() {
+    if (ptr_) (void)(async_ ? cudaFreeAsync(ptr_, stream_) : cudaFree(ptr_));
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+  bool async_ = true;
+};
+
 // Blocks for a grid-stride loop over `work` items, kThreads per block: never 0, never past the
 // grid.x limit (the loops cover the rest).
 inline unsigned grid_for(int64_t work, int64_t cap = int64_t(1) << 16) {

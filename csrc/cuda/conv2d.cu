@@ -22,7 +22,9 @@
 // reads are conflict-free. Two tile shapes: 128x128 (TM = TN = 8), and 32x256 for the GEMMs with few
 // rows (K/groups or C/groups <= 32: LeNet, depthwise). float16 is loaded, converted and multiplied in
 // float32. Index arithmetic is 32-bit where the tensors allow it (the common case), else 64-bit.
+#include <algorithm>
 #include <numeric>
+#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -32,6 +34,13 @@ namespace {
 
 constexpr int kBK = 8;   // reduction depth of one shared-memory stage
 constexpr int kPad = 4;  // extra columns per shared row: conflict-free transposed stores, rows stay 16-byte aligned
+
+// Two resident blocks per SM (<= 128 registers a thread) for the float32-accumulating GEMMs with 32-bit
+// indices; the double and 64-bit-index variants need more registers than that without spilling.
+template <typename T, typename I>
+constexpr int gemm_min_blocks() {
+  return sizeof(Acc<T>) == 4 && sizeof(I) == 4 ? 2 : 1;
+}
 
 template <int BM, int BN>
 struct Tile {
@@ -179,7 +188,7 @@ __device__ __forceinline__ TileOrigin<I> tile_origin(const ConvArgs<T, I>& p, in
 template <typename T, typename I, int BM>
 struct ForwardA {
   static constexpr int kCount = BM * kBK / kThreads, kRowStep = kThreads / kBK;
-  const T* row[kCount];
+  I rowoff[kCount];  // (g*Kg + m) * CRS, or -1 past the last row
   I kk, kend;
   int a_kk, a_m;
   __device__ ForwardA(const ConvArgs<T, I>& p, I g, I m0, I kb, I ke) {
@@ -190,13 +199,13 @@ struct ForwardA {
 #pragma unroll
     for (int e = 0; e < kCount; ++e) {
       const I m = m0 + a_m + e * kRowStep;
-      row[e] = m < p.Kg ? p.w + (g * p.Kg + m) * p.CRS : nullptr;
+      rowoff[e] = m < p.Kg ? (g * p.Kg + m) * p.CRS : I(-1);
     }
   }
-  __device__ void load(const ConvArgs<T, I>&, Acc<T> (&r)[kCount]) {
+  __device__ void load(const ConvArgs<T, I>& p, Acc<T> (&r)[kCount]) {
     const bool ok = kk < kend;
 #pragma unroll
-    for (int e = 0; e < kCount; ++e) r[e] = (ok && row[e]) ? to_acc(row[e][kk]) : Acc<T>(0);
+    for (int e = 0; e < kCount; ++e) r[e] = (ok && rowoff[e] >= 0) ? to_acc(p.w[rowoff[e] + kk]) : Acc<T>(0);
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&As)[kBK][BM + kPad], const Acc<T> (&r)[kCount]) const {
@@ -258,7 +267,7 @@ struct ForwardB {
 };
 
 template <typename T, typename I, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) conv2d_forward_kernel(const ConvArgs<T, I> p) {
+__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_forward_kernel(const ConvArgs<T, I> p) {
   using TS = Tile<BM, BN>;
   const int tx = int(threadIdx.x) % TS::TX, ty = int(threadIdx.x) / TS::TX;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
@@ -388,7 +397,7 @@ struct BackwardInputB {
 };
 
 template <typename T, typename I, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) conv2d_backward_input_kernel(const ConvArgs<T, I> p) {
+__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_backward_input_kernel(const ConvArgs<T, I> p) {
   using TS = Tile<BM, BN>;
   const int tx = int(threadIdx.x) % TS::TX, ty = int(threadIdx.x) / TS::TX;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
@@ -400,7 +409,7 @@ __global__ void __launch_bounds__(kThreads) conv2d_backward_input_kernel(const C
     for (int i = 0; i < TS::TM; ++i)
 #pragma unroll
       for (int j = 0; j < TS::TN; ++j) acc[i][j] = Acc<T>(0);
-    gemm_mainloop<BM, BN>(p, a, b, o.steps, acc);  // an empty reduction leaves zeros: written below
+    gemm_mainloop<BM, BN>(p, a, b, o.steps, acc);
     const I HcWc = p.Hc * p.Wc;
 #pragma unroll
     for (int j = 0; j < TS::TN; ++j) {
@@ -512,7 +521,7 @@ struct BackwardWeightB {
 };
 
 template <typename T, typename I, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) conv2d_backward_weight_kernel(const ConvArgs<T, I> p) {
+__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_backward_weight_kernel(const ConvArgs<T, I> p) {
   using TS = Tile<BM, BN>;
   const int tx = int(threadIdx.x) % TS::TX, ty = int(threadIdx.x) / TS::TX;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
@@ -643,20 +652,6 @@ void set_grid(ConvArgs<T, I>& p, int64_t M, int64_t Ncols, int64_t Kdim, int64_t
 
 unsigned tile_grid(int64_t tiles) { return unsigned(std::max<int64_t>(1, std::min(tiles, kMaxGridX))); }
 
-// Owns a stream-ordered workspace: freed (stream-ordered) when it goes out of scope.
-struct Workspace {
-  void* ptr = nullptr;
-  cudaStream_t stream;
-  Workspace(size_t bytes, cudaStream_t s, const char* what) : stream(s) {
-    check_cuda(cudaMallocAsync(&ptr, bytes, stream), what);
-  }
-  ~Workspace() {
-    if (ptr) (void)cudaFreeAsync(ptr, stream);
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-};
-
 // Enough blocks to fill any current GPU a few times over; the split count is a function of the
 // shape only, so the summation order (and the bits) never depend on the device or the run.
 constexpr int64_t kTargetBlocks = 1024;
@@ -706,12 +701,28 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
     }
     return t;
   };
+  // The phases that some tap reaches (at most min(R, sh) x min(S, sw) of them); cells of the other
+  // phases get no gradient at all: zero them first (only happens when the stride exceeds the kernel).
+  auto reached = [](int64_t in, int64_t pad, int64_t kernel, int64_t stride, int64_t dil) {
+    std::vector<int64_t> phases;
+    for (int64_t r = 0; r < kernel; ++r) {
+      const int64_t a = ((r * dil - pad) % stride + stride) % stride;
+      if (a < in) phases.push_back(a);
+    }
+    std::sort(phases.begin(), phases.end());
+    phases.erase(std::unique(phases.begin(), phases.end()), phases.end());
+    return phases;
+  };
+  const std::vector<int64_t> phases_h = reached(s.H, win.pad_top, s.R, sh, dh);
+  const std::vector<int64_t> phases_w = reached(s.W, win.pad_left, s.S, sw, dw);
+  if (int64_t(phases_h.size()) < std::min(sh, s.H) || int64_t(phases_w.size()) < std::min(sw, s.W))
+    check_cuda(cudaMemsetAsync(grad_x, 0, size_t(s.x_numel()) * sizeof(T), stream), "conv2d backward-input");
   dispatch(s, s.C_per_group(), [&](auto index, auto tile) {
     using I = typename decltype(index)::type;
     constexpr int BM = decltype(tile)::BM, BN = decltype(tile)::BN;
-    for (int64_t a = 0; a < std::min(sh, s.H); ++a) {
+    for (const int64_t a : phases_h) {
       const Taps tr = taps(a, win.pad_top, s.R, sh, dh);
-      for (int64_t b = 0; b < std::min(sw, s.W); ++b) {
+      for (const int64_t b : phases_w) {
         const Taps ts = taps(b, win.pad_left, s.S, sw, dw);
         ConvArgs<T, I> p = make_args<T, I>(s);
         p.gy = grad_y, p.w = w, p.out = grad_x;
@@ -721,9 +732,9 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
         p.pstep = I(tr.out_step);
         p.s0 = I(ts.first), p.sstep = I(ts.step), p.Sc = I(ts.count), p.q_base = I(ts.out_base),
         p.qstep = I(ts.out_step);
-        const int64_t Kdim = s.K_per_group() * tr.count * ts.count;
-        set_grid<BM, BN>(p, s.C_per_group(), s.N * Hc * Wc, Kdim, 1, std::max<int64_t>(Kdim, 1));
-        if (Kdim > 0) p.kstep = split_step<I>(kBK, tr.count, ts.count);
+        const int64_t Kdim = s.K_per_group() * tr.count * ts.count;  // > 0: both phases are reached
+        set_grid<BM, BN>(p, s.C_per_group(), s.N * Hc * Wc, Kdim, 1, Kdim);
+        p.kstep = split_step<I>(kBK, tr.count, ts.count);
         auto* kernel = conv2d_backward_input_kernel<T, I, BM, BN>;
         PK_LAUNCH(kernel, tile_grid(p.tiles), kThreads, 0, stream, p);
         check_launch("conv2d backward-input kernel launch");
@@ -764,7 +775,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       return;
     }
     Workspace ws(size_t(splits * w_numel) * sizeof(Acc<T>), stream, "conv2d backward-weight workspace");
-    p.partial = static_cast<Acc<T>*>(ws.ptr);
+    p.partial = ws.as<Acc<T>>();
     PK_LAUNCH(kernel, tile_grid(p.tiles), kThreads, 0, stream, p);
     check_launch("conv2d backward-weight kernel launch");
     auto* sum = sum_splits_kernel<T>;
@@ -793,7 +804,7 @@ void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b, cuda
     return;
   }
   Workspace ws(size_t(s.K * splits) * sizeof(double), stream, "conv2d backward-bias workspace");
-  double* partial = static_cast<double*>(ws.ptr);
+  double* partial = ws.as<double>();
   PK_LAUNCH(kernel, blocks, kThreads, 0, stream, grad_y, s.K, PQ, total, chunk, splits, grad_b, partial);
   check_launch("conv2d backward-bias kernel launch");
   auto* sum = bias_sum_splits_kernel<T>;

@@ -164,32 +164,27 @@ BadIndex max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_
   const int64_t total = s.x_numel();
   if (total == 0) return {};
   // One 8-byte flag: the smallest bad position, all ones when none.
-  unsigned long long* flag = nullptr;
-  check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&flag), sizeof(*flag), stream), "max_pool2d backward workspace");
-  unsigned long long bad = ~0ull;
-  int64_t bad_value = 0;
-  cudaError_t err = cudaMemsetAsync(flag, 0xFF, sizeof(*flag), stream);
-  if (err == cudaSuccess) {
-    if (pool_fits_int32(s)) {
-      auto* kernel = max_pool2d_backward_kernel<T, int32_t>;
-      PK_LAUNCH(kernel, grid_for(total), kThreads, 0, stream, pool_args<int32_t>(s), grad_y, indices, grad_x, flag);
-    } else {
-      auto* kernel = max_pool2d_backward_kernel<T, int64_t>;
-      PK_LAUNCH(kernel, grid_for(total), kThreads, 0, stream, pool_args<int64_t>(s), grad_y, indices, grad_x, flag);
-    }
-    err = cudaGetLastError();
+  Workspace ws(sizeof(unsigned long long), stream, "max_pool2d backward workspace");
+  unsigned long long* flag = ws.as<unsigned long long>();
+  check_cuda(cudaMemsetAsync(flag, 0xFF, sizeof(*flag), stream), "max_pool2d backward");
+  if (pool_fits_int32(s)) {
+    auto* kernel = max_pool2d_backward_kernel<T, int32_t>;
+    PK_LAUNCH(kernel, grid_for(total), kThreads, 0, stream, pool_args<int32_t>(s), grad_y, indices, grad_x, flag);
+  } else {
+    auto* kernel = max_pool2d_backward_kernel<T, int64_t>;
+    PK_LAUNCH(kernel, grid_for(total), kThreads, 0, stream, pool_args<int64_t>(s), grad_y, indices, grad_x, flag);
   }
-  if (err == cudaSuccess) err = cudaMemcpyAsync(&bad, flag, sizeof(bad), cudaMemcpyDeviceToHost, stream);
-  const cudaError_t free_err = cudaFreeAsync(flag, stream);
-  if (err == cudaSuccess) err = free_err;
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  check_cuda(err, "max_pool2d backward");
+  check_launch("max_pool2d backward kernel launch");
+  // The one synchronisation of the backend: the check's result decides between a result and an error.
+  unsigned long long bad = ~0ull;
+  check_cuda(cudaMemcpyAsync(&bad, flag, sizeof(bad), cudaMemcpyDeviceToHost, stream), "max_pool2d backward");
+  check_cuda(cudaStreamSynchronize(stream), "max_pool2d backward");
   if (bad == ~0ull) return {};
-  // Error path only: fetch the offending value for the message.
-  err = cudaMemcpyAsync(&bad_value, indices + bad, sizeof(bad_value), cudaMemcpyDeviceToHost, stream);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  check_cuda(err, "max_pool2d backward");
-  return {int64_t(bad), bad_value};
+  int64_t value = 0;  // error path only: the offending value, for the message
+  check_cuda(cudaMemcpyAsync(&value, indices + bad, sizeof(value), cudaMemcpyDeviceToHost, stream),
+             "max_pool2d backward");
+  check_cuda(cudaStreamSynchronize(stream), "max_pool2d backward");
+  return {int64_t(bad), value};
 }
 
 #define PYKERNELS_INSTANTIATE(T)                                                                        \

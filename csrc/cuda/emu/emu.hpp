@@ -63,10 +63,49 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorMemoryAllocation = 2;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
+constexpr cudaError_t cudaErrorNotSupported = 801;
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
                       cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
+
+// ---- context switch --------------------------------------------------------------------------------
+// On x86-64 a fiber switch is six pushes, a stack swap and six pops (glibc's swapcontext also makes a
+// signal-mask system call each time, which made the emulator three times slower). Elsewhere, or with
+// -DPYKERNELS_EMU_UCONTEXT, ucontext.
+#if defined(__x86_64__) && defined(__linux__) && !defined(PYKERNELS_EMU_UCONTEXT)
+#define PYKERNELS_EMU_ASM_SWITCH 1
+extern "C" void pykernels_emu_switch(void** save_sp, void* load_sp);
+// Weak: this header is included by several translation units.
+asm(R"(
+  .text
+  .weak pykernels_emu_switch
+  .type pykernels_emu_switch, @function
+pykernels_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size pykernels_emu_switch, .-pykernels_emu_switch
+)");
+#endif
 
 namespace pykernels_emu {
 
@@ -94,16 +133,24 @@ inline void register_shared(void* p, size_t bytes) { state().shared_regions.inse
 enum class FiberState { ready, waiting, done };
 
 struct Fiber {
-  ucontext_t ctx;
   std::vector<char> stack;
   FiberState st = FiberState::ready;
+#ifdef PYKERNELS_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t ctx;
+#endif
 #ifdef PYKERNELS_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
 };
 
 struct Scheduler {
+#ifdef PYKERNELS_EMU_ASM_SWITCH
+  void* main_sp = nullptr;
+#else
   ucontext_t main_ctx;
+#endif
   std::vector<Fiber> fibers;
   int current = -1;
   std::function<void()>* body = nullptr;
@@ -119,6 +166,39 @@ inline Scheduler& sched() {
   return s;
 }
 
+inline void fiber_entry();
+
+#ifdef PYKERNELS_EMU_ASM_SWITCH
+// A fresh fiber's stack, laid out as pykernels_emu_switch leaves a suspended one: the saved MXCSR and
+// x87 control word, six callee-saved registers, then the "return address" fiber_entry (and a dummy
+// return address above it, so that fiber_entry starts with the stack alignment of a called function).
+inline void init_fiber(Fiber& f) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack.data()) + f.stack.size()) & ~uintptr_t(15);
+  auto* slot = reinterpret_cast<uint64_t*>(top);
+  *--slot = 0;                                              // fiber_entry's (unused) return address
+  *--slot = reinterpret_cast<uint64_t>(&fiber_entry);       // popped by `ret`
+  for (int i = 0; i < 6; ++i) *--slot = 0;                  // rbp, rbx, r12-r15
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--slot = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
+  f.sp = slot;
+}
+inline void switch_to_fiber(Scheduler& s, Fiber& f) { pykernels_emu_switch(&s.main_sp, f.sp); }
+inline void switch_to_main(Scheduler& s, Fiber& f) { pykernels_emu_switch(&f.sp, s.main_sp); }
+#else
+inline void init_fiber(Fiber& f) {
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.data();
+  f.ctx.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_entry, 0);
+}
+inline void switch_to_fiber(Scheduler& s, Fiber& f) { swapcontext(&s.main_ctx, &f.ctx); }
+inline void switch_to_main(Scheduler& s, Fiber& f) { swapcontext(&f.ctx, &s.main_ctx); }
+#endif
+
 // Fiber -> scheduler switch (at a barrier or at the end of the thread).
 inline void yield_to_scheduler(bool finished) {
   Scheduler& s = sched();
@@ -126,7 +206,7 @@ inline void yield_to_scheduler(bool finished) {
 #ifdef PYKERNELS_EMU_ASAN
   __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, s.main_bottom, s.main_size);
 #endif
-  swapcontext(&f.ctx, &s.main_ctx);
+  switch_to_main(s, f);
 #ifdef PYKERNELS_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, &s.main_bottom, &s.main_size);
 #endif
@@ -141,6 +221,7 @@ inline void fiber_entry() {
   (*s.body)();
   s.fibers[size_t(s.current)].st = FiberState::done;
   yield_to_scheduler(true);
+  std::abort();  // a finished fiber is never resumed
 }
 
 inline void run_block(unsigned nthreads, const dim3& block, std::function<void()>& body) {
@@ -150,11 +231,7 @@ inline void run_block(unsigned nthreads, const dim3& block, std::function<void()
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = s.fibers[i];
     if (f.stack.empty()) f.stack.resize(Scheduler::kStack);
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_entry, 0);
+    init_fiber(f);
     f.st = FiberState::ready;
   }
   s.body = &body;
@@ -171,7 +248,7 @@ inline void run_block(unsigned nthreads, const dim3& block, std::function<void()
 #ifdef PYKERNELS_EMU_ASAN
       __sanitizer_start_switch_fiber(&s.main_fake, f.stack.data(), f.stack.size());
 #endif
-      swapcontext(&s.main_ctx, &f.ctx);
+      switch_to_fiber(s, f);
 #ifdef PYKERNELS_EMU_ASAN
       __sanitizer_finish_switch_fiber(s.main_fake, nullptr, nullptr);
 #endif
@@ -240,6 +317,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNotSupported: return "operation not supported";
     default: return "unknown error";
   }
 }
@@ -255,6 +333,8 @@ inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
   --pykernels_emu::state().live_allocs;
   return cudaSuccess;
 }
+inline cudaError_t cudaMalloc(void** p, size_t bytes) { return cudaMallocAsync(p, bytes, nullptr); }
+inline cudaError_t cudaFree(void* p) { return cudaFreeAsync(p, nullptr); }
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
   std::memset(p, value, bytes);
   return cudaSuccess;
@@ -269,4 +349,4 @@ inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
 }
 
 #define PYKERNELS_EMU_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::pykernels_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); })
+  ((void)(smem), (void)(stream), ::pykernels_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); }))

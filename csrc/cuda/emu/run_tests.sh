@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA kernels and launchers of csrc/cuda for the CPU emulator (emu.hpp) with g++,
 # AddressSanitizer and UBSan, and runs test_kernels.cpp. Needs no GPU and no nvcc.
-#   csrc/cuda/emu/run_tests.sh [random cases per dtype, default 40]
+#   csrc/cuda/emu/run_tests.sh [random cases per dtype, default 40] [seed]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 csrc="$(cd "$here/../.." && pwd)"
