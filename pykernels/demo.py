@@ -21,6 +21,9 @@ from ._cli_types import positive_float, positive_int, seed
 from .layers import SGD, Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
 
 
+DEFAULT_MAPS = "feature_maps.png"  # what "looking inside a CNN" leaves behind, in the current folder
+
+
 class MissingExtra(RuntimeError):
     """An optional dependency of the demo is not installed."""
 
@@ -213,7 +216,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--lr", type=positive_float, default=0.05)
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--save-maps", metavar="PNG", help="write the feature maps of a test digit to this PNG")
+    parser.add_argument("--save-maps", metavar="PNG", default=DEFAULT_MAPS,
+                        help=f"write the feature maps of a test digit to this PNG (default: {DEFAULT_MAPS})")
+    parser.add_argument("--no-maps", dest="save_maps", action="store_const", const=None,
+                        help="do not write the feature-map PNG")
     parser.add_argument("--save-model", metavar="NPZ", help="save the trained parameters")
     parser.add_argument("--load-model", metavar="NPZ", help="start from saved parameters")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate (with --load-model)")

@@ -352,13 +352,22 @@ def test_cli_load_model_missing_file_is_a_clean_error(capsys, tmp_path):
     assert rc == 2 and str(missing) in err
 
 
-def test_python_m_pykernels_demo_subprocess():
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """The demo writes feature_maps.png into the current folder by default: keep it out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_python_m_pykernels_demo_subprocess(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["MPLBACKEND"] = "Agg"
-    result = subprocess.run([sys.executable, "-m", "pykernels", "demo", "--epochs", "1", "--batch-size", "64"],
+    maps = tmp_path / "maps.png"
+    result = subprocess.run([sys.executable, "-m", "pykernels", "demo", "--epochs", "1", "--batch-size", "64",
+                             "--save-maps", str(maps)],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert maps.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "1437 training and 360 test digits" in result.stdout
     summary = SUMMARY.search(result.stdout)
     assert summary, result.stdout
@@ -366,3 +375,16 @@ def test_python_m_pykernels_demo_subprocess():
     assert total == 360 and abs(percent - 100 * correct / total) < 0.01
     assert percent > 50  # one epoch over all 1,437 digits already gets ~90% (seed 0)
     assert "Traceback" not in result.stderr
+
+
+def test_the_default_run_leaves_the_feature_map_png(capsys, tmp_path):
+    rc, out, _ = _run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "128"])
+    assert rc == 0
+    assert (tmp_path / demo.DEFAULT_MAPS).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert demo.DEFAULT_MAPS in out
+
+
+def test_no_maps_writes_no_png(capsys, tmp_path):
+    rc, _, _ = _run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "128", "--no-maps"])
+    assert rc == 0
+    assert not list(tmp_path.glob("*.png"))
