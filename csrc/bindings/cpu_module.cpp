@@ -99,21 +99,6 @@ T* out_ptr(py::array& out, const char* name, std::initializer_list<std::pair<con
   return static_cast<T*>(out.mutable_data());
 }
 
-Window2d make_window(Pair kernel, Pair stride, Quad pad, Pair dilation) {
-  Window2d w;
-  w.kernel_h = kernel[0];
-  w.kernel_w = kernel[1];
-  w.stride_h = stride[0];
-  w.stride_w = stride[1];
-  w.pad_top = pad[0];
-  w.pad_bottom = pad[1];
-  w.pad_left = pad[2];
-  w.pad_right = pad[3];
-  w.dilation_h = dilation[0];
-  w.dilation_w = dilation[1];
-  return w;
-}
-
 // Conv2dShape from x's and weight's shapes, validated (P, Q computed).
 Conv2dShape conv_shape(const py::array& x, const char* x_name, const py::array& w, Pair stride, Quad pad,
                        Pair dilation, int64_t groups) {
@@ -129,12 +114,22 @@ Conv2dShape conv_shape(const py::array& x, const char* x_name, const py::array& 
   s.R = w.shape(2);
   s.S = w.shape(3);
   s.groups = groups;
-  s.win = make_window({s.R, s.S}, stride, pad, dilation);
+  s.win = Window2d::from({s.R, s.S}, stride, pad, dilation);
   s.validate();
   if (w.shape(1) != s.C / groups)  // validate() ensured groups >= 1 divides C
     throw ShapeError("weight " + shape_str(w) + " has C/groups = " + std::to_string(w.shape(1)) + ", but " + x_name +
                      " " + shape_str(x) + " has " + std::to_string(s.C) + " channels in " + std::to_string(groups) +
                      " group(s), " + std::to_string(s.C / groups) + " per group");
+  return s;
+}
+
+// Conv2dShape from shapes alone (no arrays), validated: for the shape-only entry points.
+Conv2dShape conv_shape_of_dims(Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+  Conv2dShape s;
+  s.N = x[0], s.C = x[1], s.H = x[2], s.W = x[3], s.K = w[0], s.R = w[2], s.S = w[3], s.groups = groups;
+  s.win = Window2d::from({s.R, s.S}, stride, pad, dilation);
+  s.validate();
+  if (w[1] != s.C / groups) throw ShapeError("weight's C/groups does not match x's channels");
   return s;
 }
 
@@ -241,7 +236,7 @@ Pool2dShape pool_shape(const std::vector<int64_t>& x_dims, const char* x_name, P
   s.C = x_dims[1];
   s.H = x_dims[2];
   s.W = x_dims[3];
-  s.win = make_window(kernel, stride, pad, dilation);
+  s.win = Window2d::from(kernel, stride, pad, dilation);
   s.ceil_mode = ceil_mode;
   s.validate();
   return s;
@@ -361,13 +356,9 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
   // Shape maths as the kernels see it, for tests of the 64-bit index arithmetic without big arrays.
   m.def(
       "conv2d_output_shape",
-      [](std::array<int64_t, 4> x, std::array<int64_t, 4> w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-        Conv2dShape s;
-        s.N = x[0], s.C = x[1], s.H = x[2], s.W = x[3], s.K = w[0], s.R = w[2], s.S = w[3], s.groups = groups;
-        s.win = make_window({s.R, s.S}, stride, pad, dilation);
-        s.validate();
-        if (w[1] != s.C / groups) throw ShapeError("weight's C/groups does not match x's channels");
-        return std::array<int64_t, 4>{s.N, s.K, s.P, s.Q};
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return Quad{s.N, s.K, s.P, s.Q};
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"));
@@ -399,11 +390,8 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("name"), "Force the hot loops' instruction set (for tests).");
   m.def(
       "conv2d_uses_winograd",
-      [](std::array<int64_t, 4> x, std::array<int64_t, 4> w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-        Conv2dShape s;
-        s.N = x[0], s.C = x[1], s.H = x[2], s.W = x[3], s.K = w[0], s.R = w[2], s.S = w[3], s.groups = groups;
-        s.win = make_window({s.R, s.S}, stride, pad, dilation);
-        s.validate();
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
         return std::string(pykernels::cpu::conv_algorithm()) == "auto" && pykernels::cpu::winograd_applies(s);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),

@@ -284,21 +284,6 @@ cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>
 
 // ---- shapes (as in cpu_module.cpp) -------------------------------------------------------------------
 
-Window2d make_window(Pair kernel, Pair stride, Quad pad, Pair dilation) {
-  Window2d w;
-  w.kernel_h = kernel[0];
-  w.kernel_w = kernel[1];
-  w.stride_h = stride[0];
-  w.stride_w = stride[1];
-  w.pad_top = pad[0];
-  w.pad_bottom = pad[1];
-  w.pad_left = pad[2];
-  w.pad_right = pad[3];
-  w.dilation_h = dilation[0];
-  w.dilation_w = dilation[1];
-  return w;
-}
-
 Conv2dShape conv_shape(const DeviceArray& x, const DeviceArray& w, Pair stride, Quad pad, Pair dilation,
                        int64_t groups) {
   if (x.ndim() != 4)
@@ -313,7 +298,7 @@ Conv2dShape conv_shape(const DeviceArray& x, const DeviceArray& w, Pair stride, 
   s.R = w.shape[2];
   s.S = w.shape[3];
   s.groups = groups;
-  s.win = make_window({s.R, s.S}, stride, pad, dilation);
+  s.win = Window2d::from({s.R, s.S}, stride, pad, dilation);
   s.validate();
   if (w.shape[1] != s.C / groups)
     throw ShapeError("weight " + shape_str(w.shape) + " has C/groups = " + std::to_string(w.shape[1]) + ", but " +
@@ -332,7 +317,7 @@ Pool2dShape pool_shape(const DeviceArray& x, Pair kernel, Pair stride, Quad pad,
   s.C = x.shape[1];
   s.H = x.shape[2];
   s.W = x.shape[3];
-  s.win = make_window(kernel, stride, pad, dilation);
+  s.win = Window2d::from(kernel, stride, pad, dilation);
   s.ceil_mode = ceil_mode;
   s.validate();
   return s;

@@ -5,6 +5,7 @@
 // Every size is int64_t: N*C*H*W of a real tensor can pass 2^31 elements, so no index is computed in int.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -77,6 +78,17 @@ struct Window2d {
   int64_t stride_h = 1, stride_w = 1;
   int64_t dilation_h = 1, dilation_w = 1;
   int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+
+  // From the (h, w) pairs and the (top, bottom, left, right) padding the bindings receive.
+  static Window2d from(std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride, std::array<int64_t, 4> pad,
+                       std::array<int64_t, 2> dilation) {
+    Window2d w;
+    w.kernel_h = kernel[0], w.kernel_w = kernel[1];
+    w.stride_h = stride[0], w.stride_w = stride[1];
+    w.pad_top = pad[0], w.pad_bottom = pad[1], w.pad_left = pad[2], w.pad_right = pad[3];
+    w.dilation_h = dilation[0], w.dilation_w = dilation[1];
+    return w;
+  }
 
   void validate(const char* kernel_name) const {
     // Bounded so that every product below stays far from int64 overflow.
