@@ -324,8 +324,73 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   errors.rethrow();
 }
 
+namespace {
+
+// Few weights per group (LeNet's 6 x 25, depthwise 3x3's 1 x 9): a GEMM that small spends its time
+// packing, so the weights are summed directly. One output channel per task; for each image its
+// grad_y plane and the x planes it reads stay in L1 while all C/g*R*S weights of that channel are
+// accumulated, each in eight running sums over q (so the loop vectorises) added in a fixed order at
+// the end: reproducible whatever the thread count.
+constexpr int64_t kDirectWeightLimit = 256;  // K/groups * C/groups * R * S at or below this: direct
+
+template <typename T>
+void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  const Window2d& win = s.win;
+  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), RS = s.R * s.S, CRS = Cg * RS;
+  const int64_t sh = win.stride_h, sw = win.stride_w;
+  constexpr int kLanes = 8;
+  ParallelErrors errors;
+#pragma omp parallel for schedule(static) if (s.K > 1 && double(s.N) * double(s.K * CRS) * double(s.P * s.Q) >= kMinParallelWork)
+  for (int64_t k = 0; k < s.K; ++k) {
+    errors.run([&] {
+      const int64_t g = k / Kg;
+      std::vector<T> lanes(static_cast<size_t>(CRS * kLanes), T(0));
+      std::vector<Range> ps(static_cast<size_t>(CRS)), qs(static_cast<size_t>(CRS));
+      std::vector<int64_t> x_offset(static_cast<size_t>(CRS));  // of tap (c, r, kw) at output (0, 0)
+      for (int64_t crs = 0; crs < CRS; ++crs) {
+        const int64_t c = crs / RS, r = (crs / s.S) % s.R, kw = crs % s.S;
+        const int64_t h_off = r * win.dilation_h - win.pad_top, w_off = kw * win.dilation_w - win.pad_left;
+        ps[crs] = valid_outputs(h_off, sh, s.H, s.P);
+        qs[crs] = valid_outputs(w_off, sw, s.W, s.Q);
+        x_offset[crs] = c * s.H * s.W + h_off * s.W + w_off;
+      }
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* gy_plane = grad_y + (n * s.K + k) * s.P * s.Q;
+        const T* x_group = x + (n * s.C + g * Cg) * s.H * s.W;
+        for (int64_t crs = 0; crs < CRS; ++crs) {
+          T acc[kLanes];  // in registers for the whole plane (a pointer into `lanes` could alias gy, x)
+          std::copy(lanes.begin() + crs * kLanes, lanes.begin() + (crs + 1) * kLanes, acc);
+          const int64_t q0 = qs[crs].begin, len = qs[crs].end - q0, full = len / kLanes * kLanes;
+          for (int64_t p = ps[crs].begin; p < ps[crs].end; ++p) {
+            const T* gy = gy_plane + p * s.Q + q0;
+            const T* xr = x_group + x_offset[crs] + p * sh * s.W + q0 * sw;
+            int64_t i = 0;
+            if (sw == 1)  // contiguous x: the common case, and the one the compiler vectorises
+              for (; i < full; i += kLanes)
+                for (int j = 0; j < kLanes; ++j) acc[j] += gy[i + j] * xr[i + j];
+            else
+              for (; i < full; i += kLanes)
+                for (int j = 0; j < kLanes; ++j) acc[j] += gy[i + j] * xr[(i + j) * sw];
+            for (int j = 0; i < len; ++i, ++j) acc[j] += gy[i] * xr[i * sw];
+          }
+          std::copy(acc, acc + kLanes, lanes.begin() + crs * kLanes);
+        }
+      }
+      for (int64_t crs = 0; crs < CRS; ++crs) {
+        T sum = T(0);
+        for (int j = 0; j < kLanes; ++j) sum += lanes[static_cast<size_t>(crs * kLanes + j)];
+        grad_w[k * CRS + crs] = sum;
+      }
+    });
+  }
+  errors.rethrow();
+}
+
+}  // namespace
+
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  if (s.K_per_group() * s.C_per_group() * s.R * s.S <= kDirectWeightLimit) return backward_weight_direct(s, grad_y, x, grad_w);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   if (s.N == 0) {
