@@ -118,7 +118,7 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
                         ceil_mode=False):
     """Gradient of max_pool2d w.r.t. its input of shape input_shape, from the indices it returned.
 
-    A gather with a fixed order: deterministic, no atomics. Each index must name a cell of its own
+    Sums in a fixed order (no atomics): deterministic, bit for bit. Each index must name a cell of its own
     window (ValueError otherwise).
     """
     kind, dtype = _kind_and_dtype(("grad_out", grad_out))
