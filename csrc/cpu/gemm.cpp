@@ -89,25 +89,12 @@ bool set_isa(const char* name) {
 
 namespace {
 
-// A strided matrix as an APacker or a BPacker.
+// A strided matrix as a BPacker; as an APacker through its transpose (see a_packer_for).
 template <typename T>
 struct StridedMatrix {
   const T* data;
   MatrixView view;
 };
-
-template <typename T>
-void pack_strided_a(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out) {
-  const auto& m = *static_cast<const StridedMatrix<T>*>(ctx);
-  const T* A = m.data + i0 * m.view.row_stride + k0 * m.view.col_stride;
-  for (int64_t ib = 0; ib < mc; ib += mr) {
-    const int64_t rows = std::min(mr, mc - ib);
-    for (int64_t k = 0; k < kc; ++k, out += mr) {
-      for (int64_t i = 0; i < rows; ++i) out[i] = A[(ib + i) * m.view.row_stride + k * m.view.col_stride];
-      for (int64_t i = rows; i < mr; ++i) out[i] = T(0);
-    }
-  }
-}
 
 // Columns [j_offset, j_offset + N) of B into columns [0, N) of C, on the active instruction set.
 template <typename T>
@@ -142,6 +129,18 @@ void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t n
   }
 }
 
+// Packing rows [i0, i0+mc) x columns [k0, k0+kc) of A into MR-row strips is packing rows k x columns i
+// of A^T into strips of as many columns: one routine serves both (A^T swaps the two strides).
+template <typename T>
+void pack_strided_a(const void* a_transposed, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out) {
+  pack_strided<T>(a_transposed, k0, kc, i0, mc, mr, out);
+}
+
+template <typename T>
+APacker<T> a_packer_for(const StridedMatrix<T>& a_transposed) {
+  return APacker<T>{&pack_strided_a<T>, &a_transposed};
+}
+
 }  // namespace
 
 template <typename T>
@@ -152,8 +151,8 @@ void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
           bool accumulate) {
-  const StridedMatrix<T> a_matrix{A, a};
-  gemm_columns<T>(M, N, K, APacker<T>{&pack_strided_a<T>, &a_matrix}, b, 0, C, ldc, accumulate);
+  const StridedMatrix<T> a_transposed{A, {a.col_stride, a.row_stride}};
+  gemm_columns<T>(M, N, K, a_packer_for(a_transposed), b, 0, C, ldc, accumulate);
 }
 
 template <typename T>
@@ -171,8 +170,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   // element still sums over K in the serial order, so the bits do not depend on the thread count.
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  const StridedMatrix<T> a_matrix{A, a};
-  const APacker<T> a_packer{&pack_strided_a<T>, &a_matrix};
+  const StridedMatrix<T> a_transposed{A, {a.col_stride, a.row_stride}};
+  const APacker<T> a_packer = a_packer_for(a_transposed);
   if (threads <= 1 || chunks <= 1 || double(M) * double(N) * double(K) < 4.0 * double(kMinParallelWork)) {
     gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
     return;
