@@ -17,22 +17,12 @@ import numpy as np
 import pytest
 
 from pykernels import _backend, bench, peers, shapes
-from pykernels.__main__ import main
+from _cli import run_main  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--repeat", "3", "--min-time", "0"]
 HAS_TORCH = peers.torch_available()
-
-
-def _run_main(capsys, argv):
-    """main(argv) -> (return code, stdout, stderr); argparse's SystemExit becomes its code."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _table_rows(out: str):
@@ -62,7 +52,7 @@ def _hide_modules(monkeypatch, top: str) -> None:
 
 
 def test_conv_table_has_a_row_per_impl_and_pass_with_numbers(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--op", "conv2d", "--shape", "lenet_5x5", "--batch", "2"] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--op", "conv2d", "--shape", "lenet_5x5", "--batch", "2"] + QUICK)
     assert rc == 0, err
     assert "ratio = peer median / pykernels median: > 1 means pykernels is faster" in out
     rows = _table_rows(out)
@@ -86,7 +76,7 @@ def test_conv_table_has_a_row_per_impl_and_pass_with_numbers(capsys):
 
 
 def test_relu_and_pool_tables_report_gb_per_s(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu,max_pool2d", "--batch", "1"] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu,max_pool2d", "--batch", "1"] + QUICK)
     assert rc == 0, err
     rows = _table_rows(out)
     expected = [("relu", "relu_vgg", p, i) for p in ("fwd", "bwd") for i in ("pykernels", "torch", "numpy")]
@@ -97,14 +87,14 @@ def test_relu_and_pool_tables_report_gb_per_s(capsys):
 
 
 def test_pass_bwd_means_both_backward_passes_for_conv(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "bwd", "--batch", "1"] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "bwd", "--batch", "1"] + QUICK)
     assert rc == 0, err
     assert sorted({r[2] for r in _table_rows(out)}) == ["bwd_data", "bwd_weight"]
 
 
 def test_missing_peer_prints_a_dash_row_and_our_numbers(capsys, monkeypatch):
     monkeypatch.setattr(peers, "torch_available", lambda: False)
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--pass", "fwd", "--batch", "1"] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--pass", "fwd", "--batch", "1"] + QUICK)
     assert rc == 0, err
     rows = {r[3]: r for r in _table_rows(out)}
     assert rows["torch"][4:] == ["-"] * 4
@@ -118,7 +108,7 @@ def test_missing_peer_prints_a_dash_row_and_our_numbers(capsys, monkeypatch):
 
 def test_json_has_every_row_and_the_machine(capsys, tmp_path):
     path = tmp_path / "bench.json"
-    rc, out, err = _run_main(capsys, ["bench", "--shape", "lenet_5x5,relu_vgg", "--batch", "1", "--json", str(path)]
+    rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5,relu_vgg", "--batch", "1", "--json", str(path)]
                              + QUICK)
     assert rc == 0, err
     assert f"wrote {path}" in out
@@ -160,7 +150,7 @@ def _png_size(path: Path):
 def test_plot_writes_a_png(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "ratios.png"
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--batch", "1", "--plot", str(png)] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--batch", "1", "--plot", str(png)] + QUICK)
     assert rc == 0, err
     assert f"wrote {png}" in out
     width, height = _png_size(png)
@@ -174,7 +164,7 @@ def test_plot_writes_a_png(capsys, tmp_path):
 def test_plot_without_matplotlib_names_the_demo_extra_before_timing(capsys, monkeypatch, tmp_path):
     _hide_modules(monkeypatch, "matplotlib")
     png = tmp_path / "ratios.png"
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--batch", "1", "--plot", str(png)] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--batch", "1", "--plot", str(png)] + QUICK)
     assert rc == 2
     assert 'pip install "pykernels[demo]"' in err and "matplotlib" in err and "--plot" in err
     assert "Traceback" not in err and "pykernels bench:" not in out  # nothing was timed
@@ -185,7 +175,7 @@ def test_plot_without_matplotlib_names_the_demo_extra_before_timing(capsys, monk
 
 
 def test_unknown_shape_is_an_argparse_error_listing_the_names(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--shape", "resnet_3x3_1024"])
+    rc, out, err = run_main(capsys, ["bench", "--shape", "resnet_3x3_1024"])
     assert rc == 2
     assert "--shape" in err and "resnet_3x3_1024" in err
     for s in shapes.ALL_SHAPES:
@@ -193,30 +183,30 @@ def test_unknown_shape_is_an_argparse_error_listing_the_names(capsys):
 
 
 def test_unknown_op_is_an_argparse_error(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu,softmax"])
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu,softmax"])
     assert rc == 2
     assert "--op" in err and "softmax" in err and "conv2d" in err and "max_pool2d" in err
 
 
 def test_shape_of_another_op_is_refused(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--shape", "resnet_stem"])
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--shape", "resnet_stem"])
     assert rc == 2
     assert "resnet_stem is a conv2d shape" in err and "Traceback" not in err
 
 
 def test_pass_that_applies_to_nothing_is_refused(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--pass", "bwd_weight"])
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--pass", "bwd_weight"])
     assert rc == 2 and "--pass bwd_weight applies to none" in err
 
 
 def test_float16_needs_cuda(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--dtype", "float16"])
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--dtype", "float16"])
     assert rc == 2 and "float16 runs on CUDA only" in err
 
 
 @pytest.mark.skipif(_backend.cuda_available(), reason="the CUDA backend is available here")
 def test_device_cuda_without_the_backend_exits_2_with_the_reason(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--device", "cuda", "--op", "relu"])
+    rc, out, err = run_main(capsys, ["bench", "--device", "cuda", "--op", "relu"])
     assert rc == 2
     assert "--device cuda" in err and "CUDA backend is unavailable" in err
     assert _backend.cuda_unavailable_reason() in err
@@ -224,7 +214,7 @@ def test_device_cuda_without_the_backend_exits_2_with_the_reason(capsys):
 
 
 def test_help_documents_the_options(capsys):
-    rc, out, err = _run_main(capsys, ["bench", "--help"])
+    rc, out, err = run_main(capsys, ["bench", "--help"])
     assert rc == 0
     for flag in ("--op", "--shape", "--pass", "--device", "--dtype", "--repeat", "--min-time", "--json",
                  "--plot", "--batch"):
@@ -336,7 +326,7 @@ def test_a_peer_that_computes_something_else_is_flagged_and_one_that_fails_is_a_
         raise NotImplementedError("not today")
 
     monkeypatch.setattr(peers.TorchPeer, "relu", refuse)
-    rc, out, err = _run_main(capsys, ["bench", "--op", "relu", "--pass", "fwd", "--batch", "1"] + QUICK)
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--pass", "fwd", "--batch", "1"] + QUICK)
     assert rc == 0, err
     rows = {r[3]: r for r in _table_rows(out)}
     assert rows["numpy"][7].endswith("x!")

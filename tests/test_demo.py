@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the demo tests need scikit-learn (the demo extra)")
 
 from pykernels import _backend, demo  # noqa: E402
+from _cli import run_main  # noqa: E402
 from pykernels.__main__ import main  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +41,6 @@ def small_train(split):
     x_train, y_train, x_test, y_test = split
     x_small, _, y_small, _ = train_test_split(x_train, y_train, train_size=300, stratify=y_train, random_state=0)
     return x_small, y_small, x_test, y_test
-
-
-def _run_main(capsys, argv):
-    """main(argv) -> (return code, stdout, stderr); argparse's SystemExit becomes its code."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _hide_modules(monkeypatch, top: str) -> None:
@@ -276,14 +267,14 @@ def test_cli_bad_flags_exit_2_naming_the_flag(capsys, argv, flag):
 
 
 def test_cli_evaluate_without_load_model_says_what_is_needed(capsys):
-    rc, _, err = _run_main(capsys, ["demo", "--evaluate"])
+    rc, _, err = run_main(capsys, ["demo", "--evaluate"])
     assert rc == 2
     assert "--load-model" in err
 
 
 @pytest.mark.skipif(_backend.cuda_available(), reason="this machine has a working CUDA backend")
 def test_cli_device_cuda_without_a_gpu_returns_2(capsys):
-    rc, out, err = _run_main(capsys, ["demo", "--device", "cuda", "--epochs", "1"])
+    rc, out, err = run_main(capsys, ["demo", "--device", "cuda", "--epochs", "1"])
     assert rc == 2
     assert "CUDA backend is unavailable" in err and "--device cuda" in err
     assert _backend.cuda_unavailable_reason() in err
@@ -292,7 +283,7 @@ def test_cli_device_cuda_without_a_gpu_returns_2(capsys):
 
 def test_cli_without_scikit_learn_names_the_demo_extra(capsys, monkeypatch):
     _hide_modules(monkeypatch, "sklearn")
-    rc, out, err = _run_main(capsys, ["demo", "--epochs", "1"])
+    rc, out, err = run_main(capsys, ["demo", "--epochs", "1"])
     assert rc == 2
     assert 'pip install "pykernels[demo]"' in err and "sklearn" in err
     assert "Traceback" not in err and "test accuracy" not in out
@@ -301,7 +292,7 @@ def test_cli_without_scikit_learn_names_the_demo_extra(capsys, monkeypatch):
 def test_cli_save_maps_without_matplotlib_fails_before_training(capsys, monkeypatch, tmp_path):
     _hide_modules(monkeypatch, "matplotlib")
     png = tmp_path / "maps.png"
-    rc, out, err = _run_main(capsys, ["demo", "--epochs", "1", "--save-maps", str(png)])
+    rc, out, err = run_main(capsys, ["demo", "--epochs", "1", "--save-maps", str(png)])
     assert rc == 2
     assert 'pip install "pykernels[demo]"' in err and "matplotlib" in err and "--save-maps" in err
     assert "Traceback" not in err
@@ -320,7 +311,7 @@ def test_pyproject_declares_the_demo_extra():
 
 def test_cli_save_model_then_load_model_evaluate(capsys, tmp_path):
     saved = tmp_path / "digits.npz"
-    rc, out, err = _run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "64", "--save-model", str(saved)])
+    rc, out, err = run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "64", "--save-model", str(saved)])
     assert rc == 0, err
     trained = SUMMARY.search(out)
     assert trained, out
@@ -329,7 +320,7 @@ def test_cli_save_model_then_load_model_evaluate(capsys, tmp_path):
     assert saved.read_bytes()[:2] == b"PK"
 
     resaved = tmp_path / "again.npz"
-    rc, out, err = _run_main(capsys, ["demo", "--load-model", str(saved), "--evaluate", "--save-model", str(resaved)])
+    rc, out, err = run_main(capsys, ["demo", "--load-model", str(saved), "--evaluate", "--save-model", str(resaved)])
     assert rc == 0, err
     assert f"loaded parameters from {saved}" in out
     assert not re.search(r"epoch\s+\d+/", out)  # --evaluate does not train
@@ -342,13 +333,13 @@ def test_cli_save_model_then_load_model_evaluate(capsys, tmp_path):
 
 
 def test_cli_negative_seed_is_an_argparse_error(capsys):
-    rc, _, err = _run_main(capsys, ["demo", "--seed", "-1", "--epochs", "1"])
+    rc, _, err = run_main(capsys, ["demo", "--seed", "-1", "--epochs", "1"])
     assert rc == 2 and "--seed" in err
 
 
 def test_cli_load_model_missing_file_is_a_clean_error(capsys, tmp_path):
     missing = tmp_path / "nope.npz"
-    rc, _, err = _run_main(capsys, ["demo", "--load-model", str(missing), "--evaluate"])
+    rc, _, err = run_main(capsys, ["demo", "--load-model", str(missing), "--evaluate"])
     assert rc == 2 and str(missing) in err
 
 
@@ -378,13 +369,13 @@ def test_python_m_pykernels_demo_subprocess(tmp_path):
 
 
 def test_the_default_run_leaves_the_feature_map_png(capsys, tmp_path):
-    rc, out, _ = _run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "128"])
+    rc, out, _ = run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "128"])
     assert rc == 0
     assert (tmp_path / demo.DEFAULT_MAPS).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert demo.DEFAULT_MAPS in out
 
 
 def test_no_maps_writes_no_png(capsys, tmp_path):
-    rc, _, _ = _run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "128", "--no-maps"])
+    rc, _, _ = run_main(capsys, ["demo", "--epochs", "1", "--batch-size", "128", "--no-maps"])
     assert rc == 0
     assert not list(tmp_path.glob("*.png"))
