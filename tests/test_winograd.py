@@ -25,6 +25,11 @@ CASES = {
     "many_chunks_c8": ((6, 8, 44, 41), (8, 8, 3, 3), 1),
     "many_chunks_c64": ((8, 64, 32, 32), (8, 64, 3, 3), 1),
     "vgg_like_4_chunks": ((8, 64, 56, 56), (8, 64, 3, 3), 1),
+    # C = 300: the packed filters span two GEMM depth blocks (256 + 44) and a last pass of 12 channels;
+    # K = 13 leaves padding rows in the last register strip on every instruction set.
+    "depth_blocks_k13": ((4, 300, 20, 20), (13, 300, 3, 3), 1),
+    # 36 tiles: fewer than 64 per thread, so each phase is split among the threads instead of chunks.
+    "few_tiles_phase_parallel": ((4, 16, 12, 12), (24, 16, 3, 3), 1),
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
@@ -56,6 +61,8 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), pads, (2, 2), 1)  # dilated
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
+    # resnet_3x3_512: 32 tiles cannot pay for transforming 512 x 512 filters; implicit GEMM is faster.
+    assert not _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
 
 
 def _relative_error(got, want):
@@ -120,3 +127,21 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
     assert np.array_equal(np.isinf(y), np.isinf(want))
     finite = np.isfinite(want)
     assert _relative_error(np.where(finite, y, 0), np.where(finite, want, 0)) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel"])
+def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
+    # The transformed filters are written in the packed layout of the active GEMM build (register
+    # strips of 12 rows on AVX-512, 6 on AVX2 and the portable build).
+    x_shape, w_shape, padding = CASES[name]
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    want = ref.conv2d(x, w, padding=padding)
+    g = rng.standard_normal(want.shape)
+    want_gx = ref.conv2d_backward(g, x, w, padding=padding)[0]
+    for dtype in (np.float32, np.float64):
+        y = pk.conv2d(x.astype(dtype), w.astype(dtype), padding=padding)
+        gx = pk.conv2d_backward(g.astype(dtype), x.astype(dtype), w.astype(dtype), padding=padding,
+                                need_weight=False, need_bias=False)[0]
+        assert _relative_error(y, want) < TOLERANCE[dtype], (isa, dtype)
+        assert _relative_error(gx, want_gx) < TOLERANCE[dtype], (isa, dtype)

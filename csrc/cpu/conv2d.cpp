@@ -103,8 +103,8 @@ void col2im_add(const Conv2dShape& s, const T* col, T* gx_g) {
 
 // ---- implicit GEMM: im2col values written straight into the GEMM's packed B blocks ------------------
 
-// One image and group of x, as the GEMM's B operand. Forward reads it as col (rows crs, columns pq);
-// backward-weight as col^T (rows pq, columns crs, starting at column_base).
+// One group of x, as the GEMM's B operand. Forward reads it as col (rows crs, columns n*PQ + pq from the
+// image at x_g); backward-weight as col^T of one image (rows pq, columns crs, starting at column_base).
 template <typename T>
 struct Im2colSource {
   const Conv2dShape* s;
@@ -112,15 +112,16 @@ struct Im2colSource {
   int64_t column_base;
 };
 
-// Packs rows [k0, k0+kc) (crs) x columns [j0, j0+nc) (pq) of col.
+// Packs rows [k0, k0+kc) (crs) x columns [j0, j0+nc) (n*PQ + pq) of col; columns may run on into the
+// next images.
 template <typename T>
 void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
   const auto& src = *static_cast<const Im2colSource<T>*>(ctx);
   const Conv2dShape& s = *src.s;
-  const int64_t HW = s.H * s.W, sw = s.win.stride_w, strips = (nc + nr - 1) / nr;
+  const int64_t HW = s.H * s.W, PQ = s.P * s.Q, sw = s.win.stride_w, strips = (nc + nr - 1) / nr;
   for_each_col_segment(s, k0, k0 + kc, [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
-    const T* xc = src.x_g + c * HW;
-    int64_t p = j0 / s.Q, q = j0 % s.Q;  // output position of the block's first column
+    int64_t n = j0 / PQ, p = j0 % PQ / s.Q, q = j0 % s.Q;  // image and output position of the first column
+    const T* xc = src.x_g + (n * s.C + c) * HW;
     for (int64_t st = 0; st < strips; ++st) {
       T* o = out + (st * kc + (row - k0)) * nr;
       const int64_t cols = std::min(nr, nc - st * nr);
@@ -141,7 +142,10 @@ void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, i
         }
         j += seg;
         q += seg;
-        if (q == s.Q) q = 0, ++p;
+        if (q == s.Q) {
+          q = 0;
+          if (++p == s.P) p = 0, xc += s.C * HW;  // on into the next image
+        }
       }
       std::fill(o + cols, o + nr, T(0));
     }
@@ -226,9 +230,39 @@ bool set_conv_algorithm(const char* name) {
 
 const char* conv_algorithm() { return winograd_enabled.load() ? "auto" : "gemm"; }
 
+namespace {
+
+// Few output positions per image (resnet_3x3_512's 7x7): one GEMM per group over the whole batch,
+// (K/g x N*PQ) = w_g * col, so each thread packs the weights once rather than once per image and the
+// register tiles are full; the result goes through a buffer into y's (n, k, pq) order.
+constexpr int64_t kBatchGemmMaxPQ = 1024;
+
+template <typename T>
+void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
+  const int64_t columns = s.N * PQ, HW = s.H * s.W;
+  std::vector<T> out(static_cast<size_t>(Kg * columns));
+  for (int64_t g = 0; g < s.groups; ++g) {
+    const Im2colSource<T> col{&s, x + g * Cg * HW, 0};
+    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, BPacker<T>{&pack_col<T>, &col}, out.data(),
+                     columns, false);
+#pragma omp parallel for schedule(static) if (s.N * Kg * PQ >= kMinParallelWork)
+    for (int64_t nk = 0; nk < s.N * Kg; ++nk) {
+      const int64_t n = nk / Kg, k = nk % Kg;
+      const T b = bias ? bias[g * Kg + k] : T(0);
+      const T* from = out.data() + k * columns + n * PQ;
+      T* to = y + (n * s.K + g * Kg + k) * PQ;
+      for (int64_t i = 0; i < PQ; ++i) to[i] = from[i] + b;
+    }
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
-  if (use_winograd(s, x, w)) return conv2d_forward_winograd(s, x, w, bias, y);
+  if (use_winograd(s, x, w)) return conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
+  if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);
@@ -282,11 +316,8 @@ bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* 
   t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
   t.validate();  // t.P, t.Q == s.H, s.W
   if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return false;
-  std::vector<T> flipped(static_cast<size_t>(s.C * s.K * 9));  // (C, K, 3, 3): w[k][c] rotated 180 degrees
-  for (int64_t k = 0; k < s.K; ++k)
-    for (int64_t c = 0; c < s.C; ++c)
-      for (int64_t i = 0; i < 9; ++i) flipped[static_cast<size_t>((c * s.K + k) * 9 + (8 - i))] = w[(k * s.C + c) * 9 + i];
-  conv2d_forward_winograd<T>(t, grad_y, flipped.data(), nullptr, grad_x);
+  // Filter (c, k) of the transposed convolution is w[k][c] rotated 180 degrees.
+  conv2d_winograd<T>(t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
   return true;
 }
 

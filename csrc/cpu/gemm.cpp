@@ -13,7 +13,9 @@ namespace pykernels::cpu {
 #define PYKERNELS_DECLARE_GEMM(ns)                                                                           \
   namespace ns {                                                                                             \
   template <typename T>                                                                                      \
-  void gemm(int64_t, int64_t, int64_t, APacker<T>, BPacker<T>, int64_t, T*, int64_t, bool);                 \
+  void gemm(int64_t, int64_t, int64_t, APacker<T>, const T*, BPacker<T>, int64_t, T*, int64_t, bool);       \
+  template <typename T>                                                                                      \
+  void blocking(int64_t*, int64_t*);                                                                         \
   }
 PYKERNELS_DECLARE_GEMM(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -96,20 +98,27 @@ struct StridedMatrix {
   MatrixView view;
 };
 
-// Columns [j_offset, j_offset + N) of B into columns [0, N) of C, on the active instruction set.
+// Columns [j_offset, j_offset + N) of B into columns [0, N) of C on build `isa`; A from `a` or, when
+// packed_a is not null, already packed in that build's layout.
+template <typename T>
+void gemm_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, const T* packed_a, BPacker<T> b,
+             int64_t j_offset, T* C, int64_t ldc, bool accumulate) {
+  switch (isa) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      return avx512::gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate);
+    case Isa::avx2:
+      return avx2::gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate);
+#endif
+    default:
+      return portable::gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate);
+  }
+}
+
 template <typename T>
 void gemm_columns(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, int64_t j_offset, T* C, int64_t ldc,
                   bool accumulate) {
-  switch (current_isa().load()) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::gemm<T>(M, N, K, a, b, j_offset, C, ldc, accumulate);
-    case Isa::avx2:
-      return avx2::gemm<T>(M, N, K, a, b, j_offset, C, ldc, accumulate);
-#endif
-    default:
-      return portable::gemm<T>(M, N, K, a, b, j_offset, C, ldc, accumulate);
-  }
+  gemm_on<T>(current_isa().load(), M, N, K, a, nullptr, b, j_offset, C, ldc, accumulate);
 }
 
 template <typename T>
@@ -142,6 +151,39 @@ APacker<T> a_packer_for(const StridedMatrix<T>& a_transposed) {
 }
 
 }  // namespace
+
+template <typename T>
+PackedLayout packed_layout(int64_t rows, int64_t depth) {
+  const Isa isa = current_isa().load();
+  PackedLayout layout{static_cast<int>(isa), rows, depth, 0, 0};
+  switch (isa) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      avx512::blocking<T>(&layout.mr, &layout.kc);
+      break;
+    case Isa::avx2:
+      avx2::blocking<T>(&layout.mr, &layout.kc);
+      break;
+#endif
+    default:
+      portable::blocking<T>(&layout.mr, &layout.kc);
+  }
+  return layout;
+}
+
+template <typename T>
+void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, BPacker<T> b, T* C, int64_t ldc,
+                 bool accumulate) {
+  gemm_on<T>(static_cast<Isa>(layout.isa), layout.rows, N, layout.depth, APacker<T>{nullptr, nullptr}, packed_a, b, 0,
+             C, ldc, accumulate);
+}
+
+template <typename T>
+void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, const T* B, MatrixView b, T* C,
+                 int64_t ldc, bool accumulate) {
+  const StridedMatrix<T> b_matrix{B, b};
+  gemm_packed<T>(layout, packed_a, N, BPacker<T>{&pack_strided<T>, &b_matrix}, C, ldc, accumulate);
+}
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int64_t ldc, bool accumulate) {
@@ -204,7 +246,10 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
   template void gemm<T>(int64_t, int64_t, int64_t, APacker<T>, BPacker<T>, T*, int64_t, bool);                     \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*,        \
                                  int64_t, bool);                                                                 \
-  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool);
+  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool); \
+  template PackedLayout packed_layout<T>(int64_t, int64_t);                                                      \
+  template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, BPacker<T>, T*, int64_t, bool);           \
+  template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, const T*, MatrixView, T*, int64_t, bool);
 PYKERNELS_INSTANTIATE(float)
 PYKERNELS_INSTANTIATE(double)
 #undef PYKERNELS_INSTANTIATE

@@ -57,6 +57,34 @@ template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
                    int64_t ldc, bool accumulate);
 
+// A packed once for many GEMMs (Winograd's transformed filters against every chunk of tiles): the
+// layout the active instruction set's GEMM reads, fixed when the layout is made. Depth blocks of kc
+// columns follow each other; inside one, strips of mr rows, each holding mr consecutive values per
+// column. Rows past `rows` up to a multiple of mr are padding and must be zero.
+struct PackedLayout {
+  int isa;  // the build the layout was made for; gemm_packed runs on that build
+  int64_t rows, depth, mr, kc;
+
+  int64_t padded_rows() const { return (rows + mr - 1) / mr * mr; }
+  int64_t size() const { return padded_rows() * depth; }
+  // Where the mr values A[i0 .. i0+mr)[k] start, for i0 a multiple of mr.
+  int64_t strip_offset(int64_t i0, int64_t k) const {
+    const int64_t block = k / kc * kc, block_depth = depth - block < kc ? depth - block : kc;
+    return block * padded_rows() + i0 * block_depth + (k - block) * mr;
+  }
+};
+
+template <typename T>
+PackedLayout packed_layout(int64_t rows, int64_t depth);  // for the active instruction set
+
+// C[M x N] (+)= A * B with A (layout.rows x layout.depth) already packed in `layout`.
+template <typename T>
+void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, BPacker<T> b, T* C, int64_t ldc,
+                 bool accumulate);
+template <typename T>
+void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, const T* B, MatrixView b, T* C,
+                 int64_t ldc, bool accumulate);
+
 // Which instruction set the hot loops use: "avx512", "avx2" (AVX2+FMA) or "portable" (any x86-64); the
 // best the CPU runs is chosen at load time. Tests force each in turn to cover every path.
 const char* active_isa();

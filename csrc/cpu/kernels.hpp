@@ -28,10 +28,18 @@ void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
 bool set_conv_algorithm(const char* name);
 const char* conv_algorithm();
 
-// winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward.
+// winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
+// with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
+// (so backward-input runs as the transposed convolution without copying the weights).
 bool winograd_applies(const Conv2dShape& s);
 template <typename T>
-void conv2d_forward_winograd(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+struct WinogradFilters {
+  const T* w;
+  int64_t k_stride, c_stride;
+  bool flipped;
+};
+template <typename T>
+void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
 
 // relu.cpp -- elementwise over `count` values.
 template <typename T>
