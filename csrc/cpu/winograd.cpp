@@ -64,7 +64,7 @@ void filter_transform_1d(const T* g0, const T* g1, const T* g2, T* const u[6], i
 
 // out_k[i] = sum_j B^T[k][j] * d_j[i] for k < 6, over n lanes: the input transform along one axis.
 template <typename T>
-void input_transform_1d(const T* const d[6], T* const out[6], int64_t n) {
+__attribute__((noinline)) void input_transform_1d(const T* const d[6], T* const out[6], int64_t n) {
   const T *d0 = d[0], *d1 = d[1], *d2 = d[2], *d3 = d[3], *d4 = d[4], *d5 = d[5];
   T *r0 = out[0], *r1 = out[1], *r2 = out[2], *r3 = out[3], *r4 = out[4], *r5 = out[5];
   for (int64_t i = 0; i < n; ++i) {
@@ -79,7 +79,7 @@ void input_transform_1d(const T* const d[6], T* const out[6], int64_t n) {
 
 // The same along a row, for the n tiles starting at `row`: tile t reads row[4t .. 4t+5].
 template <typename T>
-void input_transform_tiles(const T* row, T* const out[6], int64_t n) {
+__attribute__((noinline)) void input_transform_tiles(const T* row, T* const out[6], int64_t n) {
   T *r0 = out[0], *r1 = out[1], *r2 = out[2], *r3 = out[3], *r4 = out[4], *r5 = out[5];
   for (int64_t t = 0; t < n; ++t) {
     const T* d = row + kTile * t;
@@ -94,7 +94,7 @@ void input_transform_tiles(const T* row, T* const out[6], int64_t n) {
 
 // o_a[i] = sum_j A^T[a][j] * m_j[i] + bias for a < 4, over n lanes: the output transform along one axis.
 template <typename T>
-void output_transform_1d(const T* const m[6], T* const out[4], int64_t n, T bias) {
+__attribute__((noinline)) void output_transform_1d(const T* const m[6], T* const out[4], int64_t n, T bias) {
   const T *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3], *m4 = m[4], *m5 = m[5];
   T *o0 = out[0], *o1 = out[1], *o2 = out[2], *o3 = out[3];
   for (int64_t i = 0; i < n; ++i) {
@@ -108,7 +108,7 @@ void output_transform_1d(const T* const m[6], T* const out[4], int64_t n, T bias
 
 // The same across tiles, written interleaved: row[4t + a] for tile t, from the six values m_j[t].
 template <typename T>
-void output_transform_tiles(const T* const m[6], T* row, int64_t n) {
+__attribute__((noinline)) void output_transform_tiles(const T* const m[6], T* row, int64_t n) {
   const T *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3], *m4 = m[4], *m5 = m[5];
   for (int64_t t = 0; t < n; ++t) {
     const T a = m1[t] + m2[t], b = m1[t] - m2[t], c = m3[t] + m4[t], d = m3[t] - m4[t];
@@ -215,7 +215,7 @@ struct WinogradJob {
 
 // Phase 1 for channel c: V[xi][c][t] for the chunk's tiles [t0, t0 + count).
 template <typename T>
-void transform_input_channel(const WinogradJob<T>& job, int64_t c, int64_t t0, int64_t count, T* V, T* scratch) {
+__attribute__((noinline)) void transform_input_channel(const WinogradJob<T>& job, int64_t c, int64_t t0, int64_t count, T* V, T* scratch) {
   const Conv2dShape& s = job.s;
   const int64_t H = s.H, W = s.W, Tc = job.Tc;
   T* mid = scratch;                      // 6 rows of row_len: the vertical transform of six image rows
@@ -248,7 +248,7 @@ void transform_input_channel(const WinogradJob<T>& job, int64_t c, int64_t t0, i
 
 // Phase 3 for output channel k: the chunk's output tiles from M[xi][k][t], plus bias.
 template <typename T>
-void transform_output_channel(const WinogradJob<T>& job, int64_t k, int64_t t0, int64_t count, const T* M,
+__attribute__((noinline)) void transform_output_channel(const WinogradJob<T>& job, int64_t k, int64_t t0, int64_t count, const T* M,
                               T* scratch) {
   const Conv2dShape& s = job.s;
   const int64_t P = s.P, Q = s.Q, Tc = job.Tc;
