@@ -186,14 +186,20 @@ void pack_grad_out_rows(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int
   const auto& src = *static_cast<const GradOutRows<T>*>(ctx);
   const Conv2dShape& s = *src.s;
   const int64_t PQ = s.P * s.Q, first_row = src.g * s.K_per_group() + i0;
-  for (int64_t ib = 0; ib < mc; ib += mr) {
+  for (int64_t ib = 0; ib < mc; ib += mr, out += kc * mr) {
     const int64_t rows = std::min(mr, mc - ib);
-    int64_t n = k0 / PQ, pq = k0 % PQ;
-    for (int64_t k = 0; k < kc; ++k, out += mr) {
-      const T* column = src.grad_y + (n * s.K + first_row + ib) * PQ + pq;
-      for (int64_t i = 0; i < rows; ++i) out[i] = column[i * PQ];
-      std::fill(out + rows, out + mr, T(0));
-      if (++pq == PQ) pq = 0, ++n;
+    if (rows < mr)
+      for (int64_t k = 0; k < kc; ++k) std::fill(out + k * mr + rows, out + (k + 1) * mr, T(0));
+    // Runs of the reduction index inside one image: each row of grad_y is read contiguously (one
+    // stream at a time) and written transposed into the strip.
+    for (int64_t k = 0; k < kc;) {
+      const int64_t n = (k0 + k) / PQ, pq = (k0 + k) % PQ, run = std::min(PQ - pq, kc - k);
+      const T* row = src.grad_y + (n * s.K + first_row + ib) * PQ + pq;
+      for (int64_t i = 0; i < rows; ++i, row += PQ) {
+        T* o = out + k * mr + i;
+        for (int64_t j = 0; j < run; ++j) o[j * mr] = row[j];
+      }
+      k += run;
     }
   }
 }
@@ -431,7 +437,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   // One GEMM per work unit = (group, block of crs columns of grad_w), reducing over all n*PQ + pq in
   // order: units own disjoint outputs and the sum order never depends on the thread count.
   const int threads = available_threads();
-  const int64_t blocks_per_group = std::max<int64_t>(1, std::min<int64_t>(CRS, (2 * threads + G - 1) / G));
+  // As few blocks as keep every thread busy: each block packs all of grad_y's rows again.
+  const int64_t blocks_per_group = std::max<int64_t>(1, std::min<int64_t>(CRS, (threads + G - 1) / G));
   const int64_t cols_per_block = (CRS + blocks_per_group - 1) / blocks_per_group;
   const int64_t units = G * blocks_per_group;
   ParallelErrors errors;
