@@ -77,19 +77,28 @@ __attribute__((noinline)) void input_transform_1d(const T* const d[6], T* const 
   }
 }
 
-// The same along a row, for the n tiles starting at `row`: tile t reads row[4t .. 4t+5].
+// Splits row[4t + j] into four contiguous phase arrays p_j[t] (t < n): a loop the compiler turns
+// into vector shuffles, so the per-tile transform after it runs on whole vectors of tiles.
 template <typename T>
-__attribute__((noinline)) void input_transform_tiles(const T* row, T* const out[6], int64_t n) {
-  T *r0 = out[0], *r1 = out[1], *r2 = out[2], *r3 = out[3], *r4 = out[4], *r5 = out[5];
+void split_phases(const T* row, int64_t n, T* p0, T* p1, T* p2, T* p3) {
   for (int64_t t = 0; t < n; ++t) {
-    const T* d = row + kTile * t;
-    r0[t] = T(4) * d[0] - T(5) * d[2] + d[4];
-    r1[t] = -T(4) * (d[1] + d[2]) + d[3] + d[4];
-    r2[t] = T(4) * (d[1] - d[2]) - d[3] + d[4];
-    r3[t] = T(2) * (d[3] - d[1]) - d[2] + d[4];
-    r4[t] = T(2) * (d[1] - d[3]) - d[2] + d[4];
-    r5[t] = T(4) * d[1] - T(5) * d[3] + d[5];
+    p0[t] = row[kTile * t];
+    p1[t] = row[kTile * t + 1];
+    p2[t] = row[kTile * t + 2];
+    p3[t] = row[kTile * t + 3];
   }
+}
+
+// The same along a row, for the n tiles starting at `row`: tile t reads row[4t .. 4t+5].
+// `phases`: room for 4 * (n + 1) values.
+template <typename T>
+__attribute__((noinline)) void input_transform_tiles(const T* row, T* const out[6], int64_t n, T* phases) {
+  T *p0 = phases, *p1 = p0 + n + 1, *p2 = p1 + n + 1, *p3 = p2 + n + 1;
+  split_phases(row, n, p0, p1, p2, p3);
+  p0[n] = row[kTile * n];  // the last tile's d4, d5
+  p1[n] = row[kTile * n + 1];
+  const T* d[6] = {p0, p1, p2, p3, p0 + 1, p1 + 1};
+  input_transform_1d(d, out, n);
 }
 
 // o_a[i] = sum_j A^T[a][j] * m_j[i] + bias for a < 4, over n lanes: the output transform along one axis.
@@ -210,7 +219,8 @@ struct WinogradJob {
   T* y;
   int64_t Tc, tile_cols, per_image, row_len;  // row_len: 4 * tile_cols + 2, a padded row of tiles
 
-  int64_t scratch_per_thread() const { return 14 * row_len; }
+  // Per thread: 6 transform rows, a row of zeros (or of discarded output), 2 rows of phase arrays.
+  int64_t scratch_per_thread() const { return 9 * row_len; }
 };
 
 // Phase 1 for channel c: V[xi][c][t] for the chunk's tiles [t0, t0 + count).
@@ -219,7 +229,8 @@ __attribute__((noinline)) void transform_input_channel(const WinogradJob<T>& job
   const Conv2dShape& s = job.s;
   const int64_t H = s.H, W = s.W, Tc = job.Tc;
   T* mid = scratch;                      // 6 rows of row_len: the vertical transform of six image rows
-  T* zeros = scratch + 6 * job.row_len;  // an image row of zeros, for rows in the padding
+  T* zeros = scratch + 6 * job.row_len;   // an image row of zeros, for rows in the padding
+  T* phases = scratch + 7 * job.row_len;  // 2 rows: input_transform_tiles' phase arrays
   std::fill(zeros, zeros + W, T(0));
   for_each_tile_row(t0, count, job.tile_cols, job.per_image, [&](int64_t n, int64_t tile_row, int64_t col0,
                                                                  int64_t run, int64_t at) {
@@ -241,7 +252,7 @@ __attribute__((noinline)) void transform_input_channel(const WinogradJob<T>& job
     for (int l = 0; l < 6; ++l) {
       T* v[6];
       for (int k = 0; k < 6; ++k) v[k] = V + ((l * kAlpha + k) * s.C + c) * Tc + at;
-      input_transform_tiles(mid + l * job.row_len, v, run);
+      input_transform_tiles(mid + l * job.row_len, v, run, phases);
     }
   });
 }
