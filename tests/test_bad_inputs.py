@@ -423,6 +423,16 @@ def test_max_pool2d_backward_index_outside_its_window():
     idx[0, 0, 0, 1] = 0  # window (0, 1) covers columns 1..3
     with raises(ValueError, "indices[0, 0, 0, 1]"):
         pk.max_pool2d_backward(y, idx, X.shape, 3, 2, 1)
+    # window (1, 0) starts one column left of the image: the last cell of the row above is
+    # flat-adjacent to its first column but not in it
+    idx = pk.max_pool2d(X, 3, 2, 1, return_indices=True)[1].copy()
+    idx[0, 0, 1, 0] = 1 * X.shape[3] - 1  # (h 0, w 6): row 0 is outside window (1, 0)'s rows 1..3 anyway
+    with raises(ValueError, "indices[0, 0, 1, 0]"):
+        pk.max_pool2d_backward(y, idx, X.shape, 3, 2, 1)
+    idx = pk.max_pool2d(X, 3, 2, 1, return_indices=True)[1].copy()
+    idx[0, 0, 1, 0] = 2 * X.shape[3] - 1  # (h 1, w 6): right row, but column 6 is not in columns -1..1
+    with raises(ValueError, "indices[0, 0, 1, 0]"):
+        pk.max_pool2d_backward(y, idx, X.shape, 3, 2, 1)
 
 
 def test_max_pool2d_backward_bad_input_shape():

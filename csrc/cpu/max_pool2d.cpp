@@ -150,6 +150,7 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
   const Window2d& win = s.win;
   const int64_t HW = s.H * s.W, PQ = s.P * s.Q, planes = s.N * s.C;
   const double inv_W = 1.0 / double(s.W);
+  const bool undilated = win.dilation_h == 1 && win.dilation_w == 1;
   std::atomic<int64_t> first_bad{-1};
   // One thread owns a plane and adds its windows' gradients in output order: a fixed order, so the
   // result is bit-for-bit reproducible without atomics. Each index is checked to be a cell of its own
@@ -162,10 +163,20 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
     std::fill(gxp, gxp + HW, T(0));
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t h0 = p * win.stride_h - win.pad_top;
+      // Undilated windows: idx is valid when idx - (h0 + r) * W - w0 lies in the window's columns
+      // inside the image for one of its rows r inside the image; a few compares, no division.
+      const int64_t r_begin = std::max<int64_t>(0, -h0), r_end = std::min<int64_t>(win.kernel_h, s.H - h0);
       for (int64_t q = 0; q < s.Q; ++q) {
         const int64_t o = p * s.Q + q, idx = ip[o];
-        bool ok = idx >= 0 && idx < HW;
-        if (ok) {
+        bool ok;
+        if (undilated) {
+          const int64_t w0 = q * win.stride_w - win.pad_left;
+          const int64_t c_begin = std::max<int64_t>(0, -w0);
+          const int64_t c_width = std::max<int64_t>(0, std::min<int64_t>(win.kernel_w, s.W - w0) - c_begin);
+          int64_t rel = idx - (h0 + r_begin) * s.W - w0 - c_begin;
+          ok = false;
+          for (int64_t r = r_begin; r < r_end; ++r, rel -= s.W) ok |= uint64_t(rel) < uint64_t(c_width);
+        } else if ((ok = idx >= 0 && idx < HW)) {
           int64_t h = int64_t(double(idx) * inv_W);  // idx / W without a division; corrected below
           h -= h * s.W > idx;
           h += (h + 1) * s.W <= idx;
