@@ -26,8 +26,6 @@ PYKERNELS_DECLARE_GEMM(avx512)
 
 namespace {
 
-enum class Isa { portable, avx2, avx512 };
-
 bool cpu_supports(Isa isa) {
 #if defined(PYKERNELS_X86_ISAS) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
@@ -155,7 +153,7 @@ APacker<T> a_packer_for(const StridedMatrix<T>& a_transposed) {
 template <typename T>
 PackedLayout packed_layout(int64_t rows, int64_t depth) {
   const Isa isa = current_isa().load();
-  PackedLayout layout{static_cast<int>(isa), rows, depth, 0, 0};
+  PackedLayout layout{isa, rows, depth, 0, 0};
   switch (isa) {
 #ifdef PYKERNELS_X86_ISAS
     case Isa::avx512:
@@ -174,7 +172,7 @@ PackedLayout packed_layout(int64_t rows, int64_t depth) {
 template <typename T>
 void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, BPacker<T> b, T* C, int64_t ldc,
                  bool accumulate) {
-  gemm_on<T>(static_cast<Isa>(layout.isa), layout.rows, N, layout.depth, APacker<T>{nullptr, nullptr}, packed_a, b, 0,
+  gemm_on<T>(layout.isa, layout.rows, N, layout.depth, APacker<T>{nullptr, nullptr}, packed_a, b, 0,
              C, ldc, accumulate);
 }
 

@@ -61,8 +61,11 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
 // layout the active instruction set's GEMM reads, fixed when the layout is made. Depth blocks of kc
 // columns follow each other; inside one, strips of mr rows, each holding mr consecutive values per
 // column. Rows past `rows` up to a multiple of mr are padding and must be zero.
+// The instruction-set builds of the hot loops (see active_isa below).
+enum class Isa { portable, avx2, avx512 };
+
 struct PackedLayout {
-  int isa;  // the build the layout was made for; gemm_packed runs on that build
+  Isa isa;  // the build the layout was made for; gemm_packed runs on that build
   int64_t rows, depth, mr, kc;
 
   int64_t padded_rows() const { return (rows + mr - 1) / mr * mr; }
