@@ -136,6 +136,8 @@ void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, i
           T* oo = o + j - q;
           if (sw == 1)
             std::copy(xr + lo, xr + hi, oo + lo);
+          else if (sw == 2)  // a constant stride the compiler turns into vector shuffles (ResNet's stem)
+            for (int64_t i = lo; i < hi; ++i) oo[i] = xr[2 * i];
           else
             for (int64_t i = lo; i < hi; ++i) oo[i] = xr[i * sw];
           std::fill(oo + hi, oo + q + seg, T(0));
