@@ -17,11 +17,17 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/short_copies.hpp"
 
 namespace pykernels::cpu {
 
@@ -128,19 +134,19 @@ void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, i
       for (int64_t j = 0; j < cols;) {
         const int64_t seg = std::min(s.Q - q, cols - j);  // columns left in output row p
         if (p < ps.begin || p >= ps.end) {
-          std::fill(o + j, o + j + seg, T(0));
+          fill_short(o + j, seg, T(0));
         } else {
           const T* xr = xc + (p * s.win.stride_h + h_off) * s.W + w_off;
           const int64_t lo = std::clamp(qs.begin, q, q + seg), hi = std::clamp(qs.end, lo, q + seg);
-          std::fill(o + j, o + j + (lo - q), T(0));
+          fill_short(o + j, lo - q, T(0));
           T* oo = o + j - q;
           if (sw == 1)
-            std::copy(xr + lo, xr + hi, oo + lo);
+            copy_short(xr + lo, hi - lo, oo + lo);
           else if (sw == 2)  // a constant stride the compiler turns into vector shuffles (ResNet's stem)
             for (int64_t i = lo; i < hi; ++i) oo[i] = xr[2 * i];
           else
             for (int64_t i = lo; i < hi; ++i) oo[i] = xr[i * sw];
-          std::fill(oo + hi, oo + q + seg, T(0));
+          fill_short(oo + hi, q + seg - hi, T(0));
         }
         j += seg;
         q += seg;
@@ -149,7 +155,7 @@ void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, i
           if (++p == s.P) p = 0, xc += s.C * HW;  // on into the next image
         }
       }
-      std::fill(o + cols, o + nr, T(0));
+      fill_short(o + cols, nr - cols, T(0));
     }
   });
 }
@@ -157,19 +163,48 @@ void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, i
 // Writes rows [k0, k0+kc) (pq) x columns [j0, j0+nc) (crs, offset by column_base) of one image's col^T
 // into packed strips that lie strip_stride apart: each strip of nr crs values is first formed as nr
 // contiguous rows of col by pack_col (contiguous reads of x), then transposed in cache.
+// out[k * nr + j] = rows[j * row_stride + k] for j < cols, k < kc, and 0 for cols <= j < nr: one packed
+// strip from `cols` rows. float goes 4 x 4 blocks at a time through SSE registers (any x86-64 CPU).
+template <typename T>
+void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 4 <= cols; j += 4) {
+      const float *r0 = rows + j * row_stride, *r1 = r0 + row_stride, *r2 = r1 + row_stride, *r3 = r2 + row_stride;
+      int64_t k = 0;
+      for (; k + 4 <= kc; k += 4) {
+        __m128 a = _mm_loadu_ps(r0 + k), b = _mm_loadu_ps(r1 + k), c = _mm_loadu_ps(r2 + k), d = _mm_loadu_ps(r3 + k);
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        float* o = out + k * nr + j;
+        _mm_storeu_ps(o, a);
+        _mm_storeu_ps(o + nr, b);
+        _mm_storeu_ps(o + 2 * nr, c);
+        _mm_storeu_ps(o + 3 * nr, d);
+      }
+      for (; k < kc; ++k) {
+        float* o = out + k * nr + j;
+        o[0] = r0[k], o[1] = r1[k], o[2] = r2[k], o[3] = r3[k];
+      }
+    }
+  }
+#endif
+  for (; j < cols; ++j)
+    for (int64_t k = 0; k < kc; ++k) out[k * nr + j] = rows[j * row_stride + k];
+  if (cols < nr)
+    for (int64_t k = 0; k < kc; ++k) fill_short(out + k * nr + cols, nr - cols, T(0));
+}
+
 template <typename T>
 void write_col_transposed(const Im2colSource<T>& src, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr,
                           T* out, int64_t strip_stride) {
-  std::vector<T> rows(static_cast<size_t>(nr * kc));
+  thread_local std::vector<T> rows;  // kept: a fresh (zeroed) buffer per call cost as much as the packing
+  if (rows.size() < static_cast<size_t>(nr * kc)) rows.resize(static_cast<size_t>(nr * kc));
   for (int64_t jb = 0; jb < nc; jb += nr, out += strip_stride) {
     const int64_t cols = std::min(nr, nc - jb);
     // rows[j * kc + k] = col[column_base + j0 + jb + j][k0 + k]
     pack_col<T>(&src, src.column_base + j0 + jb, cols, k0, kc, kc, rows.data());
-    for (int64_t k = 0; k < kc; ++k) {
-      T* o = out + k * nr;
-      for (int64_t j = 0; j < cols; ++j) o[j] = rows[j * kc + k];
-      std::fill(o + cols, o + nr, T(0));
-    }
+    transpose_into_strip(rows.data(), kc, kc, cols, nr, out);
   }
 }
 
@@ -190,17 +225,11 @@ void pack_grad_out_rows(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int
   const int64_t PQ = s.P * s.Q, first_row = src.g * s.K_per_group() + i0;
   for (int64_t ib = 0; ib < mc; ib += mr, out += kc * mr) {
     const int64_t rows = std::min(mr, mc - ib);
-    if (rows < mr)
-      for (int64_t k = 0; k < kc; ++k) std::fill(out + k * mr + rows, out + (k + 1) * mr, T(0));
-    // Runs of the reduction index inside one image: each row of grad_y is read contiguously (one
-    // stream at a time) and written transposed into the strip.
+    // Runs of the reduction index inside one image: `rows` rows of grad_y, PQ apart, transposed into
+    // the strip.
     for (int64_t k = 0; k < kc;) {
       const int64_t n = (k0 + k) / PQ, pq = (k0 + k) % PQ, run = std::min(PQ - pq, kc - k);
-      const T* row = src.grad_y + (n * s.K + first_row + ib) * PQ + pq;
-      for (int64_t i = 0; i < rows; ++i, row += PQ) {
-        T* o = out + k * mr + i;
-        for (int64_t j = 0; j < run; ++j) o[j * mr] = row[j];
-      }
+      transpose_into_strip(src.grad_y + (n * s.K + first_row + ib) * PQ + pq, PQ, run, rows, mr, out + k * mr);
       k += run;
     }
   }
