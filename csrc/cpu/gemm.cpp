@@ -1,6 +1,7 @@
 // Run-time choice between the AVX-512, AVX2+FMA and portable GEMM builds, and the parallel driver.
 #include "cpu/gemm.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/short_copies.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -126,7 +127,7 @@ void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t n
   for (int64_t jb = 0; jb < nc; jb += nr) {
     const int64_t cols = std::min(nr, nc - jb);
     if (cols == nr && m.view.col_stride == 1) {
-      for (int64_t k = 0; k < kc; ++k, out += nr) std::memcpy(out, B + k * m.view.row_stride + jb, sizeof(T) * nr);
+      for (int64_t k = 0; k < kc; ++k, out += nr) copy_short(B + k * m.view.row_stride + jb, nr, out);
     } else {
       for (int64_t k = 0; k < kc; ++k, out += nr) {
         for (int64_t j = 0; j < cols; ++j) out[j] = B[k * m.view.row_stride + (jb + j) * m.view.col_stride];
