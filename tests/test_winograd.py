@@ -20,9 +20,9 @@ CASES = {
     "pad2": ((3, 8, 21, 25), (8, 8, 3, 3), 2),
     "tf_same": ((2, 16, 37, 29), (10, 16, 3, 3), "same"),
     "tiles_with_ragged_edge": ((8, 12, 14, 14), (16, 12, 3, 3), 1),
-    # More tiles than one chunk holds (512 for C = 8, 448 for C = 64): several chunks, which threads
-    # take whole, each with its own buffers.
-    "many_chunks_c8": ((6, 8, 44, 41), (8, 8, 3, 3), 1),
+    # More tiles than one chunk holds (V and M within 2 MiB: 896 tiles for C = K = 8, 192 for C = 64,
+    # K = 8): several chunks, which threads take whole, each with its own buffers.
+    "many_chunks_c8": ((6, 8, 60, 61), (8, 8, 3, 3), 1),
     "many_chunks_c64": ((8, 64, 32, 32), (8, 64, 3, 3), 1),
     "vgg_like_4_chunks": ((8, 64, 56, 56), (8, 64, 3, 3), 1),
     # C = 300: the packed filters span two GEMM depth blocks (256 + 44) and a last pass of 12 channels;
