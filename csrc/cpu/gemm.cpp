@@ -2,11 +2,13 @@
 #include "cpu/gemm.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/short_copies.hpp"
+#include "cpu/transpose.hpp"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 
 namespace pykernels::cpu {
@@ -128,6 +130,9 @@ void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t n
     const int64_t cols = std::min(nr, nc - jb);
     if (cols == nr && m.view.col_stride == 1) {
       for (int64_t k = 0; k < kc; ++k, out += nr) copy_short(B + k * m.view.row_stride + jb, nr, out);
+    } else if (m.view.row_stride == 1) {  // columns contiguous (a transposed operand): block transposes
+      transpose_into_strip(B + jb * m.view.col_stride, m.view.col_stride, kc, cols, nr, out);
+      out += kc * nr;
     } else {
       for (int64_t k = 0; k < kc; ++k, out += nr) {
         for (int64_t j = 0; j < cols; ++j) out[j] = B[k * m.view.row_stride + (jb + j) * m.view.col_stride];
