@@ -435,6 +435,18 @@ def test_max_pool2d_backward_index_outside_its_window():
         pk.max_pool2d_backward(y, idx, X.shape, 3, 2, 1)
 
 
+def test_max_pool2d_backward_index_in_the_next_row_of_a_window_cut_by_padding():
+    # One column wide, window (1, 2) with stride 2 and one column of right padding: the window's second
+    # column is padding, and the flat offset one past its first column is the next row's cell.
+    x = np.arange(3, dtype=np.float64).reshape(1, 1, 3, 1)
+    y, idx = pk.max_pool2d(x, (1, 2), (1, 2), ((0, 0), (0, 1)), return_indices=True)
+    assert idx.ravel().tolist() == [0, 1, 2]
+    bad = idx.copy()
+    bad[0, 0, 0, 0] = 1  # row 1's cell, as if it were column 1 of row 0
+    with raises(ValueError, "indices[0, 0, 0, 0]"):
+        pk.max_pool2d_backward(y, bad, x.shape, (1, 2), (1, 2), ((0, 0), (0, 1)))
+
+
 def test_max_pool2d_backward_bad_input_shape():
     y, idx = pk.max_pool2d(X, 2, return_indices=True)
     with raises(TypeError, "input_shape"):

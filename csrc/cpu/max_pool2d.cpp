@@ -161,38 +161,61 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
     const int64_t* ip = indices + plane * PQ;
     T* gxp = grad_x + plane * HW;
     std::fill(gxp, gxp + HW, T(0));
+    // Output columns whose undilated window lies wholly inside the image's columns: [q_lo, q_hi).
+    const int64_t q_lo = std::min(s.Q, (win.pad_left + win.stride_w - 1) / win.stride_w);
+    const int64_t last_start = s.W + win.pad_left - win.kernel_w;  // q * stride_w <= this (may be negative)
+    const int64_t q_hi = last_start < 0 ? q_lo : std::max(q_lo, std::min(s.Q, last_start / win.stride_w + 1));
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t h0 = p * win.stride_h - win.pad_top;
       // Undilated windows: idx is valid when idx - (h0 + r) * W - w0 lies in the window's columns
       // inside the image for one of its rows r inside the image; a few compares, no division.
       const int64_t r_begin = std::max<int64_t>(0, -h0), r_end = std::min<int64_t>(win.kernel_h, s.H - h0);
-      for (int64_t q = 0; q < s.Q; ++q) {
-        const int64_t o = p * s.Q + q, idx = ip[o];
-        bool ok;
+      auto valid = [&](int64_t q, int64_t idx) {
         if (undilated) {
           const int64_t w0 = q * win.stride_w - win.pad_left;
           const int64_t c_begin = std::max<int64_t>(0, -w0);
           const int64_t c_width = std::max<int64_t>(0, std::min<int64_t>(win.kernel_w, s.W - w0) - c_begin);
           int64_t rel = idx - (h0 + r_begin) * s.W - w0 - c_begin;
-          ok = false;
+          bool ok = false;
           for (int64_t r = r_begin; r < r_end; ++r, rel -= s.W) ok |= uint64_t(rel) < uint64_t(c_width);
-        } else if ((ok = idx >= 0 && idx < HW)) {
-          int64_t h = int64_t(double(idx) * inv_W);  // idx / W without a division; corrected below
-          h -= h * s.W > idx;
-          h += (h + 1) * s.W <= idx;
-          const int64_t dh = h - h0, dw = idx - h * s.W - (q * win.stride_w - win.pad_left);
-          ok = dh >= 0 && dw >= 0 && dh < win.kernel_h * win.dilation_h && dw < win.kernel_w * win.dilation_w &&
+          return ok;
+        }
+        if (idx < 0 || idx >= HW) return false;
+        int64_t h = int64_t(double(idx) * inv_W);  // idx / W without a division; corrected below
+        h -= h * s.W > idx;
+        h += (h + 1) * s.W <= idx;
+        const int64_t dh = h - h0, dw = idx - h * s.W - (q * win.stride_w - win.pad_left);
+        return dh >= 0 && dw >= 0 && dh < win.kernel_h * win.dilation_h && dw < win.kernel_w * win.dilation_w &&
                (win.dilation_h == 1 || dh % win.dilation_h == 0) && (win.dilation_w == 1 || dw % win.dilation_w == 0);
-        }
-        if (!ok) {
-          const int64_t at = plane * PQ + o;
-          int64_t cur = first_bad.load();
-          while ((cur < 0 || at < cur) && !first_bad.compare_exchange_weak(cur, at)) {
+      };
+      int64_t q = 0;
+      if (undilated) {  // the edges in full, the interior with the window's columns known to be inside
+        for (; q < q_lo; ++q)
+          if (valid(q, ip[p * s.Q + q])) gxp[ip[p * s.Q + q]] += gyp[p * s.Q + q]; else break;
+        if (q == q_lo) {
+          const int64_t rows = r_end - r_begin, base = (h0 + r_begin) * s.W - win.pad_left;
+          const uint64_t kw = uint64_t(win.kernel_w);
+          for (; q < q_hi; ++q) {
+            const int64_t o = p * s.Q + q, idx = ip[o], rel = idx - base - q * win.stride_w;
+            bool ok = false;
+            for (int64_t r = 0; r < rows; ++r) ok |= uint64_t(rel - r * s.W) < kw;
+            if (!ok) break;
+            gxp[idx] += gyp[o];
           }
-          p = s.P;  // stop this plane
-          break;
         }
-        gxp[idx] += gyp[o];
+        if (q == q_hi)
+          for (; q < s.Q; ++q)
+            if (valid(q, ip[p * s.Q + q])) gxp[ip[p * s.Q + q]] += gyp[p * s.Q + q]; else break;
+      } else {
+        for (; q < s.Q; ++q)
+          if (valid(q, ip[p * s.Q + q])) gxp[ip[p * s.Q + q]] += gyp[p * s.Q + q]; else break;
+      }
+      if (q < s.Q) {  // stop this plane at its first bad index
+        const int64_t at = plane * PQ + p * s.Q + q;
+        int64_t cur = first_bad.load();
+        while ((cur < 0 || at < cur) && !first_bad.compare_exchange_weak(cur, at)) {
+        }
+        break;
       }
     }
   }
