@@ -327,9 +327,13 @@ def _workload(dtype=np.float32):
 def _run_all(x, w, b, go):
     y = pk.conv2d(x, w, b, stride=2, padding=1)
     grads = pk.conv2d_backward(go, x, w, stride=2, padding=1)
+    # stride 1: the Winograd path, all three passes (its chunking depends on the thread count)
+    assert _pykernels_cpu.conv2d_uses_winograd(x.shape, w.shape, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    y1 = pk.conv2d(x, w, b, padding=1)
+    grads1 = pk.conv2d_backward(y1 * 0.5 - 1, x, w, padding=1)
     py, pidx = pk.max_pool2d(x, 3, 2, 1, return_indices=True)
     pgx = pk.max_pool2d_backward(py, pidx, x.shape, 3, 2, 1)
-    return (y, *grads, py, pidx, pgx)
+    return (y, *grads, y1, *grads1, py, pidx, pgx)
 
 
 def _assert_bits_equal(a, b, what=""):

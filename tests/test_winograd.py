@@ -1,8 +1,9 @@
-"""The Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the float64 reference.
+"""The Winograd F(4x4, 3x3) path (csrc/cpu/winograd_impl.inc) against the float64 reference.
 
-3x3 stride-1 layers with enough channels and tiles take it for the forward pass, and for the
-backward-input pass as the transposed convolution (padding <= 2). Every case here is checked to take
-the path it is meant to test, and runs under both algorithms ('auto' and 'gemm') so the two agree.
+3x3 stride-1 layers with enough channels and tiles take it for the forward and backward-weight passes,
+and for the backward-input pass as the transposed convolution (padding <= 2). Every case here is
+checked to take the path it is meant to test, and runs under both algorithms ('auto' and 'gemm') so
+the two agree.
 """
 
 import numpy as np
@@ -138,10 +139,27 @@ def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     want = ref.conv2d(x, w, padding=padding)
     g = rng.standard_normal(want.shape)
-    want_gx = ref.conv2d_backward(g, x, w, padding=padding)[0]
+    want_gx, want_gw, _ = ref.conv2d_backward(g, x, w, padding=padding)
     for dtype in (np.float32, np.float64):
         y = pk.conv2d(x.astype(dtype), w.astype(dtype), padding=padding)
-        gx = pk.conv2d_backward(g.astype(dtype), x.astype(dtype), w.astype(dtype), padding=padding,
-                                need_weight=False, need_bias=False)[0]
+        gx, gw, _ = pk.conv2d_backward(g.astype(dtype), x.astype(dtype), w.astype(dtype), padding=padding,
+                                       need_bias=False)
         assert _relative_error(y, want) < TOLERANCE[dtype], (isa, dtype)
         assert _relative_error(gx, want_gx) < TOLERANCE[dtype], (isa, dtype)
+        assert _relative_error(gw, want_gw) < TOLERANCE[dtype], (isa, dtype)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(bad):
+    # Backward-weight sums grad_out against x over every tile; with a non-finite grad_out it takes the
+    # GEMM path, so only the weights whose sums include that value become non-finite.
+    x_shape, w_shape, padding = CASES["same_odd"]
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
+    g[1, 3, 0, 0] = bad  # a corner: only some taps of output channel 3 see it
+    gw = pk.conv2d_backward(g, x, w, padding=padding, need_input=False, need_bias=False)[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ref.conv2d_backward(g, x, w, padding=padding)[1]
+    assert np.array_equal(np.isfinite(gw), np.isfinite(want))
+    assert not np.isfinite(gw[3]).all() and np.isfinite(np.delete(gw, 3, axis=0)).all()

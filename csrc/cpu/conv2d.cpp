@@ -8,8 +8,8 @@
 // block and pack_col / pack_batch_col_transposed write it straight into the packed layout (implicit GEMM),
 // which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
 // and no padding needs no im2col at all: col is x.
-// 3x3 stride-1 layers take the Winograd path instead (winograd.cpp), backward-input as the transposed
-// convolution; set_conv_algorithm("gemm") turns that off.
+// 3x3 stride-1 layers take the Winograd path instead (winograd_impl.inc) for all three passes,
+// backward-input as the transposed convolution; set_conv_algorithm("gemm") turns that off.
 // Forward and backward-input run one image per thread (each writes its own output); backward-weight
 // splits the columns of grad_w among threads, so every gradient element is summed over n in the same
 // order whatever the thread count: results are bit-for-bit reproducible.
@@ -423,6 +423,9 @@ void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (s.K_per_group() * s.C_per_group() * s.R * s.S <= kDirectWeightLimit) return backward_weight_direct(s, grad_y, x, grad_w);
+  if (winograd_enabled.load() && winograd_applies(s) && all_finite(x, s.x_numel()) &&
+      all_finite(grad_y, s.y_numel()))
+    return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   if (s.N == 0) {

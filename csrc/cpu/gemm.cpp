@@ -83,6 +83,8 @@ const char* active_isa() {
   }
 }
 
+Isa active_build() { return current_isa().load(); }
+
 bool set_isa(const char* name) {
   Isa isa;
   if (!parse_isa(name, &isa) || !cpu_supports(isa)) return false;

@@ -91,6 +91,7 @@ void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, const
 // Which instruction set the hot loops use: "avx512", "avx2" (AVX2+FMA) or "portable" (any x86-64); the
 // best the CPU runs is chosen at load time. Tests force each in turn to cover every path.
 const char* active_isa();
+Isa active_build();  // the same, for dispatching to a build's namespace
 // Returns false when the name is unknown or the CPU cannot run it.
 bool set_isa(const char* name);
 

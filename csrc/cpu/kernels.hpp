@@ -40,6 +40,9 @@ struct WinogradFilters {
 };
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
+// grad_w of a layer winograd_applies to; same contract as conv2d_backward_weight.
+template <typename T>
+void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
 // relu.cpp -- elementwise over `count` values.
 template <typename T>

@@ -9,6 +9,8 @@ namespace pykernels::cpu {
   template <typename T>                                                                                       \
   void conv2d_winograd(const Conv2dShape&, const T*, const WinogradFilters<T>&, const PackedLayout&, const T*, \
                        T*);                                                                                   \
+  template <typename T>                                                                                       \
+  void conv2d_backward_weight_winograd(const Conv2dShape&, const T*, const T*, T*);                          \
   }
 PYKERNELS_DECLARE_WINOGRAD(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -46,6 +48,22 @@ void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>&
   }
 }
 
+template <typename T>
+void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  switch (active_build()) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      return avx512::conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w);
+    case Isa::avx2:
+      return avx2::conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w);
+#endif
+    default:
+      return portable::conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w);
+  }
+}
+
+template void conv2d_backward_weight_winograd<float>(const Conv2dShape&, const float*, const float*, float*);
+template void conv2d_backward_weight_winograd<double>(const Conv2dShape&, const double*, const double*, double*);
 template void conv2d_winograd<float>(const Conv2dShape&, const float*, const WinogradFilters<float>&, const float*,
                                      float*);
 template void conv2d_winograd<double>(const Conv2dShape&, const double*, const WinogradFilters<double>&,
