@@ -52,7 +52,9 @@ def _pads(x_shape, padding):
 @pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD))
 def test_cases_take_the_winograd_path(name):
     x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD}[name]
-    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+    pads = _pads(x_shape, padding)
+    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
+    assert _pykernels_cpu.conv2d_weight_grad_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
 
 
 def test_small_or_strided_layers_do_not():
@@ -62,8 +64,11 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), pads, (2, 2), 1)  # dilated
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
-    # resnet_3x3_512: 32 tiles cannot pay for transforming 512 x 512 filters; implicit GEMM is faster.
-    assert not _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
+    # resnet_3x3_512's 32 tiles pay for transforming 512 x 512 filters once (forward, backward-input);
+    # backward-weight, which accumulates 36 x 512 x 512 sums per chunk of tiles, stays on the GEMM.
+    assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
+    assert not _pykernels_cpu.conv2d_weight_grad_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
+                                                               (1, 1), 1)
 
 
 def _relative_error(got, want):

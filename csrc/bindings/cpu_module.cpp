@@ -396,6 +396,15 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), "Whether conv2d forward on these shapes takes the Winograd path (for tests).");
+  m.def(
+      "conv2d_weight_grad_uses_winograd",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return std::string(pykernels::cpu::conv_algorithm()) == "auto" &&
+               pykernels::cpu::winograd_weight_grad_applies(s);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(

@@ -423,7 +423,7 @@ void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (s.K_per_group() * s.C_per_group() * s.R * s.S <= kDirectWeightLimit) return backward_weight_direct(s, grad_y, x, grad_w);
-  if (winograd_enabled.load() && winograd_applies(s) && all_finite(x, s.x_numel()) &&
+  if (winograd_enabled.load() && winograd_weight_grad_applies(s) && all_finite(x, s.x_numel()) &&
       all_finite(grad_y, s.y_numel()))
     return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
