@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/conv_ranges.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
@@ -56,20 +57,6 @@ bool is_pointwise(const Conv2dShape& s) {
   const Window2d& w = s.win;
   return s.R == 1 && s.S == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_top == 0 && w.pad_bottom == 0 &&
          w.pad_left == 0 && w.pad_right == 0;
-}
-
-// Output positions o in [0, count) whose input coordinate o*stride + offset lies in [0, limit).
-struct Range {
-  int64_t begin, end;
-};
-Range valid_outputs(int64_t offset, int64_t stride, int64_t limit, int64_t count) {
-  // o*stride + offset >= 0  <=>  o >= ceil(-offset / stride)
-  int64_t begin = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
-  // o*stride + offset <= limit - 1  <=>  o <= floor((limit - 1 - offset) / stride)
-  int64_t end = limit - 1 - offset < 0 ? 0 : (limit - 1 - offset) / stride + 1;
-  begin = std::min(begin, count);
-  end = std::clamp(end, begin, count);
-  return {begin, end};
 }
 
 // Visits rows [row0, row1) of col (one per channel c and kernel tap r, kw) of one image and group:
@@ -263,6 +250,7 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   if (use_winograd(s, x, w)) return conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
+  if (has_few_weights(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
@@ -363,7 +351,6 @@ namespace {
 // grad_y plane and the x planes it reads stay in L1 while all C/g*R*S weights of that channel are
 // accumulated, each in eight running sums over q (so the loop vectorises) added in a fixed order at
 // the end: reproducible whatever the thread count.
-constexpr int64_t kDirectWeightLimit = 256;  // K/groups * C/groups * R * S at or below this: direct
 
 template <typename T>
 void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
@@ -422,7 +409,7 @@ void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T
 
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  if (s.K_per_group() * s.C_per_group() * s.R * s.S <= kDirectWeightLimit) return backward_weight_direct(s, grad_y, x, grad_w);
+  if (has_few_weights(s)) return backward_weight_direct(s, grad_y, x, grad_w);
   if (winograd_enabled.load() && winograd_weight_grad_applies(s) && all_finite(x, s.x_numel()) &&
       all_finite(grad_y, s.y_numel()))
     return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);

@@ -22,6 +22,10 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
 
+// direct_conv.cpp -- forward for layers with few weights per group (has_few_weights); same contract.
+template <typename T>
+void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+
 // Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) for the 3x3 stride-1 layers it suits,
 // implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
 // unknown name.

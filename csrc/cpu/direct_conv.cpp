@@ -1,0 +1,37 @@
+// Direct convolution for layers with few weights: which instruction-set build of direct_conv_impl.inc
+// runs it.
+#include "cpu/gemm.hpp"
+#include "cpu/kernels.hpp"
+
+namespace pykernels::cpu {
+
+#define PYKERNELS_DECLARE_DIRECT(ns)                                                          \
+  namespace ns {                                                                             \
+  template <typename T>                                                                      \
+  void conv2d_forward_direct(const Conv2dShape&, const T*, const T*, const T*, T*);          \
+  }
+PYKERNELS_DECLARE_DIRECT(portable)
+#ifdef PYKERNELS_X86_ISAS
+PYKERNELS_DECLARE_DIRECT(avx2)
+PYKERNELS_DECLARE_DIRECT(avx512)
+#endif
+#undef PYKERNELS_DECLARE_DIRECT
+
+template <typename T>
+void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+  switch (active_build()) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      return avx512::conv2d_forward_direct<T>(s, x, w, bias, y);
+    case Isa::avx2:
+      return avx2::conv2d_forward_direct<T>(s, x, w, bias, y);
+#endif
+    default:
+      return portable::conv2d_forward_direct<T>(s, x, w, bias, y);
+  }
+}
+
+template void conv2d_forward_direct<float>(const Conv2dShape&, const float*, const float*, const float*, float*);
+template void conv2d_forward_direct<double>(const Conv2dShape&, const double*, const double*, const double*, double*);
+
+}  // namespace pykernels::cpu
