@@ -346,8 +346,9 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 
 namespace {
 
-// Few weights per group (LeNet's 6 x 25, depthwise 3x3's 1 x 9): a GEMM that small spends its time
-// packing, so the weights are summed directly. One output channel per task; for each image its
+// Few weights per group (LeNet's 6 x 25, depthwise 3x3's 1 x 9), strided: a GEMM that small spends its
+// time packing, so the weights are summed directly (stride 1 has a faster, vectorised version in
+// direct_conv_impl.inc). One output channel per task; for each image its
 // grad_y plane and the x planes it reads stay in L1 while all C/g*R*S weights of that channel are
 // accumulated, each in eight running sums over q (so the loop vectorises) added in a fixed order at
 // the end: reproducible whatever the thread count.
@@ -409,7 +410,11 @@ void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T
 
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  if (has_few_weights(s)) return backward_weight_direct(s, grad_y, x, grad_w);
+  if (has_few_weights(s)) {
+    if (s.win.stride_h == 1 && s.win.stride_w == 1)
+      return conv2d_backward_weight_direct_stride1(s, grad_y, x, grad_w);
+    return backward_weight_direct(s, grad_y, x, grad_w);
+  }
   if (winograd_enabled.load() && winograd_weight_grad_applies(s) && all_finite(x, s.x_numel()) &&
       all_finite(grad_y, s.y_numel()))
     return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);

@@ -9,6 +9,8 @@ namespace pykernels::cpu {
   namespace ns {                                                                             \
   template <typename T>                                                                      \
   void conv2d_forward_direct(const Conv2dShape&, const T*, const T*, const T*, T*);          \
+  template <typename T>                                                                      \
+  void conv2d_backward_weight_direct_stride1(const Conv2dShape&, const T*, const T*, T*);    \
   }
 PYKERNELS_DECLARE_DIRECT(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -31,6 +33,23 @@ void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T
   }
 }
 
+template <typename T>
+void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  switch (active_build()) {
+#ifdef PYKERNELS_X86_ISAS
+    case Isa::avx512:
+      return avx512::conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w);
+    case Isa::avx2:
+      return avx2::conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w);
+#endif
+    default:
+      return portable::conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w);
+  }
+}
+
+template void conv2d_backward_weight_direct_stride1<float>(const Conv2dShape&, const float*, const float*, float*);
+template void conv2d_backward_weight_direct_stride1<double>(const Conv2dShape&, const double*, const double*,
+                                                            double*);
 template void conv2d_forward_direct<float>(const Conv2dShape&, const float*, const float*, const float*, float*);
 template void conv2d_forward_direct<double>(const Conv2dShape&, const double*, const double*, const double*, double*);
 

@@ -25,6 +25,9 @@ void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
 // direct_conv.cpp -- forward for layers with few weights per group (has_few_weights); same contract.
 template <typename T>
 void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+// grad_w of such a layer with stride 1.
+template <typename T>
+void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
 // Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) for the 3x3 stride-1 layers it suits,
 // implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
