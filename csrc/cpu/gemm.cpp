@@ -214,9 +214,10 @@ template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
                    bool accumulate) {
   const int threads = available_threads();
-  // Columns split in chunks of 64 so each thread's share is a whole number of register tiles; every C
-  // element still sums over K in the serial order, so the bits do not depend on the thread count.
-  constexpr int64_t kChunk = 64;
+  // Columns split in chunks of 96 so each thread's share is a whole number of register tiles (8, 16,
+  // 32 or 48 columns wide); every C element still sums over K in the serial order, so the bits do not
+  // depend on the thread count.
+  constexpr int64_t kChunk = 96;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const StridedMatrix<T> a_transposed{A, {a.col_stride, a.row_stride}};
   const APacker<T> a_packer = a_packer_for(a_transposed);
