@@ -395,16 +395,19 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         return std::string(pykernels::cpu::conv_algorithm()) == "auto" && pykernels::cpu::winograd_applies(s);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), "Whether conv2d forward on these shapes takes the Winograd path (for tests).");
+      py::arg("groups"),
+      "Whether conv2d forward and backward-weight on these shapes take the Winograd path (for tests).");
   m.def(
-      "conv2d_weight_grad_uses_winograd",
+      "conv2d_backward_input_uses_winograd",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
         const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
         return std::string(pykernels::cpu::conv_algorithm()) == "auto" &&
-               pykernels::cpu::winograd_weight_grad_applies(s);
+               std::max({pad[0], pad[1], pad[2], pad[3]}) <= 2 && pykernels::cpu::winograd_backward_input_applies(s);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
+      py::arg("groups"),
+      "Whether conv2d backward-input on these shapes takes the Winograd path (for tests; the transposed "
+      "layer is checked too when the kernel runs).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(

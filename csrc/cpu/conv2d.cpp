@@ -297,14 +297,14 @@ template <typename T>
 bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   const Window2d& win = s.win;
   if (std::max({win.pad_top, win.pad_bottom, win.pad_left, win.pad_right}) > 2) return false;
-  if (!winograd_enabled.load() || !winograd_applies(s)) return false;
+  if (!winograd_enabled.load() || !winograd_backward_input_applies(s)) return false;
   if (!all_finite(w, s.w_numel()) || !all_finite(grad_y, s.y_numel())) return false;
   Conv2dShape t;
   t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = 3, t.S = 3, t.groups = 1;
   t.win.pad_top = 2 - win.pad_top, t.win.pad_bottom = 2 - win.pad_bottom;
   t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
   t.validate();  // t.P, t.Q == s.H, s.W
-  if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return false;
+  if (t.P != s.H || t.Q != s.W || !winograd_backward_input_applies(t)) return false;
   // Filter (c, k) of the transposed convolution is w[k][c] rotated 180 degrees.
   conv2d_winograd<T>(t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
   return true;
@@ -415,7 +415,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       return conv2d_backward_weight_direct_stride1(s, grad_y, x, grad_w);
     return backward_weight_direct(s, grad_y, x, grad_w);
   }
-  if (winograd_enabled.load() && winograd_weight_grad_applies(s) && all_finite(x, s.x_numel()) &&
+  if (winograd_enabled.load() && winograd_applies(s) && all_finite(x, s.x_numel()) &&
       all_finite(grad_y, s.y_numel()))
     return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();

@@ -38,8 +38,8 @@ const char* conv_algorithm();
 // winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
 // (so backward-input runs as the transposed convolution without copying the weights).
-bool winograd_applies(const Conv2dShape& s);              // forward and backward-input
-bool winograd_weight_grad_applies(const Conv2dShape& s);  // backward-weight: needs more tiles
+bool winograd_applies(const Conv2dShape& s);                  // forward and backward-weight
+bool winograd_backward_input_applies(const Conv2dShape& s);   // backward-input (as a forward of this shape)
 template <typename T>
 struct WinogradFilters {
   const T* w;
@@ -48,7 +48,7 @@ struct WinogradFilters {
 };
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
-// grad_w of a layer winograd_weight_grad_applies to; same contract as conv2d_backward_weight.
+// grad_w of a layer winograd_applies to; same contract as conv2d_backward_weight.
 template <typename T>
 void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 

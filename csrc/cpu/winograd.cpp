@@ -21,11 +21,10 @@ PYKERNELS_DECLARE_WINOGRAD(avx512)
 
 namespace {
 
-// 3x3, stride 1, undilated, one group, enough channels, and cheaper than direct convolution: the 36
-// GEMMs cost 72 flops per tile and channel pair, direct convolution 18 per output and channel pair,
-// and each of the 36 transformed values per filter (channel pair) costs about `per_filter_value`
-// flops' time on top (measured: about 30 forward, where each is written once and read by the GEMMs;
-// about 200 for backward-weight, where each is accumulated once per chunk of tiles).
+// 3x3, stride 1, undilated, one group, enough channels, and cheaper than the GEMM: the 36 GEMMs cost
+// 72 flops per tile and channel pair, direct convolution 18 per output and channel pair, and each of
+// the 36 transformed values per filter (channel pair) costs about `per_filter_value` flops' time on
+// top (see the callers).
 bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
   const Window2d& w = s.win;
   if (!(s.R == 3 && s.S == 3 && w.stride_h == 1 && w.stride_w == 1 && w.dilation_h == 1 && w.dilation_w == 1 &&
@@ -37,10 +36,14 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 
 }  // namespace
 
-bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, 30.0); }
+// Forward and backward-weight: 200, measured on resnet_3x3_512 (32 tiles for 512 x 512 filters), where
+// forward's one-GEMM-over-the-batch and backward-weight's GEMM beat transforming 37 MB of filters
+// (or accumulating as many sums per chunk) once caches are cold, as in a network or the benchmark.
+bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
 
-// resnet_3x3_512 (32 tiles) runs forward and backward-input on Winograd but backward-weight on the GEMM.
-bool winograd_weight_grad_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
+// Backward-input: 30. Its GEMM alternative (a GEMM and a col2im per image) is slower, and Winograd
+// wins on resnet_3x3_512 too.
+bool winograd_backward_input_applies(const Conv2dShape& s) { return winograd_worth_it(s, 30.0); }
 
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
