@@ -209,6 +209,9 @@ CONV_CASES = {
     "depthwise_multiplier2": conv_case((1, 5, 8, 8), (10, 1, 3, 3), padding="same", groups=5),
     "depthwise_many_channels": conv_case((1, 33, 10, 10), (33, 1, 5, 5), padding=2, groups=33),
     "grouped_pointwise": conv_case((2, 8, 5, 5), (12, 2, 1, 1), groups=4),
+    # many weights per group for few output positions: forward and backward-input as one GEMM per group
+    # over the whole batch (1152 weights per group, 9 positions per image)
+    "grouped_batch_gemm": conv_case((3, 8, 6, 6), (64, 4, 3, 3), stride=2, padding=1, groups=2),
 }
 
 CONV_CASE_IDS = list(CONV_CASES)
@@ -217,7 +220,7 @@ CONV_CASE_IDS = list(CONV_CASES)
 # (few weights per group: stride 1 on the wide-row path, strided or dilated) layers.
 ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_strided", "pointwise_odd", "width_67",
                 "same_odd_total_stride3", "asym_padding_strided_dilated", "depthwise", "grouped_3",
-                "one_channel_batch1", "lenet_5x5", "dilation3", "depthwise_many_channels"]
+                "one_channel_batch1", "lenet_5x5", "dilation3", "depthwise_many_channels", "grouped_batch_gemm"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

@@ -402,7 +402,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
         const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
         return std::string(pykernels::cpu::conv_algorithm()) == "auto" &&
-               std::max({pad[0], pad[1], pad[2], pad[3]}) <= 2 && pykernels::cpu::winograd_backward_input_applies(s);
+               std::max({pad[0], pad[1], pad[2], pad[3]}) <= 2 && pykernels::cpu::winograd_applies(s);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"),

@@ -77,11 +77,12 @@ void for_each_col_segment(const Conv2dShape& s, int64_t row0, int64_t row1, Visi
 
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x.
 template <typename T>
-void col2im_add(const Conv2dShape& s, const T* col, T* gx_g) {
-  const int64_t PQ = s.P * s.Q, HW = s.H * s.W, sh = s.win.stride_h, sw = s.win.stride_w;
+// col's rows are row_stride apart (PQ for one image's col; N*PQ when col holds the batch side by side).
+void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g) {
+  const int64_t HW = s.H * s.W, sh = s.win.stride_h, sw = s.win.stride_w;
   for_each_col_segment(s, 0, s.C_per_group() * s.R * s.S,
                        [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
-                         const T* in = col + row * PQ;
+                         const T* in = col + row * row_stride;
                          for (int64_t p = ps.begin; p < ps.end; ++p) {
                            const T* i = in + p * s.Q;
                            T* xr = gx_g + c * HW + (p * sh + h_off) * s.W + w_off;
@@ -297,14 +298,14 @@ template <typename T>
 bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   const Window2d& win = s.win;
   if (std::max({win.pad_top, win.pad_bottom, win.pad_left, win.pad_right}) > 2) return false;
-  if (!winograd_enabled.load() || !winograd_backward_input_applies(s)) return false;
+  if (!winograd_enabled.load() || !winograd_applies(s)) return false;
   if (!all_finite(w, s.w_numel()) || !all_finite(grad_y, s.y_numel())) return false;
   Conv2dShape t;
   t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = 3, t.S = 3, t.groups = 1;
   t.win.pad_top = 2 - win.pad_top, t.win.pad_bottom = 2 - win.pad_bottom;
   t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
   t.validate();  // t.P, t.Q == s.H, s.W
-  if (t.P != s.H || t.Q != s.W || !winograd_backward_input_applies(t)) return false;
+  if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return false;
   // Filter (c, k) of the transposed convolution is w[k][c] rotated 180 degrees.
   conv2d_winograd<T>(t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
   return true;
@@ -312,9 +313,64 @@ bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* 
 
 }  // namespace
 
+namespace {
+
+// grad_y of one group over the whole batch as a GEMM's B: rows k, columns n*PQ + pq.
+template <typename T>
+struct BatchGradOut {
+  const Conv2dShape* s;
+  const T* grad_y_g;  // grad_y + g * Kg * PQ
+};
+
+template <typename T>
+void pack_batch_grad_out(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
+  const auto& src = *static_cast<const BatchGradOut<T>*>(ctx);
+  const Conv2dShape& s = *src.s;
+  const int64_t PQ = s.P * s.Q;
+  for (int64_t jb = 0; jb < nc; jb += nr) {
+    const int64_t cols = std::min(nr, nc - jb);
+    T* strip = out + jb * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      T* o = strip + k * nr;
+      for (int64_t j = 0; j < cols;) {  // runs of columns inside one image
+        const int64_t col = j0 + jb + j, n = col / PQ, pq = col % PQ, run = std::min(cols - j, PQ - pq);
+        copy_short(src.grad_y_g + (n * s.K + k0 + k) * PQ + pq, run, o + j);
+        j += run;
+      }
+      fill_short(o + cols, nr - cols, T(0));
+    }
+  }
+}
+
+// Few output positions per image (resnet_3x3_512's 7x7), as in forward_as_batch_gemm: one GEMM per
+// group over the whole batch, col (C/g*R*S x N*PQ) = w_g^T * GY_g, the weights packed once per thread
+// rather than once per image; then each image's columns are added back into grad_x (col2im).
+template <typename T>
+void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
+  const int64_t columns = s.N * PQ, HW = s.H * s.W;
+  std::vector<T> col(static_cast<size_t>(CRS * columns));
+  std::fill(grad_x, grad_x + s.x_numel(), T(0));
+  for (int64_t g = 0; g < s.groups; ++g) {
+    const BatchGradOut<T> gy{&s, grad_y + g * Kg * PQ};
+    // A = w_g^T: element (crs, k) at w[(g * Kg + k) * CRS + crs]
+    gemm_parallel<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, BPacker<T>{&pack_batch_grad_out<T>, &gy},
+                     col.data(), columns, false);
+#pragma omp parallel for schedule(static) if (s.N > 1 && CRS * columns >= kMinParallelWork)
+    for (int64_t n = 0; n < s.N; ++n) col2im_add(s, col.data() + n * PQ, columns, grad_x + (n * s.C + g * Cg) * HW);
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
+  // One GEMM over the batch when packing the weights for every image would cost more than it saves:
+  // many weights, few output positions (resnet_3x3_512; not LeNet, 150 weights for 576 positions).
+  const int64_t weights = s.K_per_group() * s.C_per_group() * s.R * s.S;
+  if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ && weights >= 64 * s.P * s.Q && !is_pointwise(s))
+    return backward_input_as_batch_gemm(s, grad_y, w, grad_x);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);
@@ -337,7 +393,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
         gemm_parallel<T>(CRS, PQ, Kg, A, {1, CRS}, gy_g, {PQ, 1}, out, PQ, false);
       if (!pointwise) {
         std::fill(gx_g, gx_g + Cg * HW, T(0));
-        col2im_add(s, out, gx_g);
+        col2im_add(s, out, PQ, gx_g);
       }
     });
   }

@@ -38,8 +38,7 @@ const char* conv_algorithm();
 // winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
 // (so backward-input runs as the transposed convolution without copying the weights).
-bool winograd_applies(const Conv2dShape& s);                  // forward and backward-weight
-bool winograd_backward_input_applies(const Conv2dShape& s);   // backward-input (as a forward of this shape)
+bool winograd_applies(const Conv2dShape& s);
 template <typename T>
 struct WinogradFilters {
   const T* w;

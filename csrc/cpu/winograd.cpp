@@ -36,14 +36,9 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 
 }  // namespace
 
-// Forward and backward-weight: 200, measured on resnet_3x3_512 (32 tiles for 512 x 512 filters), where
-// forward's one-GEMM-over-the-batch and backward-weight's GEMM beat transforming 37 MB of filters
-// (or accumulating as many sums per chunk) once caches are cold, as in a network or the benchmark.
+// 200, measured on resnet_3x3_512 (32 tiles for 512 x 512 filters): there the GEMMs over the whole
+// batch beat transforming 37 MB of filters once caches are cold, as in a network or the benchmark.
 bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
-
-// Backward-input: 30. Its GEMM alternative (a GEMM and a col2im per image) is slower, and Winograd
-// wins on resnet_3x3_512 too.
-bool winograd_backward_input_applies(const Conv2dShape& s) { return winograd_worth_it(s, 30.0); }
 
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
