@@ -221,7 +221,34 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const StridedMatrix<T> a_transposed{A, {a.col_stride, a.row_stride}};
   const APacker<T> a_packer = a_packer_for(a_transposed);
-  if (threads <= 1 || chunks <= 1 || double(M) * double(N) * double(K) < 4.0 * double(kMinParallelWork)) {
+  if (threads <= 1 || double(M) * double(N) * double(K) < 4.0 * double(kMinParallelWork)) {
+    gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
+    return;
+  }
+  // Each thread packs the part of A or B it multiplies and all of the other. Split the rows instead of
+  // the columns when A is the larger operand (deep layers: 512 channels by 49 positions at batch 1) or
+  // when there are too few columns to go round; in chunks of 24 rows, whole register strips of every
+  // build. Either way each C element is summed over K in the serial order.
+  constexpr int64_t kRowChunk = 24;
+  const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
+  if ((chunks < threads || M > N) && row_chunks >= threads) {
+    ParallelErrors errors;
+#pragma omp parallel num_threads(threads)
+    errors.run([&] {
+#ifdef _OPENMP
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+      const int64_t t = 0, nt = 1;
+#endif
+      const int64_t i0 = row_chunks * t / nt * kRowChunk, i1 = std::min(M, row_chunks * (t + 1) / nt * kRowChunk);
+      if (i1 <= i0) return;
+      const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
+      gemm_columns<T>(i1 - i0, N, K, a_packer_for(rows), b, 0, C + i0 * ldc, ldc, accumulate);
+    });
+    errors.rethrow();
+    return;
+  }
+  if (chunks <= 1) {
     gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
     return;
   }
