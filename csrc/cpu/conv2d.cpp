@@ -8,8 +8,13 @@
 // block and pack_col / pack_batch_col_transposed write it straight into the packed layout (implicit GEMM),
 // which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
 // and no padding needs no im2col at all: col is x.
-// 3x3 stride-1 layers take the Winograd path instead (winograd_impl.inc) for all three passes,
-// backward-input as the transposed convolution; set_conv_algorithm("gemm") turns that off.
+// Other paths, chosen per layer:
+// - 3x3 stride-1 layers take the Winograd path (winograd_impl.inc) for all three passes, backward-input
+//   as the transposed convolution; set_conv_algorithm("gemm") turns that off.
+// - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly
+//   (direct_conv_impl.inc, and backward_weight_direct here for strided ones).
+// - Few output positions and many weights (resnet_3x3_512): forward and backward-input as one GEMM per
+//   group over the whole batch, so the weights are packed once per thread instead of once per image.
 // Forward and backward-input run one image per thread (each writes its own output); backward-weight
 // splits the columns of grad_w among threads, so every gradient element is summed over n in the same
 // order whatever the thread count: results are bit-for-bit reproducible.
