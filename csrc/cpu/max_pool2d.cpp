@@ -151,6 +151,12 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
   const int64_t HW = s.H * s.W, PQ = s.P * s.Q, planes = s.N * s.C;
   const double inv_W = 1.0 / double(s.W);
   const bool undilated = win.dilation_h == 1 && win.dilation_w == 1;
+  // Output columns whose (undilated) window lies wholly inside the image's columns: [q_lo, q_hi), empty
+  // for dilated windows.
+  const int64_t q_lo = std::min(s.Q, (win.pad_left + win.stride_w - 1) / win.stride_w);
+  const int64_t last_start = s.W + win.pad_left - win.kernel_w;  // q * stride_w <= this (may be negative)
+  const int64_t q_hi = !undilated || last_start < 0 ? q_lo
+                                                    : std::max(q_lo, std::min(s.Q, last_start / win.stride_w + 1));
   std::atomic<int64_t> first_bad{-1};
   // One thread owns a plane and adds its windows' gradients in output order: a fixed order, so the
   // result is bit-for-bit reproducible without atomics. Each index is checked to be a cell of its own
@@ -161,10 +167,6 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
     const int64_t* ip = indices + plane * PQ;
     T* gxp = grad_x + plane * HW;
     std::fill(gxp, gxp + HW, T(0));
-    // Output columns whose undilated window lies wholly inside the image's columns: [q_lo, q_hi).
-    const int64_t q_lo = std::min(s.Q, (win.pad_left + win.stride_w - 1) / win.stride_w);
-    const int64_t last_start = s.W + win.pad_left - win.kernel_w;  // q * stride_w <= this (may be negative)
-    const int64_t q_hi = last_start < 0 ? q_lo : std::max(q_lo, std::min(s.Q, last_start / win.stride_w + 1));
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t h0 = p * win.stride_h - win.pad_top;
       // Undilated windows: idx is valid when idx - (h0 + r) * W - w0 lies in the window's columns
@@ -188,28 +190,28 @@ int64_t max_pool2d_backward(const Pool2dShape& s, const T* grad_y, const int64_t
         return dh >= 0 && dw >= 0 && dh < win.kernel_h * win.dilation_h && dw < win.kernel_w * win.dilation_w &&
                (win.dilation_h == 1 || dh % win.dilation_h == 0) && (win.dilation_w == 1 || dw % win.dilation_w == 0);
       };
+      // Columns up to `end` through the full check; stops at the first bad index.
       int64_t q = 0;
-      if (undilated) {  // the edges in full, the interior with the window's columns known to be inside
-        for (; q < q_lo; ++q)
-          if (valid(q, ip[p * s.Q + q])) gxp[ip[p * s.Q + q]] += gyp[p * s.Q + q]; else break;
-        if (q == q_lo) {
-          const int64_t rows = r_end - r_begin, base = (h0 + r_begin) * s.W - win.pad_left;
-          const uint64_t kw = uint64_t(win.kernel_w);
-          for (; q < q_hi; ++q) {
-            const int64_t o = p * s.Q + q, idx = ip[o], rel = idx - base - q * win.stride_w;
-            bool ok = false;
-            for (int64_t r = 0; r < rows; ++r) ok |= uint64_t(rel - r * s.W) < kw;
-            if (!ok) break;
-            gxp[idx] += gyp[o];
-          }
+      auto add_checked = [&](int64_t end) {
+        for (; q < end; ++q) {
+          const int64_t o = p * s.Q + q, idx = ip[o];
+          if (!valid(q, idx)) return;
+          gxp[idx] += gyp[o];
         }
-        if (q == q_hi)
-          for (; q < s.Q; ++q)
-            if (valid(q, ip[p * s.Q + q])) gxp[ip[p * s.Q + q]] += gyp[p * s.Q + q]; else break;
-      } else {
-        for (; q < s.Q; ++q)
-          if (valid(q, ip[p * s.Q + q])) gxp[ip[p * s.Q + q]] += gyp[p * s.Q + q]; else break;
+      };
+      add_checked(q_lo);
+      if (q == q_lo) {  // the interior: the window's columns are known to be inside
+        const int64_t rows = r_end - r_begin, base = (h0 + r_begin) * s.W - win.pad_left;
+        const uint64_t kw = uint64_t(win.kernel_w);
+        for (; q < q_hi; ++q) {
+          const int64_t o = p * s.Q + q, idx = ip[o], rel = idx - base - q * win.stride_w;
+          bool ok = false;
+          for (int64_t r = 0; r < rows; ++r) ok |= uint64_t(rel - r * s.W) < kw;
+          if (!ok) break;
+          gxp[idx] += gyp[o];
+        }
       }
+      if (q == q_hi) add_checked(s.Q);
       if (q < s.Q) {  // stop this plane at its first bad index
         const int64_t at = plane * PQ + p * s.Q + q;
         int64_t cur = first_bad.load();
