@@ -21,30 +21,12 @@ PYKERNELS_DECLARE_DIRECT(avx512)
 
 template <typename T>
 void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
-  switch (active_build()) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::conv2d_forward_direct<T>(s, x, w, bias, y);
-    case Isa::avx2:
-      return avx2::conv2d_forward_direct<T>(s, x, w, bias, y);
-#endif
-    default:
-      return portable::conv2d_forward_direct<T>(s, x, w, bias, y);
-  }
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_forward_direct<T>(s, x, w, bias, y))
 }
 
 template <typename T>
 void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  switch (active_build()) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w);
-    case Isa::avx2:
-      return avx2::conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w);
-#endif
-    default:
-      return portable::conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w);
-  }
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w))
 }
 
 template void conv2d_backward_weight_direct_stride1<float>(const Conv2dShape&, const float*, const float*, float*);

@@ -106,16 +106,13 @@ struct StridedMatrix {
 template <typename T>
 void gemm_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, const T* packed_a, BPacker<T> b,
              int64_t j_offset, T* C, int64_t ldc, bool accumulate) {
-  switch (isa) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate);
-    case Isa::avx2:
-      return avx2::gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate);
-#endif
-    default:
-      return portable::gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate);
-  }
+  PYKERNELS_RETURN_ON_BUILD(isa, gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate))
+}
+
+// The register-tile height and depth block of build `isa`'s GEMM.
+template <typename T>
+void blocking_on(Isa isa, int64_t* mr, int64_t* kc) {
+  PYKERNELS_RETURN_ON_BUILD(isa, blocking<T>(mr, kc))
 }
 
 template <typename T>
@@ -156,24 +153,31 @@ APacker<T> a_packer_for(const StridedMatrix<T>& a_transposed) {
   return APacker<T>{&pack_strided_a<T>, &a_transposed};
 }
 
+// Splits `units` into one contiguous share [begin, end) per thread of a parallel region and runs
+// work(begin, end) on each non-empty share; the first exception is rethrown afterwards.
+template <typename Work>
+void for_each_thread_share(int threads, int64_t units, Work&& work) {
+  ParallelErrors errors;
+#pragma omp parallel num_threads(threads)
+  errors.run([&] {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    const int64_t begin = units * t / nt, end = units * (t + 1) / nt;
+    if (end > begin) work(begin, end);
+  });
+  errors.rethrow();
+}
+
 }  // namespace
 
 template <typename T>
 PackedLayout packed_layout(int64_t rows, int64_t depth) {
   const Isa isa = current_isa().load();
   PackedLayout layout{isa, rows, depth, 0, 0};
-  switch (isa) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      avx512::blocking<T>(&layout.mr, &layout.kc);
-      break;
-    case Isa::avx2:
-      avx2::blocking<T>(&layout.mr, &layout.kc);
-      break;
-#endif
-    default:
-      portable::blocking<T>(&layout.mr, &layout.kc);
-  }
+  blocking_on<T>(isa, &layout.mr, &layout.kc);
   return layout;
 }
 
@@ -232,39 +236,21 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   constexpr int64_t kRowChunk = 24;
   const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
   if ((chunks < threads || M > N) && row_chunks >= threads) {
-    ParallelErrors errors;
-#pragma omp parallel num_threads(threads)
-    errors.run([&] {
-#ifdef _OPENMP
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-      const int64_t t = 0, nt = 1;
-#endif
-      const int64_t i0 = row_chunks * t / nt * kRowChunk, i1 = std::min(M, row_chunks * (t + 1) / nt * kRowChunk);
-      if (i1 <= i0) return;
+    for_each_thread_share(threads, row_chunks, [&](int64_t c0, int64_t c1) {
+      const int64_t i0 = c0 * kRowChunk, i1 = std::min(M, c1 * kRowChunk);
       const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
       gemm_columns<T>(i1 - i0, N, K, a_packer_for(rows), b, 0, C + i0 * ldc, ldc, accumulate);
     });
-    errors.rethrow();
     return;
   }
   if (chunks <= 1) {
     gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
     return;
   }
-  ParallelErrors errors;
-#pragma omp parallel num_threads(threads)
-  errors.run([&] {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int64_t t = 0, nt = 1;
-#endif
-    const int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
+  for_each_thread_share(threads, chunks, [&](int64_t c0, int64_t c1) {
     const int64_t j0 = c0 * kChunk, j1 = std::min(N, c1 * kChunk);
-    if (j1 > j0) gemm_columns<T>(M, j1 - j0, K, a_packer, b, j0, C + j0, ldc, accumulate);
+    gemm_columns<T>(M, j1 - j0, K, a_packer, b, j0, C + j0, ldc, accumulate);
   });
-  errors.rethrow();
 }
 
 template <typename T>

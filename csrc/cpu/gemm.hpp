@@ -92,6 +92,22 @@ void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, const
 // best the CPU runs is chosen at load time. Tests force each in turn to cover every path.
 const char* active_isa();
 Isa active_build();  // the same, for dispatching to a build's namespace
+
+// `return ns::call;` for the namespace of build `isa` (avx512, avx2 or portable): the one dispatch to the
+// per-instruction-set code of the *_impl.inc files. Non-x86 builds have only the portable one.
+#ifdef PYKERNELS_X86_ISAS
+#define PYKERNELS_RETURN_ON_BUILD(isa, call)       \
+  switch (isa) {                                   \
+    case ::pykernels::cpu::Isa::avx512:            \
+      return avx512::call;                         \
+    case ::pykernels::cpu::Isa::avx2:              \
+      return avx2::call;                           \
+    default:                                       \
+      return portable::call;                       \
+  }
+#else
+#define PYKERNELS_RETURN_ON_BUILD(isa, call) return portable::call;
+#endif
 // Returns false when the name is unknown or the CPU cannot run it.
 bool set_isa(const char* name);
 

@@ -44,30 +44,12 @@ template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
   // The transformed filters are packed for the active GEMM build; the transforms run on the same one.
   const PackedLayout layout = packed_layout<T>(s.K, s.C);
-  switch (layout.isa) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::conv2d_winograd<T>(s, x, filters, layout, bias, y);
-    case Isa::avx2:
-      return avx2::conv2d_winograd<T>(s, x, filters, layout, bias, y);
-#endif
-    default:
-      return portable::conv2d_winograd<T>(s, x, filters, layout, bias, y);
-  }
+  PYKERNELS_RETURN_ON_BUILD(layout.isa, conv2d_winograd<T>(s, x, filters, layout, bias, y))
 }
 
 template <typename T>
 void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  switch (active_build()) {
-#ifdef PYKERNELS_X86_ISAS
-    case Isa::avx512:
-      return avx512::conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w);
-    case Isa::avx2:
-      return avx2::conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w);
-#endif
-    default:
-      return portable::conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w);
-  }
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w))
 }
 
 template void conv2d_backward_weight_winograd<float>(const Conv2dShape&, const float*, const float*, float*);
