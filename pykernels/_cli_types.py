@@ -6,41 +6,37 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind, unparsable):
+    """text as int or float, or `unparsable` (a value every rule rejects) when it is not a number."""
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        value = 0
+        return unparsable
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, 0)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
+    value = _number(text, int, -1)
     if not 0 <= value < 2**32:  # the range NumPy and scikit-learn accept as a seed
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text, float, math.nan)
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text, float, math.nan)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
     return value
