@@ -131,16 +131,22 @@ def _pad4(padding, x_hw, w_hw, stride, dilation):
     return peers._padding4(padding, x_hw, w_hw, peers._pair(stride, "s"), peers._pair(dilation, "d"))
 
 
-def loop_conv(x, w, b, stride, padding, dilation, groups):
+def _padded(x, w, stride, padding, dilation):
+    """x zero-padded, with the strides, dilations and (top, left) padding the loops need."""
     N, C, H, W = x.shape
-    K, Cg, R, S = w.shape
-    sh, sw = peers._pair(stride, "s")
-    dh, dw = peers._pair(dilation, "d")
+    _, _, R, S = w.shape
     t, bo, l, r = _pad4(padding, (H, W), (R, S), stride, dilation)
     xp = np.zeros((N, C, H + t + bo, W + l + r))
     xp[:, :, t : t + H, l : l + W] = x
-    P = (H + t + bo - dh * (R - 1) - 1) // sh + 1
-    Q = (W + l + r - dw * (S - 1) - 1) // sw + 1
+    return xp, peers._pair(stride, "s"), peers._pair(dilation, "d"), (t, l)
+
+
+def loop_conv(x, w, b, stride, padding, dilation, groups):
+    N, C, H, W = x.shape
+    K, Cg, R, S = w.shape
+    xp, (sh, sw), (dh, dw), _ = _padded(x, w, stride, padding, dilation)
+    P = (xp.shape[2] - dh * (R - 1) - 1) // sh + 1
+    Q = (xp.shape[3] - dw * (S - 1) - 1) // sw + 1
     Kg = K // groups
     y = np.zeros((N, K, P, Q))
     for n in range(N):
@@ -160,11 +166,7 @@ def loop_conv(x, w, b, stride, padding, dilation, groups):
 def loop_conv_backward(g, x, w, stride, padding, dilation, groups):
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
-    sh, sw = peers._pair(stride, "s")
-    dh, dw = peers._pair(dilation, "d")
-    t, bo, l, r = _pad4(padding, (H, W), (R, S), stride, dilation)
-    xp = np.zeros((N, C, H + t + bo, W + l + r))
-    xp[:, :, t : t + H, l : l + W] = x
+    xp, (sh, sw), (dh, dw), (t, l) = _padded(x, w, stride, padding, dilation)
     gxp = np.zeros_like(xp)
     gw = np.zeros(w.shape)
     Kg = K // groups
