@@ -392,7 +392,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "conv2d_uses_winograd",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
         const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return std::string(pykernels::cpu::conv_algorithm()) == "auto" && pykernels::cpu::winograd_applies(s);
+        return pykernels::cpu::conv2d_winograd_chosen(s);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"),
@@ -401,13 +401,11 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "conv2d_backward_input_uses_winograd",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
         const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return std::string(pykernels::cpu::conv_algorithm()) == "auto" &&
-               std::max({pad[0], pad[1], pad[2], pad[3]}) <= 2 && pykernels::cpu::winograd_applies(s);
+        return pykernels::cpu::conv2d_backward_input_winograd_chosen(s);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"),
-      "Whether conv2d backward-input on these shapes takes the Winograd path (for tests; the transposed "
-      "layer is checked too when the kernel runs).");
+      "Whether conv2d backward-input on these shapes takes the Winograd path (for tests).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cpu/conv_ranges.hpp"
@@ -54,8 +55,23 @@ bool all_finite(const T* v, int64_t count) {
 
 template <typename T>
 bool use_winograd(const Conv2dShape& s, const T* x, const T* w) {
-  return winograd_enabled.load() && winograd_applies(s) && all_finite(w, s.w_numel()) &&
-         all_finite(x, s.x_numel());
+  return conv2d_winograd_chosen(s) && all_finite(w, s.w_numel()) && all_finite(x, s.x_numel());
+}
+
+// Backward-input of a stride-1 convolution is a forward convolution of grad_y with the kernel flipped
+// and its channel axes swapped, padded by R-1-pad: the transposed convolution. For 3x3 layers with
+// padding <= 2 that can run on the Winograd path; this is its shape, or nothing when it does not.
+std::optional<Conv2dShape> winograd_transposed_shape(const Conv2dShape& s) {
+  const Window2d& win = s.win;
+  if (std::max({win.pad_top, win.pad_bottom, win.pad_left, win.pad_right}) > 2) return std::nullopt;
+  if (!conv2d_winograd_chosen(s)) return std::nullopt;
+  Conv2dShape t;
+  t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = 3, t.S = 3, t.groups = 1;
+  t.win.pad_top = 2 - win.pad_top, t.win.pad_bottom = 2 - win.pad_bottom;
+  t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
+  t.validate();  // t.P, t.Q == s.H, s.W
+  if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return std::nullopt;
+  return t;
 }
 
 bool is_pointwise(const Conv2dShape& s) {
@@ -216,6 +232,10 @@ void pack_batch_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t 
 
 }  // namespace
 
+bool conv2d_winograd_chosen(const Conv2dShape& s) { return winograd_enabled.load() && winograd_applies(s); }
+
+bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s) { return winograd_transposed_shape(s).has_value(); }
+
 bool set_conv_algorithm(const char* name) {
   if (std::strcmp(name, "auto") != 0 && std::strcmp(name, "gemm") != 0) return false;
   winograd_enabled.store(std::strcmp(name, "auto") == 0);
@@ -296,23 +316,14 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
 
 namespace {
 
-// Backward-input of a stride-1 convolution is a forward convolution of grad_y with the kernel flipped
-// and its channel axes swapped, padded by R-1-pad: the transposed convolution. For 3x3 layers with
-// padding <= 2 that runs on the Winograd path. Returns false when it does not apply.
+// Backward-input as the transposed convolution on the Winograd path (winograd_transposed_shape).
+// Returns false when it does not apply.
 template <typename T>
 bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
-  const Window2d& win = s.win;
-  if (std::max({win.pad_top, win.pad_bottom, win.pad_left, win.pad_right}) > 2) return false;
-  if (!winograd_enabled.load() || !winograd_applies(s)) return false;
-  if (!all_finite(w, s.w_numel()) || !all_finite(grad_y, s.y_numel())) return false;
-  Conv2dShape t;
-  t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = 3, t.S = 3, t.groups = 1;
-  t.win.pad_top = 2 - win.pad_top, t.win.pad_bottom = 2 - win.pad_bottom;
-  t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
-  t.validate();  // t.P, t.Q == s.H, s.W
-  if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return false;
+  const std::optional<Conv2dShape> t = winograd_transposed_shape(s);
+  if (!t || !all_finite(w, s.w_numel()) || !all_finite(grad_y, s.y_numel())) return false;
   // Filter (c, k) of the transposed convolution is w[k][c] rotated 180 degrees.
-  conv2d_winograd<T>(t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
+  conv2d_winograd<T>(*t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
   return true;
 }
 
@@ -476,7 +487,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       return conv2d_backward_weight_direct_stride1(s, grad_y, x, grad_w);
     return backward_weight_direct(s, grad_y, x, grad_w);
   }
-  if (winograd_enabled.load() && winograd_applies(s) && all_finite(x, s.x_numel()) &&
+  if (conv2d_winograd_chosen(s) && all_finite(x, s.x_numel()) &&
       all_finite(grad_y, s.y_numel()))
     return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();

@@ -34,6 +34,10 @@ void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y
 // unknown name.
 bool set_conv_algorithm(const char* name);
 const char* conv_algorithm();
+// Whether these shapes take the Winograd path under the current algorithm, finite inputs given:
+// forward and backward-weight; backward-input (as the transposed convolution).
+bool conv2d_winograd_chosen(const Conv2dShape& s);
+bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
 
 // winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
