@@ -111,9 +111,24 @@ __device__ __forceinline__ I div_up(I a, I b) {
   return (a + b - 1) / b;
 }
 
+// ---- the loaders' stash into a shared stage: a thread's kCount values go either across the tile
+// (one reduction index, every `step`-th row or column) or down the reduction (every `step`-th index).
+
+template <typename AccT, int W, int N>
+__device__ __forceinline__ void stash_across(AccT (&stage)[kBK][W], int kk, int first, int step, const AccT (&v)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) stage[kk][first + e * step] = v[e];
+}
+
+template <typename AccT, int W, int N>
+__device__ __forceinline__ void stash_down(AccT (&stage)[kBK][W], int kk, int first, int step, const AccT (&v)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) stage[kk + e * step][first] = v[e];
+}
+
 // ---- the GEMM main loop ------------------------------------------------------------------------------
 
-// acc += A (BM x reduction) * B (reduction x BN) over `steps` stages of kBK, where the loaders
+// acc = A (BM x reduction) * B (reduction x BN) over `steps` stages of kBK, where the loaders
 // fetch their share of each stage from global memory (load) and put it into shared memory (stash).
 template <int BM, int BN, typename Args, typename AccT, class ALoader, class BLoader>
 __device__ __forceinline__ void gemm_mainloop(const Args& p, ALoader& a, BLoader& b, int64_t steps,
@@ -124,6 +139,10 @@ __device__ __forceinline__ void gemm_mainloop(const Args& p, ALoader& a, BLoader
   PK_REGISTER_SHARED(As);
   PK_REGISTER_SHARED(Bs);
   const int tx = int(threadIdx.x) % TS::TX, ty = int(threadIdx.x) / TS::TX;
+#pragma unroll
+  for (int i = 0; i < TS::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TS::TN; ++j) acc[i][j] = AccT(0);
   if (steps <= 0) return;  // uniform over the block: no thread waits at a barrier alone
   AccT ra[TS::kA], rb[TS::kB];
   a.load(p, ra);
@@ -209,8 +228,7 @@ struct ForwardA {
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&As)[kBK][BM + kPad], const Acc<T> (&r)[kCount]) const {
-#pragma unroll
-    for (int e = 0; e < kCount; ++e) As[a_kk][a_m + e * kRowStep] = r[e];
+    stash_across(As, a_kk, a_m, kRowStep, r);
   }
 };
 
@@ -261,8 +279,7 @@ struct ForwardB {
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&Bs)[kBK][BN + kPad], const Acc<T> (&v)[kCount]) const {
-#pragma unroll
-    for (int e = 0; e < kCount; ++e) Bs[b_kk + e * kRowStep][b_j] = v[e];
+    stash_down(Bs, b_kk, b_j, kRowStep, v);
   }
 };
 
@@ -275,10 +292,6 @@ __global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_forw
     ForwardA<T, I, BM> a(p, o.g, o.m0, o.kb, o.ke);
     ForwardB<T, I, BN> b(p, o.g, o.j0, o.kb, o.ke);
     Acc<T> acc[TS::TM][TS::TN];
-#pragma unroll
-    for (int i = 0; i < TS::TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TS::TN; ++j) acc[i][j] = Acc<T>(0);
     gemm_mainloop<BM, BN>(p, a, b, o.steps, acc);
 #pragma unroll
     for (int j = 0; j < TS::TN; ++j) {
@@ -344,8 +357,7 @@ struct BackwardInputA {
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&As)[kBK][BM + kPad], const Acc<T> (&v)[kCount]) const {
-#pragma unroll
-    for (int e = 0; e < kCount; ++e) As[a_kk + e * kRowStep][a_m] = v[e];
+    stash_down(As, a_kk, a_m, kRowStep, v);
   }
 };
 
@@ -391,8 +403,7 @@ struct BackwardInputB {
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&Bs)[kBK][BN + kPad], const Acc<T> (&v)[kCount]) const {
-#pragma unroll
-    for (int e = 0; e < kCount; ++e) Bs[b_kk + e * kRowStep][b_j] = v[e];
+    stash_down(Bs, b_kk, b_j, kRowStep, v);
   }
 };
 
@@ -405,10 +416,6 @@ __global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_back
     BackwardInputA<T, I, BM> a(p, o.g, o.m0, o.kb, o.ke);
     BackwardInputB<T, I, BN> b(p, o.g, o.j0, o.kb, o.ke);
     Acc<T> acc[TS::TM][TS::TN];
-#pragma unroll
-    for (int i = 0; i < TS::TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TS::TN; ++j) acc[i][j] = Acc<T>(0);
     gemm_mainloop<BM, BN>(p, a, b, o.steps, acc);
     const I HcWc = p.Hc * p.Wc;
 #pragma unroll
@@ -465,8 +472,7 @@ struct BackwardWeightA {
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&As)[kBK][BM + kPad], const Acc<T> (&v)[kCount]) const {
-#pragma unroll
-    for (int e = 0; e < kCount; ++e) As[a_kk][a_m + e * kRowStep] = v[e];
+    stash_across(As, a_kk, a_m, kRowStep, v);
   }
 };
 
@@ -515,8 +521,7 @@ struct BackwardWeightB {
     kk += kBK;
   }
   __device__ void stash(Acc<T> (&Bs)[kBK][BN + kPad], const Acc<T> (&v)[kCount]) const {
-#pragma unroll
-    for (int e = 0; e < kCount; ++e) Bs[b_kk][b_j + e * kColStep] = v[e];
+    stash_across(Bs, b_kk, b_j, kColStep, v);
   }
 };
 
@@ -529,10 +534,6 @@ __global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_back
     BackwardWeightA<T, I, BM> a(p, o.g, o.m0, o.kb, o.ke);
     BackwardWeightB<T, I, BN> b(p, o.g, o.j0, o.kb, o.ke);
     Acc<T> acc[TS::TM][TS::TN];
-#pragma unroll
-    for (int i = 0; i < TS::TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TS::TN; ++j) acc[i][j] = Acc<T>(0);
     gemm_mainloop<BM, BN>(p, a, b, o.steps, acc);
 #pragma unroll
     for (int i = 0; i < TS::TM; ++i) {
