@@ -31,6 +31,11 @@ CASES = {
     "depth_blocks_k13": ((4, 300, 20, 20), (13, 300, 3, 3), 1),
     # 36 tiles: fewer than 64 per thread, so each phase is split among the threads instead of chunks.
     "few_tiles_phase_parallel": ((4, 16, 12, 12), (24, 16, 3, 3), 1),
+    # K * C > 116508 (over 16 MiB of transformed filters): the filters are transformed block by block
+    # as the GEMMs use them (winograd_streamed_filters), for backward-input too (350 x 340 transposed).
+    # 60 tiles make two chunks of 48 and 12; K = 350 leaves a ragged last block of output channels and
+    # C = 340 a last block of 20 input channels.
+    "streamed_filters": ((3, 340, 17, 16), (350, 340, 3, 3), 1),
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
@@ -65,10 +70,13 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), pads, (2, 2), 1)  # dilated
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
-    # resnet_3x3_512: 32 tiles cannot pay for transforming 512 x 512 filters; one GEMM over the batch
-    # is faster, for every pass.
-    assert not _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
-    assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
+    # resnet_3x3_512: at batch 8 its 32 tiles pay for transforming 512 x 512 filters block by block; at
+    # batch 1 (4 tiles) the GEMM is faster, for both passes.
+    assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
+                                                              (1, 1), 1)
+    assert not _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
+    assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
                                                                   (1, 1), 1)
 
 
@@ -136,10 +144,11 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
     assert _relative_error(np.where(finite, y, 0), np.where(finite, want, 0)) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel"])
+@pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
+                                  "streamed_filters"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (register
-    # strips of 12 rows on AVX-512, 6 on AVX2 and the portable build).
+    # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build).
     x_shape, w_shape, padding = CASES[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)

@@ -43,6 +43,9 @@ bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
 // (so backward-input runs as the transposed convolution without copying the weights).
 bool winograd_applies(const Conv2dShape& s);
+// Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
+// than 16 MiB in float32), rather than all at once before.
+bool winograd_streams_filters(const Conv2dShape& s);
 template <typename T>
 struct WinogradFilters {
   const T* w;

@@ -36,9 +36,13 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 
 }  // namespace
 
-// 200, measured on resnet_3x3_512 (32 tiles for 512 x 512 filters): there the GEMMs over the whole
-// batch beat transforming 37 MB of filters once caches are cold, as in a network or the benchmark.
-bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
+bool winograd_streams_filters(const Conv2dShape& s) { return double(s.K) * double(s.C) * 36.0 * 4.0 > 16.0 * (1 << 20); }
+
+// The time of each transformed filter value, in flops of the GEMM: about 200 when all of U is written to
+// memory and read back (measured on resnet_3x3_512 with cold caches, as in a network or the benchmark),
+// about 60 when the filters are transformed block by block in L2 (winograd_streams_filters: there
+// resnet_3x3_512 at batch 8 runs in 0.75x the time of the GEMM).
+bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s) ? 60.0 : 200.0); }
 
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
