@@ -61,6 +61,7 @@ def test_cases_take_the_winograd_path(name):
     assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
     backward_input = _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
     assert backward_input == (name not in FALLBACK_BACKWARD)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
 
 
 def test_small_or_strided_layers_do_not():
@@ -71,10 +72,13 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
     # resnet_3x3_512: at batch 8 its 32 tiles pay for transforming 512 x 512 filters block by block; at
-    # batch 1 (4 tiles) the GEMM is faster, for both passes.
+    # batch 1 (4 tiles) the GEMM is faster, for both passes. Backward-weight, which sums all 36 x 512 x 512
+    # products in memory, stays on the GEMM.
     assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
     assert _pykernels_cpu.conv2d_backward_input_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
                                                               (1, 1), 1)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
+                                                                   (1, 1), 1)
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
     assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
                                                                   (1, 1), 1)

@@ -396,7 +396,16 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"),
-      "Whether conv2d forward and backward-weight on these shapes take the Winograd path (for tests).");
+      "Whether conv2d forward on these shapes takes the Winograd path (for tests).");
+  m.def(
+      "conv2d_backward_weight_uses_winograd",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return pykernels::cpu::conv2d_backward_weight_winograd_chosen(s);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"),
+      "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
   m.def(
       "conv2d_backward_input_uses_winograd",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {

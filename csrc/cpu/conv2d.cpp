@@ -10,11 +10,12 @@
 // and no padding needs no im2col at all: col is x.
 // Other paths, chosen per layer:
 // - 3x3 stride-1 layers take the Winograd path (winograd_impl.inc) for all three passes, backward-input
-//   as the transposed convolution; set_conv_algorithm("gemm") turns that off.
+//   as the transposed convolution, where winograd.cpp's cost rules say it pays (backward-weight's is
+//   stricter for the largest layers); set_conv_algorithm("gemm") turns that off.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly
 //   (direct_conv_impl.inc, and backward_weight_direct here for strided ones).
-// - Few output positions and many weights (resnet_3x3_512): forward and backward-input as one GEMM per
-//   group over the whole batch, so the weights are packed once per thread instead of once per image.
+// - Few output positions and many weights (resnet_3x3_512 at batch 2 or 3, or under "gemm"): forward and
+//   backward-input as one GEMM per group over the whole batch, so the weights are packed once per thread instead of once per image.
 // Forward and backward-input run one image per thread (each writes its own output); backward-weight
 // splits the columns of grad_w among threads, so every gradient element is summed over n in the same
 // order whatever the thread count: results are bit-for-bit reproducible.
@@ -235,6 +236,10 @@ void pack_batch_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t 
 bool conv2d_winograd_chosen(const Conv2dShape& s) { return winograd_enabled.load() && winograd_applies(s); }
 
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s) { return winograd_transposed_shape(s).has_value(); }
+
+bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s) {
+  return winograd_enabled.load() && winograd_backward_weight_applies(s);
+}
 
 bool set_conv_algorithm(const char* name) {
   if (std::strcmp(name, "auto") != 0 && std::strcmp(name, "gemm") != 0) return false;
@@ -487,8 +492,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       return conv2d_backward_weight_direct_stride1(s, grad_y, x, grad_w);
     return backward_weight_direct(s, grad_y, x, grad_w);
   }
-  if (conv2d_winograd_chosen(s) && all_finite(x, s.x_numel()) &&
-      all_finite(grad_y, s.y_numel()))
+  if (conv2d_backward_weight_winograd_chosen(s) && all_finite(x, s.x_numel()) && all_finite(grad_y, s.y_numel()))
     return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;

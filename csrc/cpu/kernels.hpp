@@ -35,9 +35,10 @@ void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y
 bool set_conv_algorithm(const char* name);
 const char* conv_algorithm();
 // Whether these shapes take the Winograd path under the current algorithm, finite inputs given:
-// forward and backward-weight; backward-input (as the transposed convolution).
+// forward; backward-input (as the transposed convolution); backward-weight.
 bool conv2d_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
+bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
 
 // winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
@@ -46,6 +47,7 @@ bool winograd_applies(const Conv2dShape& s);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
 // than 16 MiB in float32), rather than all at once before.
 bool winograd_streams_filters(const Conv2dShape& s);
+bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
 template <typename T>
 struct WinogradFilters {
   const T* w;

@@ -44,6 +44,9 @@ bool winograd_streams_filters(const Conv2dShape& s) { return double(s.K) * doubl
 // resnet_3x3_512 at batch 8 runs in 0.75x the time of the GEMM).
 bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s) ? 60.0 : 200.0); }
 
+// Backward-weight sums the 36 products of every channel pair in memory (D) whatever the layer's size.
+bool winograd_backward_weight_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
+
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
   // The transformed filters are packed for the active GEMM build; the transforms run on the same one.
