@@ -324,7 +324,18 @@ def _workload(dtype=np.float32):
     return x, w, b, go
 
 
+def _streamed_winograd_layer(dtype):
+    # K * C > 116508: Winograd with the filters transformed block by block, the blocks sized by the
+    # thread count (forward and backward-input; backward-weight takes the GEMM on such a layer)
+    rng = np.random.default_rng(43)
+    x = rng.standard_normal((3, 340, 17, 16)).astype(dtype)
+    w = rng.standard_normal((350, 340, 3, 3)).astype(dtype)
+    y = pk.conv2d(x, w, padding=1)
+    return y, pk.conv2d_backward(y, x, w, padding=1, need_weight=False, need_bias=False)[0]
+
+
 def _run_all(x, w, b, go):
+    streamed = _streamed_winograd_layer(x.dtype) if x.shape[0] == 4 else ()
     y = pk.conv2d(x, w, b, stride=2, padding=1)
     grads = pk.conv2d_backward(go, x, w, stride=2, padding=1)
     # stride 1: the Winograd path, all three passes (its chunking depends on the thread count)
@@ -333,7 +344,7 @@ def _run_all(x, w, b, go):
     grads1 = pk.conv2d_backward(y1 * 0.5 - 1, x, w, padding=1)
     py, pidx = pk.max_pool2d(x, 3, 2, 1, return_indices=True)
     pgx = pk.max_pool2d_backward(py, pidx, x.shape, 3, 2, 1)
-    return (y, *grads, y1, *grads1, py, pidx, pgx)
+    return (y, *grads, y1, *grads1, py, pidx, pgx, *streamed)
 
 
 def _assert_bits_equal(a, b, what=""):

@@ -404,6 +404,9 @@ def test_max_pool2d_random(cfg, dtype, seed, kind):
 POOL_CASES = {
     "pool2x2_vgg_small": pool_case((2, 8, 56, 56), 2),
     "pool3x3s2_stem_small": pool_case((2, 4, 112, 112), 3, 2, 1),
+    # 3x3/2 rows wholly inside x take pool_row_interior_3x3s2; no left padding, odd width, two rows of
+    # padding at the bottom
+    "k3_s2_unpadded_left_odd_width": pool_case((2, 3, 15, 53), 3, 2, ((0, 2), (0, 1))),
     "ceil_last_window_in_padding": pool_case((1, 2, 5, 5), 2, 2, 1, ceil_mode=True),
     "ceil_k1_s2": pool_case((1, 2, 6, 6), 1, 2, ceil_mode=True),
     "ceil_k3_s2_odd": pool_case((2, 3, 8, 9), 3, 2, ceil_mode=True),
