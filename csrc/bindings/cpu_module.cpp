@@ -10,6 +10,7 @@
 #include <array>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/shapes.hpp"
@@ -388,33 +389,21 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
           throw ShapeError("isa must be 'portable', or 'avx2' / 'avx512' on a CPU that has them; got '" + name + "'");
       },
       py::arg("name"), "Force the hot loops' instruction set (for tests).");
-  m.def(
-      "conv2d_uses_winograd",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return pykernels::cpu::conv2d_winograd_chosen(s);
-      },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"),
-      "Whether conv2d forward on these shapes takes the Winograd path (for tests).");
-  m.def(
-      "conv2d_backward_weight_uses_winograd",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return pykernels::cpu::conv2d_backward_weight_winograd_chosen(s);
-      },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"),
-      "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
-  m.def(
-      "conv2d_backward_input_uses_winograd",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-        const Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return pykernels::cpu::conv2d_backward_input_winograd_chosen(s);
-      },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"),
-      "Whether conv2d backward-input on these shapes takes the Winograd path (for tests).");
+  // Whether a pass takes the Winograd path on these shapes (for tests), one binding per pass.
+  for (const auto& [name, chosen, pass] :
+       {std::tuple{"conv2d_uses_winograd", &pykernels::cpu::conv2d_winograd_chosen, "forward"},
+        std::tuple{"conv2d_backward_input_uses_winograd", &pykernels::cpu::conv2d_backward_input_winograd_chosen,
+                   "backward-input"},
+        std::tuple{"conv2d_backward_weight_uses_winograd", &pykernels::cpu::conv2d_backward_weight_winograd_chosen,
+                   "backward-weight"}})
+    m.def(
+        name,
+        [chosen = chosen](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+          return chosen(conv_shape_of_dims(x, w, stride, pad, dilation, groups));
+        },
+        py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"),
+        (std::string("Whether conv2d ") + pass + " on these shapes takes the Winograd path (for tests).").c_str());
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(
