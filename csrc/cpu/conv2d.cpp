@@ -28,6 +28,7 @@
 
 #include "cpu/conv_ranges.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/im2col.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/short_copies.hpp"
@@ -81,22 +82,6 @@ bool is_pointwise(const Conv2dShape& s) {
          w.pad_left == 0 && w.pad_right == 0;
 }
 
-// Visits rows [row0, row1) of col (one per channel c and kernel tap r, kw) of one image and group:
-// `visit` gets (row, c, the range of output rows p and of output columns q whose input cell is inside
-// x, and the input offsets h = p*stride_h + h_off, w = q*stride_w + w_off).
-template <typename Visit>
-void for_each_col_segment(const Conv2dShape& s, int64_t row0, int64_t row1, Visit&& visit) {
-  const Window2d& win = s.win;
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t c = row / (s.R * s.S), r = (row / s.S) % s.R, kw = row % s.S;
-    const int64_t h_offset = r * win.dilation_h - win.pad_top;
-    const int64_t w_offset = kw * win.dilation_w - win.pad_left;
-    const Range ps = valid_outputs(h_offset, win.stride_h, s.H, s.P);
-    const Range qs = valid_outputs(w_offset, win.stride_w, s.W, s.Q);
-    visit(row, c, ps, qs, h_offset, w_offset);
-  }
-}
-
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x.
 template <typename T>
 // col's rows are row_stride apart (PQ for one image's col; N*PQ when col holds the batch side by side).
@@ -111,124 +96,6 @@ void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g)
                            for (int64_t q = qs.begin; q < qs.end; ++q) xr[q * sw] += i[q];
                          }
                        });
-}
-
-// ---- implicit GEMM: im2col values written straight into the GEMM's packed B blocks ------------------
-
-// One group of x, as the GEMM's B operand. Forward reads it as col (rows crs, columns n*PQ + pq from the
-// image at x_g); backward-weight as col^T of one image (rows pq, columns crs, starting at column_base).
-template <typename T>
-struct Im2colSource {
-  const Conv2dShape* s;
-  const T* x_g;
-  int64_t column_base;
-};
-
-// Packs rows [k0, k0+kc) (crs) x columns [j0, j0+nc) (n*PQ + pq) of col; columns may run on into the
-// next images.
-template <typename T>
-void pack_col(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
-  const auto& src = *static_cast<const Im2colSource<T>*>(ctx);
-  const Conv2dShape& s = *src.s;
-  const int64_t HW = s.H * s.W, PQ = s.P * s.Q, sw = s.win.stride_w, strips = (nc + nr - 1) / nr;
-  for_each_col_segment(s, k0, k0 + kc, [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
-    int64_t n = j0 / PQ, p = j0 % PQ / s.Q, q = j0 % s.Q;  // image and output position of the first column
-    const T* xc = src.x_g + (n * s.C + c) * HW;
-    for (int64_t st = 0; st < strips; ++st) {
-      T* o = out + (st * kc + (row - k0)) * nr;
-      const int64_t cols = std::min(nr, nc - st * nr);
-      for (int64_t j = 0; j < cols;) {
-        const int64_t seg = std::min(s.Q - q, cols - j);  // columns left in output row p
-        if (p < ps.begin || p >= ps.end) {
-          fill_short(o + j, seg, T(0));
-        } else {
-          const T* xr = xc + (p * s.win.stride_h + h_off) * s.W + w_off;
-          const int64_t lo = std::clamp(qs.begin, q, q + seg), hi = std::clamp(qs.end, lo, q + seg);
-          fill_short(o + j, lo - q, T(0));
-          T* oo = o + j - q;
-          if (sw == 1)
-            copy_short(xr + lo, hi - lo, oo + lo);
-          else if (sw == 2)  // a constant stride the compiler turns into vector shuffles (ResNet's stem)
-            for (int64_t i = lo; i < hi; ++i) oo[i] = xr[2 * i];
-          else
-            for (int64_t i = lo; i < hi; ++i) oo[i] = xr[i * sw];
-          fill_short(oo + hi, q + seg - hi, T(0));
-        }
-        j += seg;
-        q += seg;
-        if (q == s.Q) {
-          q = 0;
-          if (++p == s.P) p = 0, xc += s.C * HW;  // on into the next image
-        }
-      }
-      fill_short(o + cols, nr - cols, T(0));
-    }
-  });
-}
-
-// Writes rows [k0, k0+kc) (pq) x columns [j0, j0+nc) (crs, offset by column_base) of one image's col^T
-// into packed strips that lie strip_stride apart: each strip of nr crs values is first formed as nr
-// contiguous rows of col by pack_col (contiguous reads of x), then transposed in cache.
-template <typename T>
-void write_col_transposed(const Im2colSource<T>& src, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr,
-                          T* out, int64_t strip_stride) {
-  thread_local std::vector<T> rows;  // kept: a fresh (zeroed) buffer per call cost as much as the packing
-  if (rows.size() < static_cast<size_t>(nr * kc)) rows.resize(static_cast<size_t>(nr * kc));
-  for (int64_t jb = 0; jb < nc; jb += nr, out += strip_stride) {
-    const int64_t cols = std::min(nr, nc - jb);
-    // rows[j * kc + k] = col[column_base + j0 + jb + j][k0 + k]
-    pack_col<T>(&src, src.column_base + j0 + jb, cols, k0, kc, kc, rows.data());
-    transpose_into_strip(rows.data(), kc, kc, cols, nr, out);
-  }
-}
-
-// ---- backward-weight over the whole batch as one GEMM: the reduction runs over n*PQ + pq ----------------
-
-// grad_y of one group as A: rows are the group's output channels, columns n*PQ + pq.
-template <typename T>
-struct GradOutRows {
-  const Conv2dShape* s;
-  const T* grad_y;
-  int64_t g;
-};
-
-template <typename T>
-void pack_grad_out_rows(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out) {
-  const auto& src = *static_cast<const GradOutRows<T>*>(ctx);
-  const Conv2dShape& s = *src.s;
-  const int64_t PQ = s.P * s.Q, first_row = src.g * s.K_per_group() + i0;
-  for (int64_t ib = 0; ib < mc; ib += mr, out += kc * mr) {
-    const int64_t rows = std::min(mr, mc - ib);
-    // Runs of the reduction index inside one image: `rows` rows of grad_y, PQ apart, transposed into
-    // the strip.
-    for (int64_t k = 0; k < kc;) {
-      const int64_t n = (k0 + k) / PQ, pq = (k0 + k) % PQ, run = std::min(PQ - pq, kc - k);
-      transpose_into_strip(src.grad_y + (n * s.K + first_row + ib) * PQ + pq, PQ, run, rows, mr, out + k * mr);
-      k += run;
-    }
-  }
-}
-
-// x of one group as B = col^T over the whole batch: rows n*PQ + pq, columns crs from column_base.
-template <typename T>
-struct BatchColTransposed {
-  const Conv2dShape* s;
-  const T* x;
-  int64_t g;
-  int64_t column_base;
-};
-
-template <typename T>
-void pack_batch_col_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
-  const auto& src = *static_cast<const BatchColTransposed<T>*>(ctx);
-  const Conv2dShape& s = *src.s;
-  const int64_t PQ = s.P * s.Q;
-  for (int64_t k = k0; k < k0 + kc;) {  // one image's rows at a time
-    const int64_t n = k / PQ, pq = k % PQ, rows = std::min(PQ - pq, k0 + kc - k);
-    const Im2colSource<T> image{&s, src.x + (n * s.C + src.g * s.C_per_group()) * s.H * s.W, src.column_base};
-    write_col_transposed(image, pq, rows, j0, nc, nr, out + (k - k0) * nr, kc * nr);
-    k += rows;
-  }
 }
 
 }  // namespace
@@ -263,7 +130,7 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
   std::vector<T> out(static_cast<size_t>(Kg * columns));
   for (int64_t g = 0; g < s.groups; ++g) {
     const Im2colSource<T> col{&s, x + g * Cg * HW, 0};
-    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, BPacker<T>{&pack_col<T>, &col}, out.data(),
+    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, BPacker<T>{conv_packers<T>().col, &col}, out.data(),
                      columns, false);
 #pragma omp parallel for schedule(static) if (s.N * Kg * PQ >= kMinParallelWork)
     for (int64_t nk = 0; nk < s.N * Kg; ++nk) {
@@ -303,7 +170,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
           gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false);
       } else {
         const Im2colSource<T> col{&s, x_g, 0};
-        const BPacker<T> B{&pack_col<T>, &col};
+        const BPacker<T> B{conv_packers<T>().col, &col};
         if (per_item_threads)
           gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false);
         else
@@ -336,33 +203,6 @@ bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* 
 
 namespace {
 
-// grad_y of one group over the whole batch as a GEMM's B: rows k, columns n*PQ + pq.
-template <typename T>
-struct BatchGradOut {
-  const Conv2dShape* s;
-  const T* grad_y_g;  // grad_y + g * Kg * PQ
-};
-
-template <typename T>
-void pack_batch_grad_out(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
-  const auto& src = *static_cast<const BatchGradOut<T>*>(ctx);
-  const Conv2dShape& s = *src.s;
-  const int64_t PQ = s.P * s.Q;
-  for (int64_t jb = 0; jb < nc; jb += nr) {
-    const int64_t cols = std::min(nr, nc - jb);
-    T* strip = out + jb * kc;
-    for (int64_t k = 0; k < kc; ++k) {
-      T* o = strip + k * nr;
-      for (int64_t j = 0; j < cols;) {  // runs of columns inside one image
-        const int64_t col = j0 + jb + j, n = col / PQ, pq = col % PQ, run = std::min(cols - j, PQ - pq);
-        copy_short(src.grad_y_g + (n * s.K + k0 + k) * PQ + pq, run, o + j);
-        j += run;
-      }
-      fill_short(o + cols, nr - cols, T(0));
-    }
-  }
-}
-
 // Few output positions per image (resnet_3x3_512's 7x7), as in forward_as_batch_gemm: one GEMM per
 // group over the whole batch, col (C/g*R*S x N*PQ) = w_g^T * GY_g, the weights packed once per thread
 // rather than once per image; then each image's columns are added back into grad_x (col2im).
@@ -375,7 +215,7 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
   for (int64_t g = 0; g < s.groups; ++g) {
     const BatchGradOut<T> gy{&s, grad_y + g * Kg * PQ};
     // A = w_g^T: element (crs, k) at w[(g * Kg + k) * CRS + crs]
-    gemm_parallel<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, BPacker<T>{&pack_batch_grad_out<T>, &gy},
+    gemm_parallel<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, BPacker<T>{conv_packers<T>().batch_grad_out, &gy},
                      col.data(), columns, false);
 #pragma omp parallel for schedule(static) if (s.N > 1 && CRS * columns >= kMinParallelWork)
     for (int64_t n = 0; n < s.N; ++n) col2im_add(s, col.data() + n * PQ, columns, grad_x + (n * s.C + g * Cg) * HW);
@@ -517,8 +357,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const GradOutRows<T> gy{&s, grad_y, g};
       const BatchColTransposed<T> col_t{&s, x, g, col0};
       // gw[:, col0:col1] = GY_g (Kg x N*PQ) * COL^T[:, col0:col1] (N*PQ x cols)
-      gemm<T>(Kg, col1 - col0, s.N * PQ, APacker<T>{&pack_grad_out_rows<T>, &gy},
-              BPacker<T>{&pack_batch_col_transposed<T>, &col_t}, grad_w + g * Kg * CRS + col0, CRS, false);
+      gemm<T>(Kg, col1 - col0, s.N * PQ, APacker<T>{conv_packers<T>().grad_out_rows, &gy},
+              BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t}, grad_w + g * Kg * CRS + col0, CRS, false);
     });
   }
   errors.rethrow();

@@ -1,0 +1,60 @@
+// The convolution's GEMM operands formed on the fly (implicit GEMM): packers that write im2col columns,
+// grad_y's rows and their transposes straight into the GEMM's packed layouts (gemm.hpp's APacker and
+// BPacker), so col is never stored. They are compiled once per instruction set (im2col_impl.inc), like
+// the GEMM: on resnet_stem, whose GEMM has a small side, packing is a quarter to a half of the time, and
+// the baseline build moved four floats at a time.
+#pragma once
+
+#include <cstdint>
+
+#include "common/shapes.hpp"
+#include "cpu/gemm.hpp"
+
+namespace pykernels::cpu {
+
+// One group of x, as the GEMM's B operand. Forward reads it as col (rows crs, columns n*PQ + pq from the
+// image at x_g); backward-weight as col^T of one image (rows pq, columns crs, starting at column_base).
+template <typename T>
+struct Im2colSource {
+  const Conv2dShape* s;
+  const T* x_g;
+  int64_t column_base;
+};
+
+// grad_y of one group as A: rows are the group's output channels, columns n*PQ + pq.
+template <typename T>
+struct GradOutRows {
+  const Conv2dShape* s;
+  const T* grad_y;
+  int64_t g;
+};
+
+// x of one group as B = col^T over the whole batch: rows n*PQ + pq, columns crs from column_base.
+template <typename T>
+struct BatchColTransposed {
+  const Conv2dShape* s;
+  const T* x;
+  int64_t g;
+  int64_t column_base;
+};
+
+// grad_y of one group over the whole batch as a GEMM's B: rows k, columns n*PQ + pq.
+template <typename T>
+struct BatchGradOut {
+  const Conv2dShape* s;
+  const T* grad_y_g;  // grad_y + g * Kg * PQ
+};
+
+// The packers of one instruction-set build; conv_packers<T>() gives the active one's.
+template <typename T>
+struct ConvPackers {
+  decltype(BPacker<T>::pack) col;                   // B = col of one group from an Im2colSource
+  decltype(BPacker<T>::pack) batch_col_transposed;  // B = col^T over the batch from a BatchColTransposed
+  decltype(APacker<T>::pack) grad_out_rows;         // A = grad_y's rows over the batch from a GradOutRows
+  decltype(BPacker<T>::pack) batch_grad_out;        // B = grad_y over the batch from a BatchGradOut
+};
+
+template <typename T>
+ConvPackers<T> conv_packers();
+
+}  // namespace pykernels::cpu
