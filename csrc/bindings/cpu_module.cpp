@@ -135,8 +135,6 @@ Conv2dShape conv_shape_of_dims(Quad x, Quad w, Pair stride, Quad pad, Pair dilat
 }
 
 std::vector<int64_t> out_dims(const Conv2dShape& s) { return {s.N, s.K, s.P, s.Q}; }
-std::vector<int64_t> in_dims(const Conv2dShape& s) { return {s.N, s.C, s.H, s.W}; }
-std::vector<int64_t> w_dims(const Conv2dShape& s) { return {s.K, s.C / s.groups, s.R, s.S}; }
 
 // ---- conv2d ------------------------------------------------------------------------------------------
 
