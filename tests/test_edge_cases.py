@@ -334,8 +334,17 @@ def _streamed_winograd_layer(dtype):
     return y, pk.conv2d_backward(y, x, w, padding=1, need_weight=False, need_bias=False)[0]
 
 
+def _batch_halves_weight_gradient(dtype):
+    # N * P * Q >= 8 * C*R*S: backward-weight sums two batch halves, each on its own thread
+    rng = np.random.default_rng(44)
+    x = rng.standard_normal((3, 4, 40, 42)).astype(dtype)
+    w = rng.standard_normal((10, 4, 3, 3)).astype(dtype)
+    go = rng.standard_normal((3, 10, 20, 21)).astype(dtype)
+    return pk.conv2d_backward(go, x, w, stride=2, padding=1, need_input=False, need_bias=False)[1]
+
+
 def _run_all(x, w, b, go):
-    streamed = _streamed_winograd_layer(x.dtype) if x.shape[0] == 4 else ()
+    extra = () if x.shape[0] != 4 else (*_streamed_winograd_layer(x.dtype), _batch_halves_weight_gradient(x.dtype))
     y = pk.conv2d(x, w, b, stride=2, padding=1)
     grads = pk.conv2d_backward(go, x, w, stride=2, padding=1)
     # stride 1: the Winograd path, all three passes (its chunking depends on the thread count)
@@ -344,7 +353,7 @@ def _run_all(x, w, b, go):
     grads1 = pk.conv2d_backward(y1 * 0.5 - 1, x, w, padding=1)
     py, pidx = pk.max_pool2d(x, 3, 2, 1, return_indices=True)
     pgx = pk.max_pool2d_backward(py, pidx, x.shape, 3, 2, 1)
-    return (y, *grads, y1, *grads1, py, pidx, pgx, *streamed)
+    return (y, *grads, y1, *grads1, py, pidx, pgx, *extra)
 
 
 def _assert_bits_equal(a, b, what=""):

@@ -180,6 +180,8 @@ CONV_CASES = {
     "gemm_k70_c37_n3": conv_case((3, 37, 13, 13), (70, 37, 3, 3), padding=1),
     "gemm_k70_c37_n1_wide": conv_case((1, 37, 9, 150), (70, 37, 3, 3), padding=(0, 1)),
     "gemm_k70_c37_strided": conv_case((2, 37, 15, 17), (70, 37, 3, 3), stride=2, padding=((1, 0), (0, 2))),
+    # backward-weight summed in two batch halves (N * P * Q >= 8 * C*R*S), here of 1 and 2 images
+    "batch_halves_odd_n": conv_case((3, 4, 20, 22), (10, 4, 3, 3), stride=2, padding=1),
     # 1x1: the im2col-free path (stride 1, no padding) and the paths that need im2col
     "pointwise_odd": conv_case((2, 37, 9, 11), (70, 37, 1, 1)),
     "pointwise_n1_big": conv_case((1, 19, 23, 29), (33, 19, 1, 1)),
@@ -220,8 +222,9 @@ CONV_CASE_IDS = list(CONV_CASES)
 # packers; _wide spans two B panels), pointwise, and direct (few weights per group: stride 1 on the
 # wide-row path, strided or dilated) layers.
 ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
-                "pointwise_odd", "width_67", "same_odd_total_stride3", "asym_padding_strided_dilated", "depthwise", "grouped_3",
-                "one_channel_batch1", "lenet_5x5", "dilation3", "depthwise_many_channels", "grouped_batch_gemm"]
+                "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
+                "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
+                "dilation3", "depthwise_many_channels", "grouped_batch_gemm"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

@@ -36,7 +36,9 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 
 }  // namespace
 
-bool winograd_streams_filters(const Conv2dShape& s) { return double(s.K) * double(s.C) * 36.0 * 4.0 > 16.0 * (1 << 20); }
+bool winograd_streams_filters(const Conv2dShape& s) {
+  return double(s.K) * double(s.C) * 36.0 * 4.0 > 16.0 * (1 << 20);
+}
 
 // The time of each transformed filter value, in flops of the GEMM: about 200 when all of U is written to
 // memory and read back (measured on resnet_3x3_512 with cold caches, as in a network or the benchmark),
