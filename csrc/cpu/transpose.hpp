@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__SSE2__)
+#if defined(__AVX__)
+#include <immintrin.h>
+#elif defined(__SSE2__)
 #include <xmmintrin.h>
 #endif
 
@@ -13,11 +15,45 @@
 
 namespace pykernels::cpu {
 
+#if defined(__AVX__)
+// The 8 x 8 block at rows[0..7][0..7] (row i at rows + i * row_stride) into out[k * nr + i].
+inline void transpose_8x8(const float* rows, int64_t row_stride, float* out, int64_t nr) {
+  __m256 a[8], t[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(rows + i * row_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    a[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    a[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    a[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    a[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * nr, _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * nr, _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+  }
+}
+#endif
+
 // out[k * nr + j] = rows[j * row_stride + k] for j < cols, k < kc, and 0 for cols <= j < nr: one packed
-// strip from `cols` rows. float goes 4 x 4 blocks at a time through SSE registers (any x86-64 CPU).
+// strip from `cols` rows. float goes 8 x 8 blocks at a time through AVX registers in the builds that have
+// them (im2col_impl.inc's AVX2 and AVX-512 builds), then 4 x 4 through SSE (any x86-64 CPU).
 template <typename T>
 inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
   int64_t j = 0;
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 8 <= cols; j += 8) {
+      const float* r = rows + j * row_stride;
+      int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) transpose_8x8(r + k, row_stride, out + k * nr + j, nr);
+      for (; k < kc; ++k)
+        for (int64_t i = 0; i < 8; ++i) out[k * nr + j + i] = r[i * row_stride + k];
+    }
+  }
+#endif
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
     for (; j + 4 <= cols; j += 4) {
