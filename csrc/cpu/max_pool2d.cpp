@@ -56,49 +56,38 @@ void pool_window(const Pool2dShape& s, const T* xp, int64_t h0, Span rows, int64
 
 // One output row's interior windows [q0, q1) (every column tap inside x), all at once: for each tap in
 // row-major order, one pass over q. The same update rule as pool_window, written without branches
-// (winning tap kept as an integer of T's width) so the compiler vectorises the q loop; STRIDE is the
-// column stride when it is a small constant (1, 2), or 0 for any other (read from `stride`).
+// (the winner kept as its offset from the window's first cell, an integer of T's width) so the compiler
+// vectorises the q loop; STRIDE is the column stride when it is a small constant (1, 2), or 0 for any
+// other (read from `stride`). The caller checks that every offset fits that integer.
 template <int STRIDE, typename T>
 void pool_row_interior(const Pool2dShape& s, const T* xp, int64_t h0, Span rows, int64_t q0, int64_t q1, T* y_row,
-                       int64_t* idx_row, std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>& taps) {
-  using Tap = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+                       int64_t* idx_row, std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>& offsets) {
+  using Offset = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   const Window2d& win = s.win;
   const int64_t stride = STRIDE ? STRIDE : win.stride_w;
   const int64_t n = q1 - q0;
   T* best = y_row + q0;
-  Tap* tap = taps.data();
-  const T* first = xp + (h0 + rows.begin * win.dilation_h) * s.W + q0 * stride - win.pad_left;
+  Offset* winner = offsets.data();
+  const int64_t base = (h0 + rows.begin * win.dilation_h) * s.W + q0 * stride - win.pad_left;  // first cell
+  const T* first = xp + base;
   for (int64_t i = 0; i < n; ++i) {
     best[i] = first[i * stride];
-    tap[i] = Tap(0);
+    winner[i] = Offset(0);
   }
-  Tap t = 0;
   for (int64_t r = rows.begin; r < rows.end; ++r)
-    for (int64_t c = 0; c < win.kernel_w; ++c, ++t) {
-      if (t == 0) continue;
-      const T* xr = xp + (h0 + r * win.dilation_h) * s.W + q0 * stride - win.pad_left + c * win.dilation_w;
+    for (int64_t c = 0; c < win.kernel_w; ++c) {
+      const Offset offset = Offset((r - rows.begin) * win.dilation_h * s.W + c * win.dilation_w);
+      if (offset == 0) continue;
+      const T* xr = first + offset;
       for (int64_t i = 0; i < n; ++i) {
         const T v = xr[i * stride], b = best[i];
         const bool take = (v > b) | ((v != v) & (b == b));  // bitwise: no branch, so it vectorises
         best[i] = take ? v : b;
-        tap[i] = take ? t : tap[i];
+        winner[i] = take ? offset : winner[i];
       }
     }
   if (!idx_row) return;
-  // Offset of each tap from the window's first cell, then index = first cell + offset of the winner.
-  int64_t offsets[64];
-  const int64_t n_taps = (rows.end - rows.begin) * win.kernel_w;
-  if (n_taps <= 64) {
-    for (int64_t k = 0; k < n_taps; ++k)
-      offsets[k] = (k / win.kernel_w) * win.dilation_h * s.W + (k % win.kernel_w) * win.dilation_w;
-    const int64_t base = (h0 + rows.begin * win.dilation_h) * s.W + q0 * stride - win.pad_left;
-    for (int64_t i = 0; i < n; ++i) idx_row[q0 + i] = base + i * stride + offsets[tap[i]];
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = rows.begin + tap[i] / win.kernel_w, c = tap[i] % win.kernel_w;
-    idx_row[q0 + i] = (h0 + r * win.dilation_h) * s.W + (q0 + i) * stride - win.pad_left + c * win.dilation_w;
-  }
+  for (int64_t i = 0; i < n; ++i) idx_row[q0 + i] = base + i * stride + int64_t(winner[i]);
 }
 
 }  // namespace
@@ -112,15 +101,17 @@ void max_pool2d_forward(const Pool2dShape& s, const T* x, T* y, int64_t* indices
   const int64_t last_tap = (win.kernel_w - 1) * win.dilation_w;
   const int64_t q_end_num = s.W - 1 - last_tap + win.pad_left;
   const int64_t q1 = std::max(q0, std::min(s.Q, q_end_num < 0 ? 0 : q_end_num / win.stride_w + 1));
-  // Tap numbers must fit the integer of T's width (int32 for float): true for any real window.
-  const bool vector_rows = win.kernel_h * win.kernel_w < (int64_t(1) << 30);
+  // Offsets inside a window must fit the integer of T's width (int32 for float): true unless a window
+  // spans more than 2^31 cells of the plane.
+  const int64_t last_offset = (win.kernel_h - 1) * win.dilation_h * s.W + (win.kernel_w - 1) * win.dilation_w;
+  const bool vector_rows = sizeof(T) == 8 || last_offset < (int64_t(1) << 31);
 #pragma omp parallel for schedule(static) if (planes > 1 && planes * (HW + PQ) >= kMinParallelWork)
   for (int64_t plane = 0; plane < planes; ++plane) {
     const T* xp = x + plane * HW;
     T* yp = y + plane * PQ;
     int64_t* ip = indices ? indices + plane * PQ : nullptr;
     int64_t unused_index;
-    std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> taps(vector_rows ? size_t(q1 - q0) : 0);
+    std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> winners(vector_rows ? size_t(q1 - q0) : 0);
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t h0 = p * win.stride_h - win.pad_top;
       const Span rows = taps_inside(h0, win.kernel_h, win.dilation_h, s.H);
@@ -135,11 +126,11 @@ void max_pool2d_forward(const Pool2dShape& s, const T* x, T* y, int64_t* indices
       }
       for (int64_t q = 0; q < q0; ++q) scalar(q);
       if (win.stride_w == 1)
-        pool_row_interior<1>(s, xp, h0, rows, q0, q1, y_row, idx_row, taps);
+        pool_row_interior<1>(s, xp, h0, rows, q0, q1, y_row, idx_row, winners);
       else if (win.stride_w == 2)
-        pool_row_interior<2>(s, xp, h0, rows, q0, q1, y_row, idx_row, taps);
+        pool_row_interior<2>(s, xp, h0, rows, q0, q1, y_row, idx_row, winners);
       else
-        pool_row_interior<0>(s, xp, h0, rows, q0, q1, y_row, idx_row, taps);
+        pool_row_interior<0>(s, xp, h0, rows, q0, q1, y_row, idx_row, winners);
       for (int64_t q = q1; q < s.Q; ++q) scalar(q);
     }
   }
