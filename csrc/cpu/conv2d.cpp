@@ -4,10 +4,11 @@
 //   forward         y_g  (K/g x PQ)  = w_g (K/g x CRS)   * col (CRS x PQ)
 //   backward-input  col  (CRS x PQ)  = w_g^T (CRS x K/g) * gy_g (K/g x PQ), then col2im adds into gx
 //   backward-weight gw_g (K/g x CRS) = GY_g (K/g x N*PQ) * COL^T (N*PQ x CRS), one GEMM over the batch
+//                   (or over each half of it, the halves then added, where grad_y dwarfs grad_w)
 // col (im2col of x) is never stored for forward and backward-weight: the GEMM asks for it block by
-// block and pack_col / pack_batch_col_transposed write it straight into the packed layout (implicit GEMM),
-// which saves a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1
-// and no padding needs no im2col at all: col is x.
+// block and im2col.hpp's packers write it straight into the packed layout (implicit GEMM), which saves
+// a full write and read of a buffer as large as the GEMM's B. A 1x1 kernel with stride 1 and no padding
+// needs no im2col at all: col is x.
 // Other paths, chosen per layer:
 // - 3x3 stride-1 layers take the Winograd path (winograd_impl.inc) for all three passes, backward-input
 //   as the transposed convolution, where winograd.cpp's cost rules say it pays (backward-weight's is
