@@ -126,26 +126,50 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("where", ["x", "weight"])
-def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(bad, where):
-    # Winograd's transforms would smear one NaN/inf over a whole 4x4 output tile (and inf - inf makes
-    # NaN), so non-finite inputs take the GEMM path: only outputs whose window sees the value change.
-    x_shape, w_shape, padding = CASES["same_odd"]
+# Forward and backward-input run Winograd and check its output: a NaN or inf in what a tile reads leaves
+# one in the tile (the transforms would smear it over all 16 outputs, and inf - inf makes NaN), and then
+# the GEMM path recomputes the pass, so exactly the outputs whose windows see the value change. Cases:
+# a plain layer, one whose last tiles are cut by the image edge, and one with streamed filters (K * C >
+# 116508). Positions: inside, and the last element (in a cut tile).
+NON_FINITE_CASES = {
+    "same_odd": CASES["same_odd"],
+    "tiles_with_ragged_edge": CASES["tiles_with_ragged_edge"],
+    "streamed_filters_small": ((2, 342, 12, 12), (342, 342, 3, 3), 1),
+}
+
+
+# (case, value): -inf only on the small cases, the streamed one being slow to check.
+NON_FINITE_VALUES = [(name, bad) for name in NON_FINITE_CASES for bad in (np.nan, np.inf, -np.inf)
+                     if not (name.startswith("streamed") and bad == -np.inf)]
+
+
+@pytest.mark.parametrize("where", ["data_inside", "data_last", "weight_inside", "weight_last"])
+@pytest.mark.parametrize("pass_", ["forward", "backward_input"])
+@pytest.mark.parametrize("name, bad", NON_FINITE_VALUES)
+def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(name, bad, pass_, where):
+    x_shape, w_shape, padding = NON_FINITE_CASES[name]
+    pads = _pads(x_shape, padding)
+    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
     rng = np.random.default_rng(5)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
-    if where == "x":
-        x[0, 0, 5, 5] = bad
-    else:
-        w[2, 1, 0, 0] = bad
-    y = pk.conv2d(x, w, padding=padding)
+    g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
+    data = x if pass_ == "forward" else g  # what the pass transforms besides the weights
+    target = data if where.startswith("data") else w
+    inside = (0, 0, 5, 2) if where.startswith("data") else (2, 1, 0, 1)
+    target[inside if where.endswith("inside") else (-1, -1, -1, -1)] = bad
     with np.errstate(invalid="ignore", over="ignore"):
-        want = ref.conv2d(x, w, padding=padding)
-    assert np.array_equal(np.isnan(y), np.isnan(want))
-    assert np.array_equal(np.isinf(y), np.isinf(want))
+        if pass_ == "forward":
+            got, want = pk.conv2d(x, w, padding=padding), ref.conv2d(x, w, padding=padding)
+        else:
+            got = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
+            want = ref.conv2d_backward(g, x, w, padding=padding)[0]
+    assert np.isfinite(want).any() and not np.isfinite(want).all()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(np.isinf(got), np.isinf(want))
     finite = np.isfinite(want)
-    assert _relative_error(np.where(finite, y, 0), np.where(finite, want, 0)) < 1e-12
+    assert _relative_error(np.where(finite, got, 0), np.where(finite, want, 0)) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
