@@ -194,8 +194,9 @@ def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(bad):
-    # Backward-weight sums grad_out against x over every tile; with a non-finite grad_out it takes the
-    # GEMM path, so only the weights whose sums include that value become non-finite.
+    # Backward-weight sums grad_out against x over every tile; a non-finite grad_out leaves non-finite
+    # values in Winograd's gradient, so the pass is recomputed on the GEMM path and only the weights whose
+    # sums include that value become non-finite.
     x_shape, w_shape, padding = CASES["same_odd"]
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
@@ -206,3 +207,24 @@ def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(b
         want = ref.conv2d_backward(g, x, w, padding=padding)[1]
     assert np.array_equal(np.isfinite(gw), np.isfinite(want))
     assert not np.isfinite(gw[3]).all() and np.isfinite(np.delete(gw, 3, axis=0)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("at", [(0, 0, 5, 2), (0, 0, 0, 0), (-1, -1, -1, -1)])
+def test_non_finite_x_reaches_exactly_the_weight_gradients_direct_summation_reaches(bad, at):
+    # The same for a NaN or inf in x, inside the image, in a corner and in the last (cut) tile.
+    x_shape, w_shape, padding = CASES["tiles_with_ragged_edge"]
+    pads = _pads(x_shape, padding)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
+    x[at] = bad
+    gw = pk.conv2d_backward(g, x, w, padding=padding, need_input=False, need_bias=False)[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ref.conv2d_backward(g, x, w, padding=padding)[1]
+    assert not np.isfinite(want).all()
+    assert np.array_equal(np.isnan(gw), np.isnan(want))
+    assert np.array_equal(np.isinf(gw), np.isinf(want))
+    finite = np.isfinite(want)
+    assert _relative_error(np.where(finite, gw, 0), np.where(finite, want, 0)) < 1e-12

@@ -49,12 +49,12 @@ bool winograd_by_default() {
 std::atomic<bool> winograd_enabled{winograd_by_default()};
 
 // True when no value is NaN or +-inf. Winograd's transforms mix a whole 6x6 patch, so one non-finite
-// input would reach outputs whose windows never see it. Forward and backward-input therefore check
-// Winograd's output: a NaN or inf anywhere in the inputs a tile reads leaves one in that tile's outputs
-// (no transform skips a value, and inf or NaN times or plus anything is not finite), and then the GEMM
-// path recomputes the pass, with exactly the outputs direct summation reaches; an overflow inside the
-// transforms goes the same way. Checking the output reads y once; checking the inputs first read all of
-// w and x on every call (9.4 MB of weights on resnet_3x3_512). Backward-weight checks its inputs.
+// input would reach outputs whose windows never see it. Each pass therefore checks Winograd's output: a
+// NaN or inf anywhere in the inputs a tile reads leaves one in that tile's outputs (no transform skips a
+// value, and inf or NaN times or plus anything is not finite), and then the GEMM path recomputes the
+// pass, with exactly the outputs direct summation reaches; an overflow inside the transforms goes the
+// same way. Checking the output reads it once; checking the inputs first read all of them on every call
+// (9.4 MB of weights on resnet_3x3_512).
 template <typename T>
 bool all_finite(const T* v, int64_t count) {
   int finite = 1;  // an integer AND reduction, which the compiler vectorises (a float sum it may not)
@@ -337,8 +337,10 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       return conv2d_backward_weight_direct_stride1(s, grad_y, x, grad_w);
     return backward_weight_direct(s, grad_y, x, grad_w);
   }
-  if (conv2d_backward_weight_winograd_chosen(s) && all_finite(x, s.x_numel()) && all_finite(grad_y, s.y_numel()))
-    return conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
+  if (conv2d_backward_weight_winograd_chosen(s)) {
+    conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
+    if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
+  }
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   if (s.N == 0) {
