@@ -33,8 +33,6 @@
 #include "cpu/im2col.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
-#include "cpu/short_copies.hpp"
-#include "cpu/transpose.hpp"
 
 namespace pykernels::cpu {
 
@@ -203,10 +201,6 @@ bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* 
   conv2d_winograd<T>(*t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
   return all_finite(grad_x, s.x_numel());  // else the GEMM path recomputes grad_x (see all_finite)
 }
-
-}  // namespace
-
-namespace {
 
 // Few output positions per image (resnet_3x3_512's 7x7), as in forward_as_batch_gemm: one GEMM per
 // group over the whole batch, col (C/g*R*S x N*PQ) = w_g^T * GY_g, the weights packed once per thread

@@ -34,8 +34,9 @@ void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y
 // unknown name.
 bool set_conv_algorithm(const char* name);
 const char* conv_algorithm();
-// Whether these shapes take the Winograd path under the current algorithm, finite inputs given:
-// forward; backward-input (as the transposed convolution); backward-weight.
+// Whether these shapes take the Winograd path under the current algorithm: forward; backward-input (as
+// the transposed convolution); backward-weight. A Winograd result holding NaN or inf is then recomputed
+// on the GEMM path (conv2d.cpp, all_finite).
 bool conv2d_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);

@@ -1,4 +1,6 @@
-// A transpose into the GEMM's packed-strip layout, for operands stored along the other axis.
+// A transpose into the GEMM's packed-strip layout, for operands stored along the other axis. Internal
+// linkage (static), as in short_copies.hpp: the body differs between the per-instruction-set builds that
+// include it, so they must not share one out-of-line copy.
 #pragma once
 
 #include <algorithm>
@@ -17,7 +19,7 @@ namespace pykernels::cpu {
 
 #if defined(__AVX__)
 // The 8 x 8 block at rows[0..7][0..7] (row i at rows + i * row_stride) into out[k * nr + i].
-inline void transpose_8x8(const float* rows, int64_t row_stride, float* out, int64_t nr) {
+static inline void transpose_8x8(const float* rows, int64_t row_stride, float* out, int64_t nr) {
   __m256 a[8], t[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(rows + i * row_stride);
   for (int i = 0; i < 8; i += 2) {
@@ -41,7 +43,7 @@ inline void transpose_8x8(const float* rows, int64_t row_stride, float* out, int
 // strip from `cols` rows. float goes 8 x 8 blocks at a time through AVX registers in the builds that have
 // them (im2col_impl.inc's AVX2 and AVX-512 builds), then 4 x 4 through SSE (any x86-64 CPU).
 template <typename T>
-inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
+static inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
   int64_t j = 0;
 #if defined(__AVX__)
   if constexpr (std::is_same_v<T, float>) {
