@@ -439,6 +439,87 @@ def test_max_pool2d_named(name, dtype, kind):
     check_pool(POOL_CASES[name], dtype, 21, kind)
 
 
+def output_order_sum(go, idx, input_shape):
+    """max_pool2d_backward as the plain scatter in output order, in go's own dtype: the sum the kernels
+    promise bit for bit, whether they scatter or gather."""
+    N, C, H, W = input_shape
+    gx = np.zeros((N * C, H * W), dtype=go.dtype)
+    g, ind = go.reshape(N * C, -1), idx.reshape(N * C, -1)
+    for o in range(g.shape[1]):
+        np.add.at(gx, (np.arange(N * C), ind[:, o]), g[:, o])
+    return gx.reshape(input_shape)
+
+
+# 2x2/2 windows take the gather path; the rest the scatter (with 2- and 3-row vectorised checks)
+BACKWARD_PATH_CASES = {
+    "k2s2_even": pool_case((2, 3, 8, 12), 2),
+    "k2s2_odd_sizes": pool_case((1, 2, 9, 11), 2),
+    "k2s2_left_top_padding": pool_case((2, 2, 9, 9), 2, 2, 1),
+    "k2s2_ceil": pool_case((1, 3, 7, 9), 2, ceil_mode=True),
+    "k2s2_same": pool_case((1, 2, 7, 7), 2, 2, "same"),
+    "k3x2_s3x2": pool_case((1, 2, 10, 10), (3, 2), (3, 2), ((1, 1), (1, 0))),
+    "k2_long_rows": pool_case((1, 1, 4, 70), 2),
+    "k3s2_pad1": pool_case((2, 3, 15, 17), 3, 2, 1),
+    "k2s1": pool_case((1, 2, 8, 9), 2, 1),
+    "k3s1_pad1": pool_case((1, 2, 9, 10), 3, 1, 1),
+    "k4s2": pool_case((1, 2, 12, 13), 4, 2, 1),
+    "dilated": pool_case((1, 2, 11, 13), 3, 2, 2, dilation=2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(BACKWARD_PATH_CASES))
+def test_max_pool2d_every_isa(isa, name, dtype):
+    """Forward and backward on each instruction-set build: the forward matches the reference exactly, the
+    backward is the output-order sum bit for bit (+0, not -0, for a cell given only -0)."""
+    cfg = BACKWARD_PATH_CASES[name]
+    x = pool_data(cfg["x_shape"], dtype, 3, "ties")
+    want_y, want_i = ref.max_pool2d(x, **pool_kwargs(cfg))
+    y, idx = pk.max_pool2d(x, **pool_kwargs(cfg), return_indices=True)
+    np.testing.assert_array_equal(y, want_y.astype(dtype))
+    np.testing.assert_array_equal(idx, want_i)
+    go = np.random.default_rng(4).standard_normal(y.shape).astype(dtype)
+    go.reshape(-1)[::5] = -0.0
+    gx = pk.max_pool2d_backward(go, idx, x.shape, **pool_kwargs(cfg))
+    want = output_order_sum(go, idx, x.shape)
+    np.testing.assert_array_equal(gx, want)
+    assert not np.signbit(gx[gx == 0]).any()
+    assert_close(gx, ref.max_pool2d_backward(go, idx, x.shape, **pool_kwargs(cfg)), dtype, 4, name)
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_PATH_CASES))
+def test_max_pool2d_backward_first_bad_index_every_isa(isa, name):
+    """Several bad indices: the error names the first in flat order, on every build and both paths."""
+    cfg = BACKWARD_PATH_CASES[name]
+    x = pool_data(cfg["x_shape"], np.float32, 5, "normal")
+    y, idx = pk.max_pool2d(x, **pool_kwargs(cfg), return_indices=True)
+    H, W = cfg["x_shape"][2:]
+    flat = idx.reshape(-1)
+    rng = np.random.default_rng(6)
+    for first in sorted(rng.choice(flat.size, size=3, replace=False)):
+        bad = idx.copy()
+        later = rng.integers(first, flat.size, size=2)
+        for at in (first, *later):
+            bad.reshape(-1)[at] = H * W + at  # past the plane: never a cell of any window
+        where = ", ".join(str(int(i)) for i in np.unravel_index(first, idx.shape))
+        with pytest.raises(ValueError, match=rf"indices\[{where}\]"):
+            pk.max_pool2d_backward(y, bad, x.shape, **pool_kwargs(cfg))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (1, 1, 1, 65537), (2, 3, 64, 67)], ids=["odd", "threshold", "tails"])
+def test_relu_every_isa(isa, shape, dtype):
+    x = relu_data(shape, dtype, 7)
+    y = pk.relu(x)
+    np.testing.assert_array_equal(y, ref.relu(x).astype(dtype))
+    assert not np.signbit(y[y == 0]).any()  # relu(-0) is +0
+    go = relu_data(shape, dtype, 8, specials=False)
+    np.testing.assert_array_equal(pk.relu_backward(go, x), ref.relu_backward(go, x).astype(dtype))
+    y_in_place = x.copy()
+    pk.relu(y_in_place, out=y_in_place)
+    np.testing.assert_array_equal(y_in_place, y)
+
+
 def test_pool_output_sizes_match_reference_and_cpp():
     for name, cfg in POOL_CASES.items():
         y, _ = ref.max_pool2d(np.zeros(cfg["x_shape"]), **pool_kwargs(cfg))

@@ -1,27 +1,32 @@
-// ReLU on the CPU. Memory bound: one pass, a branch-free select vectorised (omp simd: y may be x itself,
-// in place, which the compiler cannot rule out), threads over large contiguous chunks. relu(NaN) is NaN
-// (as NumPy's maximum and PyTorch); the gradient passes where y > 0 only, so it is 0 at y == 0.
+// ReLU on the CPU: which instruction-set build of relu_impl.inc runs it. relu(NaN) is NaN (as NumPy's
+// maximum and PyTorch); the gradient passes where y > 0 only, so it is 0 at y == 0.
+#include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
-#include "cpu/parallel.hpp"
 
 namespace pykernels::cpu {
 
+#define PYKERNELS_DECLARE_RELU(ns)                                     \
+  namespace ns {                                                      \
+  template <typename T>                                               \
+  void relu_forward(int64_t, const T*, T*);                           \
+  template <typename T>                                               \
+  void relu_backward(int64_t, const T*, const T*, T*);                \
+  }
+PYKERNELS_DECLARE_RELU(portable)
+#ifdef PYKERNELS_X86_ISAS
+PYKERNELS_DECLARE_RELU(avx2)
+PYKERNELS_DECLARE_RELU(avx512)
+#endif
+#undef PYKERNELS_DECLARE_RELU
+
 template <typename T>
 void relu_forward(int64_t count, const T* x, T* y) {
-#pragma omp parallel for simd schedule(static) if (count >= kMinParallelWork)
-  for (int64_t i = 0; i < count; ++i) {
-    const T v = x[i];
-    y[i] = (v > T(0) || v != v) ? v : T(0);
-  }
+  PYKERNELS_RETURN_ON_BUILD(active_build(), relu_forward<T>(count, x, y))
 }
 
 template <typename T>
 void relu_backward(int64_t count, const T* grad_y, const T* y, T* grad_x) {
-#pragma omp parallel for simd schedule(static) if (count >= kMinParallelWork)
-  for (int64_t i = 0; i < count; ++i) {
-    const T g = grad_y[i];  // loaded unconditionally: a conditional load would stop vectorisation
-    grad_x[i] = y[i] > T(0) ? g : T(0);
-  }
+  PYKERNELS_RETURN_ON_BUILD(active_build(), relu_backward<T>(count, grad_y, y, grad_x))
 }
 
 template void relu_forward<float>(int64_t, const float*, float*);

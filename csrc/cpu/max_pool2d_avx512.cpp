@@ -1,0 +1,3 @@
+// Max pooling built for AVX-512F (CMake adds -mavx512f -mfma to this file only).
+#define PYKERNELS_ISA avx512
+#include "cpu/max_pool2d_impl.inc"

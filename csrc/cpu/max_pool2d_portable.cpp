@@ -1,0 +1,3 @@
+// Max pooling built for baseline x86-64 (SSE2): runs on any CPU.
+#define PYKERNELS_ISA portable
+#include "cpu/max_pool2d_impl.inc"

@@ -1,0 +1,3 @@
+// ReLU built for AVX2+FMA (CMake adds -mavx2 -mfma to this file only).
+#define PYKERNELS_ISA avx2
+#include "cpu/relu_impl.inc"

@@ -1,0 +1,3 @@
+// ReLU built for AVX-512F (CMake adds -mavx512f -mfma to this file only).
+#define PYKERNELS_ISA avx512
+#include "cpu/relu_impl.inc"
