@@ -40,11 +40,13 @@ bool winograd_streams_filters(const Conv2dShape& s) {
   return double(s.K) * double(s.C) * 36.0 * 4.0 > 16.0 * (1 << 20);
 }
 
-// The time of each transformed filter value, in flops of the GEMM: about 200 when all of U is written to
-// memory and read back (measured on resnet_3x3_512 with cold caches, as in a network or the benchmark),
-// about 60 when the filters are transformed block by block in L2 (winograd_streams_filters: there
-// resnet_3x3_512 at batch 8 runs in 0.75x the time of the GEMM).
-bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s) ? 60.0 : 200.0); }
+// The time of each transformed filter value, in flops of the GEMM. Up to 16 MiB, U stays in L3 between
+// its transform and the GEMMs: about 20-25 there (1x256x14x14 takes Winograd in 0.45 ms, the GEMM in
+// 0.75-0.87; with the caches flushed before each call both take ~1.0 ms), so 50 leaves a margin. About 60
+// when the filters are transformed block by block in L2 (winograd_streams_filters: there resnet_3x3_512 at
+// batch 8 runs in 0.75x the time of the GEMM). About 200 when a U larger than L3 is written to memory and
+// read back (measured on resnet_3x3_512 before it streamed).
+bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s) ? 60.0 : 50.0); }
 
 // Backward-weight sums the 36 products of every channel pair in memory (D) whatever the layer's size.
 bool winograd_backward_weight_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
