@@ -205,6 +205,12 @@ CONV_CASES = {
     "one_channel_batch1": conv_case((1, 1, 5, 7), (1, 1, 3, 3), padding=1),
     "width_67": conv_case((1, 3, 5, 67), (17, 3, 3, 3), padding=1),
     "width_1": conv_case((2, 3, 9, 1), (4, 3, 3, 1), padding=(1, 0)),
+    # rows of many whole packed strips (up to 48 columns): the packer's constant-width copies, stride 2
+    # (even lanes of vector pairs, which read one value past the strip: cut off at each row's end) and 1,
+    # with strips that start in one output row or image and end in the next
+    "wide_strided_strips": conv_case((2, 3, 9, 203), (8, 3, 3, 3), stride=2, padding=((1, 1), (2, 3))),
+    "wide_strided_strips_unpadded": conv_case((2, 2, 7, 196), (5, 2, 3, 4), stride=2),
+    "wide_stride1_strips": conv_case((2, 5, 4, 150), (9, 5, 3, 3), padding=(1, 0)),
     # groups and depthwise
     "grouped_3": conv_case((2, 6, 7, 7), (9, 2, 3, 3), padding=1, groups=3),
     "depthwise": conv_case((2, 7, 9, 11), (7, 1, 3, 3), stride=2, padding=1, groups=7),
@@ -224,7 +230,8 @@ CONV_CASE_IDS = list(CONV_CASES)
 ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
-                "dilation3", "depthwise_many_channels", "grouped_batch_gemm"]
+                "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
+                "wide_strided_strips_unpadded", "wide_stride1_strips"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

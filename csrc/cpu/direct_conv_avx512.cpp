@@ -1,3 +1,4 @@
 // Direct convolution built for AVX-512F (CMake adds -mavx512f -mfma to this file only).
 #define PYKERNELS_ISA avx512
+#define PYKERNELS_VECTOR_BYTES 64
 #include "cpu/direct_conv_impl.inc"

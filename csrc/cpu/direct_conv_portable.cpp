@@ -1,3 +1,4 @@
 // Direct convolution built for baseline x86-64 (SSE2): runs on any CPU.
 #define PYKERNELS_ISA portable
+#define PYKERNELS_VECTOR_BYTES 16
 #include "cpu/direct_conv_impl.inc"
