@@ -36,6 +36,9 @@ CASES = {
     # 60 tiles make two chunks of 48 and 12; K = 350 leaves a ragged last block of output channels and
     # C = 340 a last block of 20 input channels.
     "streamed_filters": ((3, 340, 17, 16), (350, 340, 3, 3), 1),
+    # 9.4 MB of float32 U, transformed at once; 18.7 MB of float64 U, streamed (the 16 MiB bound is in
+    # the layer's own precision): both paths on one layer, with ragged blocks (K = 260, C = 250).
+    "streamed_in_float64_only": ((3, 250, 16, 16), (260, 250, 3, 3), 1),
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}

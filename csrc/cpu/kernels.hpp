@@ -46,8 +46,8 @@ bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
 // (so backward-input runs as the transposed convolution without copying the weights).
 bool winograd_applies(const Conv2dShape& s);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
-// than 16 MiB in float32), rather than all at once before.
-bool winograd_streams_filters(const Conv2dShape& s);
+// than 16 MiB, at element_bytes per value), rather than all at once before.
+bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
 template <typename T>
 struct WinogradFilters {

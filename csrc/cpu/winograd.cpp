@@ -36,8 +36,8 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 
 }  // namespace
 
-bool winograd_streams_filters(const Conv2dShape& s) {
-  return double(s.K) * double(s.C) * 36.0 * 4.0 > 16.0 * (1 << 20);
+bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes) {
+  return double(s.K) * double(s.C) * 36.0 * double(element_bytes) > 16.0 * (1 << 20);
 }
 
 // The time of each transformed filter value, in flops of the GEMM. Up to 16 MiB, U stays in L3 between
@@ -46,7 +46,8 @@ bool winograd_streams_filters(const Conv2dShape& s) {
 // when the filters are transformed block by block in L2 (winograd_streams_filters: there resnet_3x3_512 at
 // batch 8 runs in 0.75x the time of the GEMM). About 200 when a U larger than L3 is written to memory and
 // read back (measured on resnet_3x3_512 before it streamed).
-bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s) ? 60.0 : 50.0); }
+// (The choice is made for float32's U: float64 runs the same layers, streaming from half the size.)
+bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s, 4) ? 60.0 : 50.0); }
 
 // Backward-weight sums the 36 products of every channel pair in memory (D) whatever the layer's size.
 bool winograd_backward_weight_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
