@@ -159,8 +159,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   const bool per_item_threads = items >= available_threads();  // else the GEMM itself goes parallel
   const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
   ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (per_item_threads && items > 1 && worth_threads)
-  for (int64_t item = 0; item < items; ++item) {
+  for_each_index(items, per_item_threads && items > 1 && worth_threads, [&](int64_t item) {
     errors.run([&] {
       const int64_t n = item / G, g = item % G;
       const T* x_g = x + (n * s.C + g * Cg) * HW;
@@ -185,7 +184,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
           for (T *v = y_g + k * PQ, *e = v + PQ; v < e; ++v) *v += b;
         }
     });
-  }
+  });
   errors.rethrow();
 }
 
@@ -239,8 +238,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
   Workspace<T> col(per_item_threads ? threads : 1, pointwise ? 0 : CRS * PQ);
   ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (per_item_threads && items > 1 && worth_threads)
-  for (int64_t item = 0; item < items; ++item) {
+  for_each_index(items, per_item_threads && items > 1 && worth_threads, [&](int64_t item) {
     errors.run([&] {
       const int64_t n = item / G, g = item % G;
       const T* gy_g = grad_y + (n * s.K + g * Kg) * PQ;
@@ -256,7 +254,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
         col2im_add(s, out, PQ, gx_g);
       }
     });
-  }
+  });
   errors.rethrow();
 }
 

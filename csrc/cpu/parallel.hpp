@@ -1,6 +1,8 @@
 // OpenMP helpers that compile to serial code when the build has no OpenMP.
 #pragma once
 
+#include <cstdint>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -18,6 +20,20 @@ inline int available_threads() {
 #else
   return 1;
 #endif
+}
+
+// body(i) for i in [0, count): split among the OpenMP threads when `parallel`, else in order on the calling
+// thread outside any parallel construct, so that the body may start a parallel region of its own as a
+// top-level one. (Nested inside an inactive `parallel if (false)`, libgomp started a fresh thread for that
+// region on every call: 30-40 us, twice the whole of a 16 x 6 x 3 x 3 convolution of a 24 x 24 image.)
+template <typename Body>
+void for_each_index(int64_t count, bool parallel, Body&& body) {
+  if (parallel) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) body(i);
+  } else {
+    for (int64_t i = 0; i < count; ++i) body(i);
+  }
 }
 
 }  // namespace pykernels::cpu
