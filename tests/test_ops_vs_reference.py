@@ -457,15 +457,17 @@ def output_order_sum(go, idx, input_shape):
     return gx.reshape(input_shape)
 
 
-# 2x2/2 windows take the gather path; the rest the scatter (with 2- and 3-row vectorised checks)
+# Windows two columns wide tiling rows of at least 16 of them take the gather path (AVX2 and AVX-512
+# builds); the rest the scatter (with 2- and 3-row vectorised checks)
 BACKWARD_PATH_CASES = {
-    "k2s2_even": pool_case((2, 3, 8, 12), 2),
-    "k2s2_odd_sizes": pool_case((1, 2, 9, 11), 2),
-    "k2s2_left_top_padding": pool_case((2, 2, 9, 9), 2, 2, 1),
-    "k2s2_ceil": pool_case((1, 3, 7, 9), 2, ceil_mode=True),
-    "k2s2_same": pool_case((1, 2, 7, 7), 2, 2, "same"),
-    "k3x2_s3x2": pool_case((1, 2, 10, 10), (3, 2), (3, 2), ((1, 1), (1, 0))),
+    "k2s2_even": pool_case((2, 3, 8, 34), 2),
+    "k2s2_odd_sizes": pool_case((1, 2, 9, 35), 2),
+    "k2s2_left_top_padding": pool_case((2, 2, 9, 33), 2, 2, 1),
+    "k2s2_ceil": pool_case((1, 3, 7, 33), 2, ceil_mode=True),
+    "k2s2_same": pool_case((1, 2, 7, 33), 2, 2, "same"),
+    "k3x2_s3x2": pool_case((1, 2, 10, 40), (3, 2), (3, 2), ((1, 1), (1, 0))),
     "k2_long_rows": pool_case((1, 1, 4, 70), 2),
+    "k2s2_short_rows": pool_case((2, 3, 8, 12), 2),
     "k3s2_pad1": pool_case((2, 3, 15, 17), 3, 2, 1),
     "k2s1": pool_case((1, 2, 8, 9), 2, 1),
     "k3s1_pad1": pool_case((1, 2, 9, 10), 3, 1, 1),
