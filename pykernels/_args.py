@@ -8,6 +8,7 @@ user sees a message in terms of the arguments they passed.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -129,7 +130,7 @@ class ConvGeometry(NamedTuple):
         return self.stride, self.padding, self.dilation, self.groups
 
 
-def conv2d_geometry(x_shape, weight_shape, *, stride, padding, dilation, groups, x_name: str = "x") -> ConvGeometry:
+def _conv2d_geometry(x_shape, weight_shape, stride, padding, dilation, groups, x_name: str) -> ConvGeometry:
     x_shape = check_shape(x_shape, x_name)
     weight_shape = check_shape(weight_shape, "weight", "(K, C/groups, R, S)")
     groups = _int(groups, "groups")
@@ -200,8 +201,7 @@ def _first_overlapping_window_failure(size, pad_begin, kernel, stride, dilation,
     return first_past_end if first_past_end < count else None
 
 
-def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                    x_name: str = "x") -> PoolGeometry:
+def _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name: str) -> PoolGeometry:
     x_shape = check_shape(x_shape, x_name)
     kernel = pair(kernel_size, "kernel_size")
     stride = kernel if stride is None else pair(stride, "stride")
@@ -227,3 +227,37 @@ def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1, ce
                 f"padding ({x_name} {x_shape}, kernel_size {kernel}, stride {stride}, dilation {dilation})")
     out_shape = _check_output((n, c, p, q))
     return PoolGeometry(x_shape, out_shape, kernel, stride, pad, dilation, ceil_mode)
+
+
+# ---- the geometry of every call, remembered ----------------------------------------------------------------
+# Working out a geometry costs about 4 us of Python, as much as a small layer's whole kernel, and a network
+# asks for the same few again and again. Only arguments made of exact ints, strs and tuples of them (and
+# None, bools for ceil_mode) are remembered: those compare equal only when they mean the same thing, where
+# True == 1 and 2.0 == 2 would let stride=True or stride=2.0 find the entry of a valid call instead of
+# raising. Anything else takes the uncached path, and errors are never remembered.
+
+def _plain(value) -> bool:
+    kind = type(value)
+    if kind is int or kind is str:
+        return True
+    return kind is tuple and all(_plain(v) for v in value)
+
+
+_cached_conv2d_geometry = functools.lru_cache(maxsize=512)(_conv2d_geometry)
+_cached_pool2d_geometry = functools.lru_cache(maxsize=512)(_pool2d_geometry)
+
+
+def conv2d_geometry(x_shape, weight_shape, *, stride, padding, dilation, groups, x_name: str = "x") -> ConvGeometry:
+    args = (x_shape, weight_shape, stride, padding, dilation, groups, x_name)
+    if _plain(args):
+        return _cached_conv2d_geometry(*args)
+    return _conv2d_geometry(*args)
+
+
+def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                    x_name: str = "x") -> PoolGeometry:
+    args = (x_shape, kernel_size, stride, padding, dilation)
+    if (_plain(args[:2]) and (stride is None or _plain(stride)) and _plain(args[3:]) and type(ceil_mode) is bool
+            and type(x_name) is str):
+        return _cached_pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name)
+    return _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name)

@@ -92,7 +92,8 @@ def array_kind(*named) -> str:
     return found.pop() if found else "numpy"
 
 
-_FLOAT_DTYPES = {"numpy": (np.float32, np.float64), "cupy": (np.float16, np.float32, np.float64)}
+_FLOAT_DTYPES = {"numpy": (np.dtype(np.float32), np.dtype(np.float64)),
+                 "cupy": (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))}
 
 
 def common_dtype(kind: str, *named) -> np.dtype:
@@ -102,8 +103,8 @@ def common_dtype(kind: str, *named) -> np.dtype:
         if a is None:
             continue
         dt = np.dtype(a.dtype)
-        if dt not in [np.dtype(t) for t in _FLOAT_DTYPES[kind]]:
-            allowed = ", ".join(np.dtype(t).name for t in _FLOAT_DTYPES[kind])
+        if dt not in _FLOAT_DTYPES[kind]:
+            allowed = ", ".join(t.name for t in _FLOAT_DTYPES[kind])
             hint = " (float16 runs on CUDA only)" if dt == np.float16 else ""
             raise TypeError(f"{name} must have dtype {allowed}; got {dt}{hint}")
         if dtype is None:

@@ -947,3 +947,21 @@ class TestCppMaxPool:
             C.max_pool2d_backward(y, idx, gx, (2, 2), (0, 2), NO_PAD, (1, 1), False)
         with pytest.raises(TypeError):
             C.max_pool2d_backward(y, None, gx, *self.pool)
+
+
+def test_remembered_geometry_does_not_admit_bools_or_floats():
+    """_args remembers the geometry of valid calls; stride=True (== 1) or 2.0 (== 2) must still raise
+    after the valid call with the same values was remembered."""
+    x, w = rnd(1, 2, 9, 9), rnd(3, 2, 3, 3)
+    for good, bad in ((1, True), (2, 2.0), ((1, 2), (True, 2)), ((2, 2), (2, 2.0))):
+        pk.conv2d(x, w, stride=good)
+        with pytest.raises(TypeError, match="stride"):
+            pk.conv2d(x, w, stride=bad)
+        pk.max_pool2d(x, 2, stride=good)
+        with pytest.raises(TypeError, match="stride"):
+            pk.max_pool2d(x, 2, stride=bad)
+    pk.max_pool2d(x, 3, padding=1)
+    with pytest.raises(TypeError, match="padding"):
+        pk.max_pool2d(x, 3, padding=True)
+    with pytest.raises(TypeError, match="ceil_mode"):
+        pk.max_pool2d(x, 3, padding=1, ceil_mode=2)
