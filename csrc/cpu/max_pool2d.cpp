@@ -4,10 +4,12 @@
 
 namespace pykernels::cpu {
 
+namespace portable {
+template <typename T>
+void max_pool2d_forward(const Pool2dShape&, const T*, T*, int64_t*);
+}
 #define PYKERNELS_DECLARE_POOL(ns)                                                      \
   namespace ns {                                                                       \
-  template <typename T>                                                                \
-  void max_pool2d_forward(const Pool2dShape&, const T*, T*, int64_t*);                 \
   template <typename T>                                                                \
   int64_t max_pool2d_backward(const Pool2dShape&, const T*, const int64_t*, T*);       \
   }
