@@ -127,16 +127,16 @@ template <typename T>
 void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   const int64_t columns = s.N * PQ, HW = s.H * s.W;
-  std::vector<T> out(static_cast<size_t>(Kg * columns));
+  T* out = reusable_buffer<T, 1>(Kg * columns);  // written by each group's GEMM before it is read
   for (int64_t g = 0; g < s.groups; ++g) {
     const Im2colSource<T> col{&s, x + g * Cg * HW, 0};
-    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, BPacker<T>{conv_packers<T>().col, &col}, out.data(),
+    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, BPacker<T>{conv_packers<T>().col, &col}, out,
                      columns, false);
 #pragma omp parallel for schedule(static) if (s.N * Kg * PQ >= kMinParallelWork)
     for (int64_t nk = 0; nk < s.N * Kg; ++nk) {
       const int64_t n = nk / Kg, k = nk % Kg;
       const T b = bias ? bias[g * Kg + k] : T(0);
-      const T* from = out.data() + k * columns + n * PQ;
+      const T* from = out + k * columns + n * PQ;
       T* to = y + (n * s.K + g * Kg + k) * PQ;
       for (int64_t i = 0; i < PQ; ++i) to[i] = from[i] + b;
     }
@@ -208,15 +208,15 @@ template <typename T>
 void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   const int64_t columns = s.N * PQ, HW = s.H * s.W;
-  std::vector<T> col(static_cast<size_t>(CRS * columns));
+  T* col = reusable_buffer<T, 2>(CRS * columns);  // written by each group's GEMM before it is read
   std::fill(grad_x, grad_x + s.x_numel(), T(0));
   for (int64_t g = 0; g < s.groups; ++g) {
     const BatchGradOut<T> gy{&s, grad_y + g * Kg * PQ};
     // A = w_g^T: element (crs, k) at w[(g * Kg + k) * CRS + crs]
     gemm_parallel<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, BPacker<T>{conv_packers<T>().batch_grad_out, &gy},
-                     col.data(), columns, false);
+                     col, columns, false);
 #pragma omp parallel for schedule(static) if (s.N > 1 && CRS * columns >= kMinParallelWork)
-    for (int64_t n = 0; n < s.N; ++n) col2im_add(s, col.data() + n * PQ, columns, grad_x + (n * s.C + g * Cg) * HW);
+    for (int64_t n = 0; n < s.N; ++n) col2im_add(s, col + n * PQ, columns, grad_x + (n * s.C + g * Cg) * HW);
   }
 }
 
@@ -236,14 +236,14 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   const int threads = available_threads();
   const bool per_item_threads = items >= threads;
   const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
-  Workspace<T> col(per_item_threads ? threads : 1, pointwise ? 0 : CRS * PQ);
   ParallelErrors errors;
   for_each_index(items, per_item_threads && items > 1 && worth_threads, [&](int64_t item) {
     errors.run([&] {
       const int64_t n = item / G, g = item % G;
       const T* gy_g = grad_y + (n * s.K + g * Kg) * PQ;
       T* gx_g = grad_x + (n * s.C + g * Cg) * HW;
-      T* out = pointwise ? gx_g : col.for_this_thread();  // pointwise: col has x's layout, write in place
+      // pointwise: col has x's layout, write in place; else each thread's own col, kept between calls
+      T* out = pointwise ? gx_g : reusable_buffer<T, 0>(CRS * PQ);
       const T* A = w + g * Kg * CRS;                      // read transposed: (crs, k) at k*CRS + crs
       if (per_item_threads)
         gemm<T>(CRS, PQ, Kg, A, {1, CRS}, gy_g, {PQ, 1}, out, PQ, false);

@@ -95,3 +95,27 @@ class Workspace {
 };
 
 }  // namespace pykernels::cpu
+
+#include <memory>
+
+namespace pykernels::cpu {
+
+// Uninitialised scratch kept by the calling thread between calls, one buffer per Slot: every element
+// is written before it is read, and a buffer of tens of megabytes (the transformed filters of a
+// 512-channel layer, backward-input's im2col columns of resnet_stem) allocated afresh on each call would
+// be mapped anew by the kernel, whose page faults cost as much as the work itself. The buffer stays
+// until the thread exits. Internal linkage: each file that uses it (and each instruction-set build of
+// one) has its own buffers.
+template <typename T, int Slot>
+static T* reusable_buffer(int64_t count) {
+  thread_local std::unique_ptr<T[]> buffer;
+  thread_local int64_t capacity = 0;
+  if (count > capacity) {
+    buffer.reset();  // free the old one first: peak memory is the new size, not both
+    buffer.reset(new T[static_cast<size_t>(count)]);
+    capacity = count;
+  }
+  return buffer.get();
+}
+
+}  // namespace pykernels::cpu
