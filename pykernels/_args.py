@@ -231,14 +231,14 @@ def _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode,
 
 # ---- the geometry of every call, remembered ----------------------------------------------------------------
 # Working out a geometry costs about 4 us of Python, as much as a small layer's whole kernel, and a network
-# asks for the same few again and again. Only arguments made of exact ints, strs and tuples of them (and
-# None, bools for ceil_mode) are remembered: those compare equal only when they mean the same thing, where
+# asks for the same few again and again. Only arguments made of exact ints, strs, None and tuples of them
+# (and a bool ceil_mode) are remembered: those compare equal only when they mean the same thing, where
 # True == 1 and 2.0 == 2 would let stride=True or stride=2.0 find the entry of a valid call instead of
 # raising. Anything else takes the uncached path, and errors are never remembered.
 
 def _plain(value) -> bool:
     kind = type(value)
-    if kind is int or kind is str:
+    if kind is int or kind is str or value is None:
         return True
     return kind is tuple and all(_plain(v) for v in value)
 
@@ -256,8 +256,7 @@ def conv2d_geometry(x_shape, weight_shape, *, stride, padding, dilation, groups,
 
 def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                     x_name: str = "x") -> PoolGeometry:
-    args = (x_shape, kernel_size, stride, padding, dilation)
-    if (_plain(args[:2]) and (stride is None or _plain(stride)) and _plain(args[3:]) and type(ceil_mode) is bool
-            and type(x_name) is str):
-        return _cached_pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name)
-    return _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name)
+    args = (x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name)
+    if _plain(args[:5]) and type(ceil_mode) is bool and type(x_name) is str:
+        return _cached_pool2d_geometry(*args)
+    return _pool2d_geometry(*args)
