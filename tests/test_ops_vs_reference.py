@@ -211,6 +211,14 @@ CONV_CASES = {
     "wide_strided_strips": conv_case((2, 3, 9, 203), (8, 3, 3, 3), stride=2, padding=((1, 1), (2, 3))),
     "wide_strided_strips_unpadded": conv_case((2, 2, 7, 196), (5, 2, 3, 4), stride=2),
     "wide_stride1_strips": conv_case((2, 5, 4, 150), (9, 5, 3, 3), padding=(1, 0)),
+    # forward from the padded, stride-phase-split copy of x (conv_rows.cpp): the per-image path (P*Q >=
+    # 1024), the batch-1 path (threads share the copy and split the rows), stride 3 with dilation and
+    # asymmetric padding, groups, and a depth past one GEMM block (C/g*R*S = 279 > 256) with 37 output
+    # channels (a part-empty register strip)
+    "rows_per_image_deep": conv_case((3, 31, 66, 71), (37, 31, 3, 3), stride=2, padding=1),
+    "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
+                                             padding=((1, 2), (3, 0))),
+    "rows_grouped": conv_case((3, 6, 36, 66), (24, 3, 3, 3), padding=1, groups=2),
     # groups and depthwise
     "grouped_3": conv_case((2, 6, 7, 7), (9, 2, 3, 3), padding=1, groups=3),
     "depthwise": conv_case((2, 7, 9, 11), (7, 1, 3, 3), stride=2, padding=1, groups=7),
@@ -231,7 +239,34 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
-                "wide_strided_strips_unpadded", "wide_stride1_strips"]
+                "wide_strided_strips_unpadded", "wide_stride1_strips", "rows_per_image_deep",
+                "rows_batch1_strided_dilated", "rows_grouped"]
+
+ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "resnet_stem_n2",
+                 "resnet_stem_same_n1"]
+
+
+def reads_rows_in_place(cfg, dtype) -> bool:
+    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
+    return _pykernels_cpu.conv2d_forward_reads_rows_in_place(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw),
+                                                             cfg["groups"], np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_forward_reads_rows_in_place_where_meant_to(dtype):
+    """The named cases meant for conv_rows.cpp's path take it (so the tests above cover it); layers whose
+    im2col is smaller than the copy (1x1 strided), narrow rows and Winograd's layers do not."""
+    for name in ROWS_CASE_IDS:
+        assert reads_rows_in_place(CONV_CASES[name], dtype), name
+    for name in ["one_by_one_stride2", "gemm_k70_c37_strided", "pointwise_odd", "lenet_5x5"]:
+        assert not reads_rows_in_place(CONV_CASES[name], dtype), name
+    assert not reads_rows_in_place(conv_case((2, 256, 56, 56), (512, 256, 1, 1), stride=2), dtype)
+    assert not reads_rows_in_place(conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1), dtype)  # Winograd
+    # 256 channels of 5 dilated rows: 225 KB of inputs per output row in float32, past the L2 budget
+    assert not reads_rows_in_place(conv_case((2, 256, 40, 40), (256, 256, 3, 3), padding=2, dilation=2), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

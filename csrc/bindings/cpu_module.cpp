@@ -402,6 +402,16 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"),
         (std::string("Whether conv2d ") + pass + " on these shapes takes the Winograd path (for tests).").c_str());
+  m.def(
+      "conv2d_forward_reads_rows_in_place",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return !pykernels::cpu::conv2d_winograd_chosen(s) && pykernels::cpu::conv2d_forward_by_rows_chosen(s, itemsize);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize"),
+      "Whether conv2d forward on these shapes, at itemsize bytes per value, reads x in place from a "
+      "phase-split copy (conv_rows.cpp) instead of packing im2col columns (for tests).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(

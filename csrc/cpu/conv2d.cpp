@@ -13,6 +13,8 @@
 // - 3x3 stride-1 layers take the Winograd path (winograd_impl.inc) for all three passes, backward-input
 //   as the transposed convolution, where winograd.cpp's cost rules say it pays (backward-weight's is
 //   stricter for the largest layers); set_conv_algorithm("gemm") turns that off.
+// - Forward of layers with overlapping windows and wide output rows (resnet_stem): one GEMM per output
+//   row reading x in place from a padded, stride-phase-split copy (conv_rows.cpp), with nothing packed.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly
 //   (direct_conv_impl.inc, and backward_weight_direct here for strided ones).
 // - Few output positions and many weights (resnet_3x3_512 at batch 2 or 3, or under "gemm"): forward and
@@ -145,6 +147,11 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
 
 }  // namespace
 
+bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  return !has_few_weights(s) && !(s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) && !is_pointwise(s) &&
+         conv2d_forward_by_rows_applies(s, element_bytes);
+}
+
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   if (conv2d_winograd_chosen(s)) {
@@ -153,6 +160,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   }
   if (has_few_weights(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
+  if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);

@@ -19,6 +19,8 @@ namespace pykernels::cpu {
   void gemm(int64_t, int64_t, int64_t, APacker<T>, const T*, BPacker<T>, int64_t, T*, int64_t, bool);       \
   template <typename T>                                                                                      \
   void blocking(int64_t*, int64_t*);                                                                         \
+  template <typename T>                                                                                      \
+  void gemm_rows(int64_t, int64_t, int64_t, const T*, const T*, const int64_t*, T*, int64_t, bool);          \
   }
 PYKERNELS_DECLARE_GEMM(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -196,6 +198,23 @@ void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, const
 }
 
 template <typename T>
+void gemm_packed_rows(const PackedLayout& layout, const T* packed_a, int64_t N, const T* base,
+                      const int64_t* row_offsets, T* C, int64_t ldc, bool accumulate) {
+  PYKERNELS_RETURN_ON_BUILD(layout.isa, gemm_rows<T>(layout.rows, N, layout.depth, packed_a, base, row_offsets, C,
+                                                     ldc, accumulate))
+}
+
+template <typename T>
+void pack_a(const PackedLayout& layout, const T* A, MatrixView a, T* packed) {
+  for (int64_t k = 0; k < layout.depth; ++k)
+    for (int64_t i0 = 0; i0 < layout.padded_rows(); i0 += layout.mr) {
+      T* strip = packed + layout.strip_offset(i0, k);
+      for (int64_t i = 0; i < layout.mr; ++i)
+        strip[i] = i0 + i < layout.rows ? A[(i0 + i) * a.row_stride + k * a.col_stride] : T(0);
+    }
+}
+
+template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int64_t ldc, bool accumulate) {
   gemm_columns<T>(M, N, K, a, b, 0, C, ldc, accumulate);
 }
@@ -269,7 +288,10 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool); \
   template PackedLayout packed_layout<T>(int64_t, int64_t);                                                      \
   template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, BPacker<T>, T*, int64_t, bool);           \
-  template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, const T*, MatrixView, T*, int64_t, bool);
+  template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, const T*, MatrixView, T*, int64_t, bool); \
+  template void gemm_packed_rows<T>(const PackedLayout&, const T*, int64_t, const T*, const int64_t*, T*, int64_t,   \
+                                    bool);                                                                       \
+  template void pack_a<T>(const PackedLayout&, const T*, MatrixView, T*);
 PYKERNELS_INSTANTIATE(float)
 PYKERNELS_INSTANTIATE(double)
 #undef PYKERNELS_INSTANTIATE

@@ -88,6 +88,19 @@ template <typename T>
 void gemm_packed(const PackedLayout& layout, const T* packed_a, int64_t N, const T* B, MatrixView b, T* C,
                  int64_t ldc, bool accumulate);
 
+// C[M x N] (+)= A * B with A packed in `layout` and row k of B the N values from base + row_offsets[k]
+// on, read where they lie: no packing (conv_rows.cpp's forward reads its rows from a prepared copy of
+// x). The micro-kernel reads B by whole strips, so up to kGemmMaxStripWidth - 1 values past the end of
+// each row are read and then ignored: they must be readable memory.
+constexpr int64_t kGemmMaxStripWidth = 48;  // the widest build's strip (AVX-512 float: 3 vectors of 16)
+template <typename T>
+void gemm_packed_rows(const PackedLayout& layout, const T* packed_a, int64_t N, const T* base,
+                      const int64_t* row_offsets, T* C, int64_t ldc, bool accumulate);
+
+// A (layout.rows x layout.depth, read through `a`) into layout's order, padding rows zero.
+template <typename T>
+void pack_a(const PackedLayout& layout, const T* A, MatrixView a, T* packed);
+
 // Which instruction set the hot loops use: "avx512", "avx2" (AVX2+FMA) or "portable" (any x86-64); the
 // best the CPU runs is chosen at load time. Tests force each in turn to cover every path.
 const char* active_isa();

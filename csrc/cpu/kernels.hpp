@@ -29,6 +29,13 @@ void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T
 template <typename T>
 void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
+// conv_rows.cpp -- forward as one GEMM per output row, reading x from a padded copy split into its
+// stride phases instead of packing im2col columns; for the layers conv2d_forward_by_rows_applies to (at
+// element_bytes per value). Same contract as conv2d_forward.
+bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+
 // Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) for the 3x3 stride-1 layers it suits,
 // implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
 // unknown name.
@@ -40,6 +47,9 @@ const char* conv_algorithm();
 bool conv2d_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
+// Whether forward takes conv_rows.cpp's path (at element_bytes per value) where Winograd is not chosen,
+// or its result was not finite.
+bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
 
 // winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
