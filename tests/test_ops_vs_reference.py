@@ -219,6 +219,14 @@ CONV_CASES = {
     "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
                                              padding=((1, 2), (3, 0))),
     "rows_grouped": conv_case((3, 6, 36, 66), (24, 3, 3, 3), padding=1, groups=2),
+    # 49 output columns: a last register strip of 1 column on every build (strips of 4 to 48), which
+    # narrow_columns in gemm_impl.inc takes, as it takes 2 and 3 (50, 51 columns); over two depth blocks
+    # (300 channels) and 70 rows (strips of 6 or 8 in groups of 4, then one at a time); batch 1 splits
+    # the rows among threads, batch 2 gives each thread its images
+    "narrow_columns_1": conv_case((1, 300, 7, 7), (70, 300, 1, 1)),
+    "narrow_columns_2": conv_case((1, 300, 5, 10), (70, 300, 1, 1)),
+    "narrow_columns_3": conv_case((2, 300, 3, 17), (70, 300, 1, 1)),
+    "rows_narrow_tail": conv_case((2, 4, 70, 100), (10, 4, 5, 5), stride=2, padding=1),
     # groups and depthwise
     "grouped_3": conv_case((2, 6, 7, 7), (9, 2, 3, 3), padding=1, groups=3),
     "depthwise": conv_case((2, 7, 9, 11), (7, 1, 3, 3), stride=2, padding=1, groups=7),
@@ -240,10 +248,11 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
                 "wide_strided_strips_unpadded", "wide_stride1_strips", "rows_per_image_deep",
-                "rows_batch1_strided_dilated", "rows_grouped"]
+                "rows_batch1_strided_dilated", "rows_grouped", "narrow_columns_1", "narrow_columns_2",
+                "narrow_columns_3", "rows_narrow_tail"]
 
-ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "resnet_stem_n2",
-                 "resnet_stem_same_n1"]
+ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
+                 "resnet_stem_n2", "resnet_stem_same_n1"]
 
 
 def reads_rows_in_place(cfg, dtype) -> bool:
