@@ -16,9 +16,11 @@ namespace pykernels::cpu {
 #define PYKERNELS_DECLARE_GEMM(ns)                                                                           \
   namespace ns {                                                                                             \
   template <typename T>                                                                                      \
-  void gemm(int64_t, int64_t, int64_t, APacker<T>, const T*, BPacker<T>, int64_t, T*, int64_t, bool);       \
+  void gemm(int64_t, int64_t, int64_t, APacker<T>, const T*, BPacker<T>, int64_t, T*, int64_t, bool, const T*); \
   template <typename T>                                                                                      \
-  void blocking(int64_t*, int64_t*);                                                                         \
+  void blocking(int64_t*, int64_t*, int64_t*);                                                               \
+  template <typename T>                                                                                      \
+  void pack_b_blocks(BPacker<T>, int64_t, int64_t, int64_t, int64_t, T*);                                    \
   template <typename T>                                                                                      \
   void gemm_rows(int64_t, int64_t, int64_t, const T*, const T*, const int64_t*, T*, int64_t, bool);          \
   }
@@ -107,14 +109,19 @@ struct StridedMatrix {
 // packed_a is not null, already packed in that build's layout.
 template <typename T>
 void gemm_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, const T* packed_a, BPacker<T> b,
-             int64_t j_offset, T* C, int64_t ldc, bool accumulate) {
-  PYKERNELS_RETURN_ON_BUILD(isa, gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate))
+             int64_t j_offset, T* C, int64_t ldc, bool accumulate, const T* prepacked_b = nullptr) {
+  PYKERNELS_RETURN_ON_BUILD(isa, gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate, prepacked_b))
 }
 
-// The register-tile height and depth block of build `isa`'s GEMM.
+// The register-tile height and width and the depth block of build `isa`'s GEMM.
 template <typename T>
-void blocking_on(Isa isa, int64_t* mr, int64_t* kc) {
-  PYKERNELS_RETURN_ON_BUILD(isa, blocking<T>(mr, kc))
+void blocking_on(Isa isa, int64_t* mr, int64_t* nr, int64_t* kc) {
+  PYKERNELS_RETURN_ON_BUILD(isa, blocking<T>(mr, nr, kc))
+}
+
+template <typename T>
+void pack_b_blocks_on(Isa isa, BPacker<T> b, int64_t K, int64_t N, int64_t block0, int64_t block1, T* out) {
+  PYKERNELS_RETURN_ON_BUILD(isa, pack_b_blocks<T>(b, K, N, block0, block1, out))
 }
 
 template <typename T>
@@ -173,13 +180,54 @@ void for_each_thread_share(int threads, int64_t units, Work&& work) {
   errors.rethrow();
 }
 
+// gemm_parallel with the rows of C split among threads in shares of whole chunks of `row_chunk` rows. B,
+// which every share multiplies, is packed once and shared when it is between 64 Ki values and 16 MiB
+// (the im2col columns of resnet_3x3_512 at batch 1: 4608 x 49), the threads packing its depth blocks side
+// by side: each thread packing all of it took a quarter of that layer's time. A smaller B (grad_y in that
+// layer's backward-input, 512 x 49) is cheaper to pack twice than to wait at a barrier for. Either way
+// each C element is summed over K in the serial order.
+template <typename T>
+void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64_t K, const T* A, MatrixView a,
+                     BPacker<T> b, T* C, int64_t ldc, bool accumulate) {
+  const Isa isa = current_isa().load();
+  int64_t mr, nr, kc;
+  blocking_on<T>(isa, &mr, &nr, &kc);
+  const int64_t shared_size = K * ((N + nr - 1) / nr * nr), blocks = (K + kc - 1) / kc;
+  constexpr int64_t kSharedBBytes = int64_t(16) << 20;
+  const bool share = shared_size >= (int64_t(1) << 16) && shared_size * int64_t(sizeof(T)) <= kSharedBBytes;
+  T* shared_b = share ? reusable_buffer<T, 0>(shared_size) : nullptr;
+  const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
+  ParallelErrors errors;
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    if (shared_b) {  // the same for every thread, so all of them or none meet the barrier
+      errors.run([&] { pack_b_blocks_on<T>(isa, b, K, N, blocks * t / nt, blocks * (t + 1) / nt, shared_b); });
+#pragma omp barrier
+    }
+    errors.run([&] {
+      const int64_t c0 = row_chunks * t / nt, c1 = row_chunks * (t + 1) / nt;
+      if (c1 <= c0) return;
+      const int64_t i0 = c0 * row_chunk, i1 = std::min(M, c1 * row_chunk);
+      const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
+      gemm_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), nullptr, b, 0, C + i0 * ldc, ldc, accumulate, shared_b);
+    });
+  }
+  errors.rethrow();
+}
+
 }  // namespace
 
 template <typename T>
 PackedLayout packed_layout(int64_t rows, int64_t depth) {
   const Isa isa = current_isa().load();
   PackedLayout layout{isa, rows, depth, 0, 0};
-  blocking_on<T>(isa, &layout.mr, &layout.kc);
+  int64_t nr;
+  blocking_on<T>(isa, &layout.mr, &nr, &layout.kc);
   return layout;
 }
 
@@ -255,11 +303,7 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   constexpr int64_t kRowChunk = 24;
   const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
   if ((chunks < threads || M > N) && row_chunks >= threads) {
-    for_each_thread_share(threads, row_chunks, [&](int64_t c0, int64_t c1) {
-      const int64_t i0 = c0 * kRowChunk, i1 = std::min(M, c1 * kRowChunk);
-      const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
-      gemm_columns<T>(i1 - i0, N, K, a_packer_for(rows), b, 0, C + i0 * ldc, ldc, accumulate);
-    });
+    gemm_split_rows<T>(threads, kRowChunk, M, N, K, A, a, b, C, ldc, accumulate);
     return;
   }
   if (chunks <= 1) {
