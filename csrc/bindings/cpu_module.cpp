@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/shapes.hpp"
+#include "cpu/block_cache.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
@@ -379,6 +380,38 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       },
       py::arg("index"), py::arg("shape"));
 
+  m.def(
+      "empty",
+      [](const std::vector<int64_t>& shape, const py::dtype& dtype) {
+        int64_t count = 1;
+        for (int64_t d : shape) {
+          if (d < 0) throw ShapeError("empty: negative size in the shape");
+          if (d != 0 && count > pykernels::kMaxElements / d) throw ShapeError("empty: too many elements");
+          count *= d;
+        }
+        const size_t bytes = std::max<size_t>(1, size_t(count) * size_t(dtype.itemsize()));
+        const pykernels::cpu::Block block = pykernels::cpu::take_block(bytes);
+        pykernels::cpu::Block* owner;
+        try {
+          owner = new pykernels::cpu::Block(block);
+        } catch (...) {
+          pykernels::cpu::give_back_block(block);
+          throw;
+        }
+        // The array's base: freed when the array and every view of it are gone, giving the block back.
+        py::capsule base(owner, [](void* p) {
+          auto* b = static_cast<pykernels::cpu::Block*>(p);
+          pykernels::cpu::give_back_block(*b);
+          delete b;
+        });
+        return py::array(dtype, std::vector<py::ssize_t>(shape.begin(), shape.end()), block.data, base);
+      },
+      py::arg("shape"), py::arg("dtype"),
+      "An uninitialised C-contiguous array on a block kept for reuse once the array and its views are "
+      "freed (block_cache.hpp): for large results.");
+  m.def("empty_cache", &pykernels::cpu::clear_block_cache,
+        "Free the unused blocks kept for large results; returns the bytes released.");
+  m.def("cached_bytes", &pykernels::cpu::block_cache_bytes, "Bytes held in unused blocks kept for large results.");
   m.def("active_isa", &pykernels::cpu::active_isa, "Instruction set of the hot loops: 'avx512', 'avx2' or 'portable'.");
   m.def(
       "set_isa",
