@@ -14,7 +14,8 @@
 //   as the transposed convolution, where winograd.cpp's cost rules say it pays (backward-weight's is
 //   stricter for the largest layers); set_conv_algorithm("gemm") turns that off.
 // - Forward of layers with overlapping windows and wide output rows (resnet_stem): one GEMM per output
-//   row reading x in place from a padded, stride-phase-split copy (conv_rows.cpp), with nothing packed.
+//   row reading x in place from a padded, stride-phase-split copy (conv_rows.cpp), with nothing packed;
+//   their backward-weight packs COL^T straight from such copies (phase_split_copy.hpp).
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly
 //   (direct_conv_impl.inc, and backward_weight_direct here for strided ones).
 // - Few output positions and many weights (resnet_3x3_512 at batch 2 or 3, or under "gemm"): forward and
@@ -35,6 +36,7 @@
 #include "cpu/im2col.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/phase_split_copy.hpp"
 
 namespace pykernels::cpu {
 
@@ -361,8 +363,26 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   const int64_t cols_per_block = (CRS + blocks_per_group - 1) / blocks_per_group;
   const int64_t units = G * blocks_per_group * halves;
   std::vector<T> second_half(static_cast<size_t>(halves > 1 ? s.w_numel() : 0));
+  const bool parallel = units > 1 && double(s.N * G) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;
+  // Where forward reads x from phase-split copies (resnet_stem), COL^T's strips are transposed straight
+  // from the copies' runs (one copy per image and group, made first, at most 64 MiB in all): packing
+  // them through im2col's rows was a fifth of the time.
+  const PhaseSplitCopy copy(s);
+  const bool from_copies = !is_pointwise(s) && conv2d_forward_by_rows_applies(s, sizeof(T)) &&
+                           double(s.N * G) * double(copy.size) * double(sizeof(T)) <= double(int64_t(64) << 20);
+  std::vector<int64_t> taps;
+  T* copies = nullptr;
+  if (from_copies) {
+    taps = tap_offsets(s, copy);
+    copies = reusable_buffer<T, 3>(s.N * G * copy.size);
+    for_each_index(s.N * G, parallel, [&](int64_t item) {
+      T* own = copies + item * copy.size;
+      fill_rows(s, copy, x + (item / G * s.C + item % G * Cg) * s.H * s.W, 0, Cg * copy.rows, own);
+      std::fill(own + copy.size - kGemmMaxStripWidth, own + copy.size, T(0));
+    });
+  }
   ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (units > 1 && double(s.N * G) * double(Kg * CRS) * double(PQ) >= kMinParallelWork)
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t unit = 0; unit < units; ++unit) {
     errors.run([&] {
       const int64_t half = unit % halves, block = unit / halves % blocks_per_group;
@@ -372,10 +392,14 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const int64_t n0 = half * (s.N / 2), n1 = halves > 1 && half == 0 ? s.N / 2 : s.N;
       const GradOutRows<T> gy{&s, grad_y + n0 * s.K * PQ, g};
       const BatchColTransposed<T> col_t{&s, x + n0 * s.C * s.H * s.W, g, col0};
+      const BatchCopyTransposed<T> copy_t{&s, copies + (n0 * G + g) * copy.size, G * copy.size,
+                                          copy.output_row_offset(s, 1), taps.data(), col0};
+      const BPacker<T> col_transposed = from_copies ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
+                                                    : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
       T* out = (half == 0 ? grad_w : second_half.data()) + g * Kg * CRS + col0;
       // out[:, col0:col1] = GY_g (Kg x n*PQ) * COL^T[:, col0:col1] (n*PQ x cols), n over [n0, n1)
-      gemm<T>(Kg, col1 - col0, (n1 - n0) * PQ, APacker<T>{conv_packers<T>().grad_out_rows, &gy},
-              BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t}, out, CRS, false);
+      gemm<T>(Kg, col1 - col0, (n1 - n0) * PQ, APacker<T>{conv_packers<T>().grad_out_rows, &gy}, col_transposed, out,
+              CRS, false);
     });
   }
   errors.rethrow();

@@ -14,72 +14,9 @@
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/phase_split_copy.hpp"
 
 namespace pykernels::cpu {
-
-namespace {
-
-// The copy of one image's group: channel c, padded row h, phase f at ((c * rows + h) * sw + f) * width,
-// padded rows [0, rows) being the ones the output reads, and kGemmMaxStripWidth readable values after
-// the last (gemm_packed_rows reads whole strips).
-struct PhaseSplitCopy {
-  int64_t rows, width, size;
-
-  explicit PhaseSplitCopy(const Conv2dShape& s) {
-    const Window2d& win = s.win;
-    rows = (s.P - 1) * win.stride_h + (s.R - 1) * win.dilation_h + 1;
-    const int64_t columns = (s.Q - 1) * win.stride_w + (s.S - 1) * win.dilation_w + 1;  // padded ones read
-    width = (columns + win.stride_w - 1) / win.stride_w;
-    size = s.C_per_group() * rows * win.stride_w * width + kGemmMaxStripWidth;
-  }
-  int64_t output_row_offset(const Conv2dShape& s, int64_t p) const {
-    return p * s.win.stride_h * s.win.stride_w * width;
-  }
-};
-
-// offsets[crs] of col row (c, r, kw) from the start of output row 0 in the copy.
-std::vector<int64_t> tap_offsets(const Conv2dShape& s, const PhaseSplitCopy& copy) {
-  const Window2d& win = s.win;
-  const int64_t sw = win.stride_w;
-  std::vector<int64_t> offsets(static_cast<size_t>(s.C_per_group() * s.R * s.S));
-  size_t i = 0;
-  for (int64_t c = 0; c < s.C_per_group(); ++c)
-    for (int64_t r = 0; r < s.R; ++r)
-      for (int64_t kw = 0; kw < s.S; ++kw) {
-        const int64_t shift = kw * win.dilation_w;
-        offsets[i++] = ((c * copy.rows + r * win.dilation_h) * sw + shift % sw) * copy.width + shift / sw;
-      }
-  return offsets;
-}
-
-// Padded rows [row0, row1) of every channel of x_g (channels of H*W values) into the copy; cells in the
-// padding are zero. Row index c * copy.rows + h.
-template <typename T>
-void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T* x_g, int64_t row0, int64_t row1, T* out) {
-  const Window2d& win = s.win;
-  const int64_t sw = win.stride_w;
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t c = row / copy.rows, h = row % copy.rows - win.pad_top;
-    T* o = out + row * sw * copy.width;
-    if (h < 0 || h >= s.H) {
-      std::fill(o, o + sw * copy.width, T(0));
-      continue;
-    }
-    const T* in = x_g + (c * s.H + h) * s.W;
-    for (int64_t f = 0; f < sw; ++f, o += copy.width) {
-      // o[i] = x column i*sw + f - pad_left, zero outside [0, W)
-      const int64_t first = f - win.pad_left;
-      const int64_t begin = std::min(copy.width, first >= 0 ? 0 : (-first + sw - 1) / sw);
-      const int64_t end = std::clamp(s.W - 1 - first < 0 ? 0 : (s.W - 1 - first) / sw + 1, begin, copy.width);
-      std::fill(o, o + begin, T(0));
-      const T* from = in + first;
-      for (int64_t i = begin; i < end; ++i) o[i] = from[i * sw];
-      std::fill(o + end, o + copy.width, T(0));
-    }
-  }
-}
-
-}  // namespace
 
 bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes) {
   // Worth it where im2col would move at least twice the copy (R*S taps per sh*sw input cells: not a 1x1

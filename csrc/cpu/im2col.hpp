@@ -38,6 +38,18 @@ struct BatchColTransposed {
   int64_t column_base;
 };
 
+// The same col^T from phase-split copies of x (phase_split_copy.hpp), whose im2col rows are runs in place:
+// image n's copy of the group at copies + n * copy_stride (n counted from the first image of the
+// GEMM), output row p's runs p * row_stride further on, col row crs at tap_offsets[crs] from there.
+template <typename T>
+struct BatchCopyTransposed {
+  const Conv2dShape* s;
+  const T* copies;
+  int64_t copy_stride, row_stride;
+  const int64_t* tap_offsets;
+  int64_t column_base;
+};
+
 // grad_y of one group over the whole batch as a GEMM's B: rows k, columns n*PQ + pq.
 template <typename T>
 struct BatchGradOut {
@@ -50,6 +62,7 @@ template <typename T>
 struct ConvPackers {
   decltype(BPacker<T>::pack) col;                   // B = col of one group from an Im2colSource
   decltype(BPacker<T>::pack) batch_col_transposed;  // B = col^T over the batch from a BatchColTransposed
+  decltype(BPacker<T>::pack) batch_copy_transposed;  // the same from a BatchCopyTransposed
   decltype(APacker<T>::pack) grad_out_rows;         // A = grad_y's rows over the batch from a GradOutRows
   decltype(BPacker<T>::pack) batch_grad_out;        // B = grad_y over the batch from a BatchGradOut
 };

@@ -18,10 +18,9 @@
 namespace pykernels::cpu {
 
 #if defined(__AVX__)
-// The 8 x 8 block at rows[0..7][0..7] (row i at rows + i * row_stride) into out[k * nr + i].
-static inline void transpose_8x8(const float* rows, int64_t row_stride, float* out, int64_t nr) {
-  __m256 a[8], t[8];
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(rows + i * row_stride);
+// The 8 x 8 block a[0..7] (8 rows of 8 values, in registers) into out[k * nr + i].
+static inline void transpose_8x8(__m256 a[8], float* out, int64_t nr) {
+  __m256 t[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
@@ -36,6 +35,13 @@ static inline void transpose_8x8(const float* rows, int64_t row_stride, float* o
     _mm256_storeu_ps(out + i * nr, _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
     _mm256_storeu_ps(out + (i + 4) * nr, _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
   }
+}
+
+// The 8 x 8 block at rows[0..7][0..7] (row i at rows + i * row_stride) into out[k * nr + i].
+static inline void transpose_8x8(const float* rows, int64_t row_stride, float* out, int64_t nr) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(rows + i * row_stride);
+  transpose_8x8(a, out, nr);
 }
 #endif
 
@@ -81,6 +87,32 @@ static inline void transpose_into_strip(const T* rows, int64_t row_stride, int64
     for (int64_t k = 0; k < kc; ++k) out[k * nr + j] = rows[j * row_stride + k];
   if (cols < nr)
     for (int64_t k = 0; k < kc; ++k) fill_short(out + k * nr + cols, nr - cols, T(0));
+}
+
+// out[k * nr + j] = runs[j][k] for j < cols, k < length, and 0 for cols <= j < nr: transpose_into_strip for
+// rows that lie anywhere (the im2col rows of a phase-split copy).
+template <typename T>
+static inline void transpose_runs_into_strip(const T* const* runs, int64_t length, int64_t cols, int64_t nr, T* out) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 8 <= cols; j += 8) {
+      const float* const* r = runs + j;
+      int64_t k = 0;
+      for (; k + 8 <= length; k += 8) {
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(r[i] + k);
+        transpose_8x8(a, out + k * nr + j, nr);
+      }
+      for (; k < length; ++k)
+        for (int64_t i = 0; i < 8; ++i) out[k * nr + j + i] = r[i][k];
+    }
+  }
+#endif
+  for (; j < cols; ++j)
+    for (int64_t k = 0; k < length; ++k) out[k * nr + j] = runs[j][k];
+  if (cols < nr)
+    for (int64_t k = 0; k < length; ++k) fill_short(out + k * nr + cols, nr - cols, T(0));
 }
 
 }  // namespace pykernels::cpu
