@@ -343,8 +343,26 @@ def _batch_halves_weight_gradient(dtype):
     return pk.conv2d_backward(go, x, w, stride=2, padding=1, need_input=False, need_bias=False)[1]
 
 
+def _copy_and_shared_paths(dtype):
+    # forward from phase-split copies (an image per thread at batch 2; threads splitting the output rows at
+    # batch 1), backward-weight packed from those copies, and batch 1 with threads splitting the GEMM's
+    # rows over one shared packing of B (81 columns: a last strip of 1 on AVX2 and portable, narrow_kernel)
+    rng = np.random.default_rng(45)
+    x = rng.standard_normal((2, 3, 70, 90)).astype(dtype)
+    w = rng.standard_normal((16, 3, 5, 5)).astype(dtype)
+    assert _pykernels_cpu.conv2d_forward_reads_rows_in_place(x.shape, w.shape, (2, 2), (2, 2, 2, 2), (1, 1), 1,
+                                                             x.itemsize)
+    y = pk.conv2d(x, w, stride=2, padding=2)
+    y1 = pk.conv2d(x[:1], w, stride=2, padding=2)
+    gw = pk.conv2d_backward(y, x, w, stride=2, padding=2, need_input=False, need_bias=False)[1]
+    xs = rng.standard_normal((1, 128, 9, 9)).astype(dtype)
+    ws = rng.standard_normal((100, 128, 3, 3)).astype(dtype)
+    return y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2)
+
+
 def _run_all(x, w, b, go):
-    extra = () if x.shape[0] != 4 else (*_streamed_winograd_layer(x.dtype), _batch_halves_weight_gradient(x.dtype))
+    extra = () if x.shape[0] != 4 else (*_streamed_winograd_layer(x.dtype), _batch_halves_weight_gradient(x.dtype),
+                                         *_copy_and_shared_paths(x.dtype))
     y = pk.conv2d(x, w, b, stride=2, padding=1)
     grads = pk.conv2d_backward(go, x, w, stride=2, padding=1)
     # stride 1: the Winograd path, all three passes (its chunking depends on the thread count)
