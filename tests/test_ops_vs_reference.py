@@ -236,6 +236,8 @@ CONV_CASES = {
     "depthwise_multiplier2": conv_case((1, 5, 8, 8), (10, 1, 3, 3), padding="same", groups=5),
     "depthwise_many_channels": conv_case((1, 33, 10, 10), (33, 1, 5, 5), padding=2, groups=33),
     "grouped_pointwise": conv_case((2, 8, 5, 5), (12, 2, 1, 1), groups=4),
+    # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
+    "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
     # over the whole batch (1152 weights per group, 9 positions per image)
     "grouped_batch_gemm": conv_case((3, 8, 6, 6), (64, 4, 3, 3), stride=2, padding=1, groups=2),
@@ -252,7 +254,7 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
                 "wide_strided_strips_unpadded", "wide_stride1_strips", "rows_per_image_deep",
                 "rows_batch1_strided_dilated", "rows_grouped", "narrow_columns_1", "narrow_columns_2",
-                "narrow_columns_3", "rows_narrow_tail", "shared_columns_batch1"]
+                "narrow_columns_3", "rows_narrow_tail", "shared_columns_batch1", "grouped_pointwise_gemm"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]

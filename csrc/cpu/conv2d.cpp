@@ -364,22 +364,30 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   const int64_t units = G * blocks_per_group * halves;
   std::vector<T> second_half(static_cast<size_t>(halves > 1 ? s.w_numel() : 0));
   const bool parallel = units > 1 && double(s.N * G) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;
-  // Where forward reads x from phase-split copies (resnet_stem), COL^T's strips are transposed straight
-  // from the copies' runs (one copy per image and group, made first, at most 64 MiB in all): packing
-  // them through im2col's rows was a fifth of the time.
+  // Where col's rows are runs of x itself (pointwise layers: channel c at c * H*W) or of phase-split copies
+  // of it (the layers forward reads by rows, resnet_stem: one copy per image and group, made first, at most
+  // 64 MiB in all), COL^T's strips are transposed straight from those runs: packing them through
+  // im2col's rows was a fifth of resnet_stem's time and two fifths of resnet_1x1_256_64's.
+  const bool pointwise = is_pointwise(s);
   const PhaseSplitCopy copy(s);
-  const bool from_copies = !is_pointwise(s) && conv2d_forward_by_rows_applies(s, sizeof(T)) &&
+  const bool from_copies = !pointwise && conv2d_forward_by_rows_applies(s, sizeof(T)) &&
                            double(s.N * G) * double(copy.size) * double(sizeof(T)) <= double(int64_t(64) << 20);
   std::vector<int64_t> taps;
-  T* copies = nullptr;
-  if (from_copies) {
+  const T* runs = nullptr;  // image n's runs of group g at runs + n * image_stride + g * group_stride
+  int64_t group_stride = 0, image_stride = 0, row_stride = 0;
+  if (pointwise) {
+    for (int64_t c = 0; c < Cg; ++c) taps.push_back(c * s.H * s.W);
+    runs = x, group_stride = Cg * s.H * s.W, image_stride = s.C * s.H * s.W, row_stride = s.W;
+  } else if (from_copies) {
     taps = tap_offsets(s, copy);
-    copies = reusable_buffer<T, 3>(s.N * G * copy.size);
+    T* copies = reusable_buffer<T, 3>(s.N * G * copy.size);
     for_each_index(s.N * G, parallel, [&](int64_t item) {
       T* own = copies + item * copy.size;
       fill_rows(s, copy, x + (item / G * s.C + item % G * Cg) * s.H * s.W, 0, Cg * copy.rows, own);
       std::fill(own + copy.size - kGemmMaxStripWidth, own + copy.size, T(0));
     });
+    runs = copies, group_stride = copy.size, image_stride = G * copy.size;
+    row_stride = copy.output_row_offset(s, 1);
   }
   ParallelErrors errors;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -392,10 +400,10 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const int64_t n0 = half * (s.N / 2), n1 = halves > 1 && half == 0 ? s.N / 2 : s.N;
       const GradOutRows<T> gy{&s, grad_y + n0 * s.K * PQ, g};
       const BatchColTransposed<T> col_t{&s, x + n0 * s.C * s.H * s.W, g, col0};
-      const BatchCopyTransposed<T> copy_t{&s, copies + (n0 * G + g) * copy.size, G * copy.size,
-                                          copy.output_row_offset(s, 1), taps.data(), col0};
-      const BPacker<T> col_transposed = from_copies ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
-                                                    : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
+      const BatchCopyTransposed<T> copy_t{&s, runs + n0 * image_stride + g * group_stride, image_stride, row_stride,
+                                          taps.data(), col0};
+      const BPacker<T> col_transposed = runs ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
+                                             : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
       T* out = (half == 0 ? grad_w : second_half.data()) + g * Kg * CRS + col0;
       // out[:, col0:col1] = GY_g (Kg x n*PQ) * COL^T[:, col0:col1] (n*PQ x cols), n over [n0, n1)
       gemm<T>(Kg, col1 - col0, (n1 - n0) * PQ, APacker<T>{conv_packers<T>().grad_out_rows, &gy}, col_transposed, out,
