@@ -20,6 +20,14 @@ struct MatrixView {
   int64_t col_stride;
 };
 
+// A matrix in memory through its strides, as the context of a StridedPackers' BPacker (or, given the
+// transpose of A, of its APacker).
+template <typename T>
+struct StridedMatrix {
+  const T* data;
+  MatrixView view;
+};
+
 // B by blocks: pack(ctx, k0, kc, j0, nc, nr, out) writes rows [k0, k0+kc) x columns [j0, j0+nc) of B
 // as strips of nr columns (strip s at out + s*kc*nr; for each k, nr consecutive values; columns past
 // nc are zero).
@@ -35,6 +43,14 @@ template <typename T>
 struct APacker {
   void (*pack)(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out);
   const void* ctx;
+};
+
+// The packers of a StridedMatrix in one instruction-set build: b packs it as B; a packs A from a
+// StridedMatrix of A^T (packing MR-row strips of A is packing MR-column strips of A^T).
+template <typename T>
+struct StridedPackers {
+  decltype(BPacker<T>::pack) b;
+  decltype(APacker<T>::pack) a;
 };
 
 // Serial GEMM on the calling thread.
