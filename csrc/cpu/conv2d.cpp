@@ -87,15 +87,21 @@ bool is_pointwise(const Conv2dShape& s) {
 }
 
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x, for output rows
-// [p0, p1) (col holds their positions from column 0 on).
+// [p0, p1) (col holds their positions from column 0 on) and input rows [h0, h1). Each cell receives its
+// entries in col's row order whatever the ranges, so splitting the input rows among threads (disjoint
+// writes) gives the same bits as one pass.
 template <typename T>
 // col's rows are row_stride apart (PQ for one image's col; N*PQ when col holds the batch side by side).
-void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g, int64_t p0, int64_t p1) {
+void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g, int64_t p0, int64_t p1,
+                int64_t h0 = 0, int64_t h1 = -1) {
   const int64_t HW = s.H * s.W, sh = s.win.stride_h, sw = s.win.stride_w;
+  if (h1 < 0) h1 = s.H;
   for_each_col_segment(s, 0, s.C_per_group() * s.R * s.S,
                        [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
                          const T* in = col + row * row_stride;
-                         for (int64_t p = std::max(ps.begin, p0); p < std::min(ps.end, p1); ++p) {
+                         const Range in_rows = valid_outputs(h_off - h0, sh, h1 - h0, s.P);  // h in [h0, h1)
+                         const int64_t first = std::max({ps.begin, p0, in_rows.begin});
+                         for (int64_t p = first; p < std::min({ps.end, p1, in_rows.end}); ++p) {
                            const T* i = in + (p - p0) * s.Q;
                            T* xr = gx_g + c * HW + (p * sh + h_off) * s.W + w_off;
                            for (int64_t q = qs.begin; q < qs.end; ++q) xr[q * sw] += i[q];
@@ -272,11 +278,17 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
       std::fill(gx_g, gx_g + Cg * HW, T(0));
       for (int64_t p0 = 0; p0 < s.P; p0 += rows) {
         const int64_t p1 = std::min(s.P, p0 + rows), columns = (p1 - p0) * s.Q;
-        if (per_item_threads)
+        if (per_item_threads) {
           gemm<T>(CRS, columns, Kg, A, {1, CRS}, gy_g + p0 * s.Q, {PQ, 1}, col, columns, false);
-        else
-          gemm_parallel<T>(CRS, columns, Kg, A, {1, CRS}, gy_g + p0 * s.Q, {PQ, 1}, col, columns, false);
-        col2im_add(s, col, columns, gx_g, p0, p1);
+          col2im_add(s, col, columns, gx_g, p0, p1);
+          continue;
+        }
+        gemm_parallel<T>(CRS, columns, Kg, A, {1, CRS}, gy_g + p0 * s.Q, {PQ, 1}, col, columns, false);
+        // the threads add disjoint bands of input rows (resnet_stem at batch 1: a third of the time, serial)
+        const int64_t bands = std::min<int64_t>(s.H, 4 * threads);
+        for_each_index(bands, worth_threads && bands > 1, [&](int64_t i) {
+          col2im_add(s, col, columns, gx_g, p0, p1, s.H * i / bands, s.H * (i + 1) / bands);
+        });
       }
     });
   });
