@@ -284,8 +284,10 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
           continue;
         }
         gemm_parallel<T>(CRS, columns, Kg, A, {1, CRS}, gy_g + p0 * s.Q, {PQ, 1}, col, columns, false);
-        // the threads add disjoint bands of input rows (resnet_stem at batch 1: a third of the time, serial)
-        const int64_t bands = std::min<int64_t>(s.H, 4 * threads);
+        // The threads add disjoint bands of input rows (resnet_stem at batch 1: a third of the time, serial).
+        // Every band visits all of col's rows, so each should hold a fair share of positions: not
+        // resnet_3x3_512's 49, where 7 bands spent 4x the single pass on finding their ranges.
+        const int64_t bands = std::max<int64_t>(1, std::min<int64_t>({s.H, 4 * int64_t(threads), columns / 64}));
         for_each_index(bands, worth_threads && bands > 1, [&](int64_t i) {
           col2im_add(s, col, columns, gx_g, p0, p1, s.H * i / bands, s.H * (i + 1) / bands);
         });
