@@ -411,9 +411,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     taps = tap_offsets(s, copy);
     T* copies = reusable_buffer<T, 3>(s.N * G * copy.size);
     for_each_index(s.N * G, parallel, [&](int64_t item) {
-      T* own = copies + item * copy.size;
-      fill_rows(s, copy, x + (item / G * s.C + item % G * Cg) * s.H * s.W, 0, Cg * copy.rows, own);
-      std::fill(own + copy.size - kGemmMaxStripWidth, own + copy.size, T(0));
+      const T* x_g = x + (item / G * s.C + item % G * Cg) * s.H * s.W;
+      fill_rows(s, copy, x_g, 0, Cg * copy.rows, copies + item * copy.size);
     });
     runs = copies, group_stride = copy.size, image_stride = G * copy.size;
     row_stride = copy.output_row_offset(s, 1);

@@ -65,13 +65,11 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
       errors.run([&] {
         T* own = reusable_buffer<T, 0>(copy.size);
         fill_rows(s, copy, x_of(item), 0, copy_rows, own);
-        std::fill(own + copy.size - kGemmMaxStripWidth, own + copy.size, T(0));
         rows_of(item, own, 0, s.P);
       });
     });
   } else {  // fewer items than threads (batch 1): the threads share each item's copy and its rows
     T* shared = reusable_buffer<T, 1>(copy.size);
-    std::fill(shared + copy.size - kGemmMaxStripWidth, shared + copy.size, T(0));
     for (int64_t item = 0; item < items; ++item) {
       const int64_t chunks = std::min<int64_t>(copy_rows, 4 * threads);
       for_each_index(chunks, worth_threads, [&](int64_t i) {

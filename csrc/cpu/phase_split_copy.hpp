@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/shapes.hpp"
+#include "cpu/conv_ranges.hpp"
 #include "cpu/gemm.hpp"
 
 namespace pykernels::cpu {
@@ -46,11 +47,12 @@ inline std::vector<int64_t> tap_offsets(const Conv2dShape& s, const PhaseSplitCo
 }
 
 // Padded rows [row0, row1) of every channel of x_g (channels of H*W values) into the copy; cells in the
-// padding are zero. Row index c * copy.rows + h.
+// padding are zero, and so is the slack after the last row when it is filled. Row index c * copy.rows + h.
 template <typename T>
 inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T* x_g, int64_t row0, int64_t row1, T* out) {
   const Window2d& win = s.win;
   const int64_t sw = win.stride_w;
+  if (row1 == s.C_per_group() * copy.rows) std::fill(out + copy.size - kGemmMaxStripWidth, out + copy.size, T(0));
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t c = row / copy.rows, h = row % copy.rows - win.pad_top;
     T* o = out + row * sw * copy.width;
@@ -62,12 +64,11 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
     for (int64_t f = 0; f < sw; ++f, o += copy.width) {
       // o[i] = x column i*sw + f - pad_left, zero outside [0, W)
       const int64_t first = f - win.pad_left;
-      const int64_t begin = std::min(copy.width, first >= 0 ? 0 : (-first + sw - 1) / sw);
-      const int64_t end = std::clamp(s.W - 1 - first < 0 ? 0 : (s.W - 1 - first) / sw + 1, begin, copy.width);
-      std::fill(o, o + begin, T(0));
+      const Range inside = valid_outputs(first, sw, s.W, copy.width);
+      std::fill(o, o + inside.begin, T(0));
       const T* from = in + first;
-      for (int64_t i = begin; i < end; ++i) o[i] = from[i * sw];
-      std::fill(o + end, o + copy.width, T(0));
+      for (int64_t i = inside.begin; i < inside.end; ++i) o[i] = from[i * sw];
+      std::fill(o + inside.end, o + copy.width, T(0));
     }
   }
 }
