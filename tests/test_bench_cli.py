@@ -249,10 +249,12 @@ class _FakeTimer:
 
 def test_time_interleaved_alternates_implementations_for_at_least_repeat_rounds():
     log = []
-    entries = [(_FakeTimer("ours", log, 1e-3), lambda: None), (_FakeTimer("peer", log, 2e-3), lambda: None)]
-    times = bench.time_interleaved(entries, repeat=4, min_time=0)
-    assert log == ["ours", "peer"] * 4
-    assert times == [[1e-3] * 4, [2e-3] * 4]
+    entries = [(_FakeTimer("ours", log, 1e-3), lambda: None), (_FakeTimer("peer", log, 2e-3), lambda: None),
+               (_FakeTimer("numpy", log, 3e-3), lambda: None)]
+    times = bench.time_interleaved(entries, repeat=3, min_time=0)
+    # each round starts one further on, so each implementation follows every other equally often
+    assert log == ["ours", "peer", "numpy", "peer", "numpy", "ours", "numpy", "ours", "peer"]
+    assert times == [[1e-3] * 3, [2e-3] * 3, [3e-3] * 3]
     assert bench.time_interleaved([], repeat=4, min_time=10) == []
 
 

@@ -24,7 +24,7 @@ BIG = _backend.POOLED_RESULT_BYTES
 
 
 def big_relu_input(seed=0):
-    """A float32 input whose relu result is just over the pooling threshold (33 MiB)."""
+    """A float32 input whose relu result is just over the pooling threshold."""
     n = BIG // 4 + (1 << 18)
     return np.random.default_rng(seed).standard_normal(n, dtype=np.float32) - 0.25
 
@@ -98,6 +98,22 @@ def test_cache_cap_zero_keeps_nothing():
         "assert C.cached_bytes() == 0, C.cached_bytes()\n"
     )
     env = dict(os.environ, PYKERNELS_CPU_CACHE_MB="0")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_cache_over_its_cap_frees_the_oldest_blocks():
+    code = (
+        "import numpy as np, _pykernels_cpu as C\n"
+        "MiB = 1 << 20\n"
+        "a = C.empty([2 * MiB], np.dtype(np.uint8)); b = C.empty([2 * MiB], np.dtype(np.uint8))\n"
+        "c = C.empty([4 * MiB], np.dtype(np.uint8)); kept = c.ctypes.data\n"
+        "del a, b\n"
+        "assert C.cached_bytes() == 4 * MiB, C.cached_bytes()\n"
+        "del c  # 8 MiB unused against a cap of 5: the two older blocks go\n"
+        "assert C.cached_bytes() == 4 * MiB, C.cached_bytes()\n"
+        "assert C.empty([4 * MiB], np.dtype(np.uint8)).ctypes.data == kept\n"
+    )
+    env = dict(os.environ, PYKERNELS_CPU_CACHE_MB="5")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 

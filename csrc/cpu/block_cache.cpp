@@ -1,9 +1,9 @@
-// block_cache.hpp: a mutex-guarded map from capacity to unused blocks, never destroyed (arrays can be
+// block_cache.hpp: a mutex-guarded list of unused blocks, oldest first, never destroyed (arrays can be
 // freed during interpreter shutdown, after static destructors would have run).
 #include "cpu/block_cache.hpp"
 
 #include <cstdlib>
-#include <map>
+#include <list>
 #include <mutex>
 #include <new>
 
@@ -15,7 +15,8 @@ namespace pykernels::cpu {
 
 namespace {
 
-constexpr size_t kPage = size_t(2) << 20;  // a transparent huge page
+constexpr size_t kHugePage = size_t(2) << 20;  // a transparent huge page
+constexpr size_t kGrain = size_t(64) << 10;    // smaller blocks are rounded up to this
 
 size_t cap_from_env() {
   const char* env = std::getenv("PYKERNELS_CPU_CACHE_MB");
@@ -28,7 +29,7 @@ size_t cap_from_env() {
 
 struct Cache {
   std::mutex mutex;
-  std::multimap<size_t, void*> unused;  // capacity -> block
+  std::list<Block> unused;  // oldest first
   size_t unused_bytes = 0;
   const size_t cap = cap_from_env();
 };
@@ -38,10 +39,16 @@ Cache& cache() {
   return *instance;
 }
 
+// Blocks of a huge page or more are whole huge pages, so aligned and advised to be backed by them.
+size_t capacity_for(size_t bytes) {
+  const size_t grain = bytes >= kHugePage ? kHugePage : kGrain;
+  return (bytes + grain - 1) / grain * grain;
+}
+
 void* allocate(size_t capacity) {
-  void* p = std::aligned_alloc(kPage, capacity);
+  void* p = std::aligned_alloc(capacity >= kHugePage ? kHugePage : 4096, capacity);
 #ifdef __linux__
-  if (p) madvise(p, capacity, MADV_HUGEPAGE);  // fewer faults and TLB misses; a hint only
+  if (p && capacity >= kHugePage) madvise(p, capacity, MADV_HUGEPAGE);  // fewer faults, TLB misses; a hint
 #endif
   return p;
 }
@@ -49,17 +56,17 @@ void* allocate(size_t capacity) {
 }  // namespace
 
 Block take_block(size_t bytes) {
-  const size_t capacity = (bytes + kPage - 1) / kPage * kPage;
+  const size_t capacity = capacity_for(bytes);
   Cache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
-    auto it = c.unused.find(capacity);
-    if (it != c.unused.end()) {
-      Block block{it->second, capacity};
-      c.unused.erase(it);
-      c.unused_bytes -= capacity;
-      return block;
-    }
+    for (auto it = c.unused.rbegin(); it != c.unused.rend(); ++it)  // the newest of that size: warmest
+      if (it->capacity == capacity) {
+        const Block block = *it;
+        c.unused.erase(std::next(it).base());
+        c.unused_bytes -= capacity;
+        return block;
+      }
   }
   void* p = allocate(capacity);
   if (!p) {
@@ -72,20 +79,26 @@ Block take_block(size_t bytes) {
 
 void give_back_block(Block block) {
   Cache& c = cache();
+  std::list<Block> evicted;
   {
     std::lock_guard<std::mutex> lock(c.mutex);
-    if (c.unused_bytes + block.capacity <= c.cap) {
-      c.unused.emplace(block.capacity, block.data);
+    if (block.capacity > c.cap) {
+      evicted.push_back(block);
+    } else {
+      c.unused.push_back(block);
       c.unused_bytes += block.capacity;
-      return;
+      while (c.unused_bytes > c.cap) {  // over the cap: the oldest go
+        c.unused_bytes -= c.unused.front().capacity;
+        evicted.splice(evicted.end(), c.unused, c.unused.begin());
+      }
     }
   }
-  std::free(block.data);
+  for (const Block& b : evicted) std::free(b.data);
 }
 
 size_t clear_block_cache() {
   Cache& c = cache();
-  std::multimap<size_t, void*> unused;
+  std::list<Block> unused;
   size_t bytes;
   {
     std::lock_guard<std::mutex> lock(c.mutex);
@@ -93,7 +106,7 @@ size_t clear_block_cache() {
     bytes = c.unused_bytes;
     c.unused_bytes = 0;
   }
-  for (auto& entry : unused) std::free(entry.second);
+  for (const Block& b : unused) std::free(b.data);
   return bytes;
 }
 
