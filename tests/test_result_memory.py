@@ -89,20 +89,25 @@ def test_empty_cache_frees_the_unused_blocks():
     assert _pykernels_cpu.cached_bytes() == 0
 
 
+def run_with_cache_cap(cap_mb: str, code: str) -> None:
+    """Runs `code` in a fresh interpreter whose block cache is capped at PYKERNELS_CPU_CACHE_MB=cap_mb (the
+    cap is read once, at import)."""
+    env = dict(os.environ, PYKERNELS_CPU_CACHE_MB=cap_mb)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
 def test_cache_cap_zero_keeps_nothing():
-    code = (
+    run_with_cache_cap("0", (
         "import numpy as np, pykernels as pk, _pykernels_cpu as C\n"
         f"y = pk.relu(np.ones({BIG // 8 + 1}))\n"
         "assert y.nbytes >= pk._backend.POOLED_RESULT_BYTES\n"
         "del y\n"
         "assert C.cached_bytes() == 0, C.cached_bytes()\n"
-    )
-    env = dict(os.environ, PYKERNELS_CPU_CACHE_MB="0")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    ))
 
 
 def test_cache_over_its_cap_frees_the_oldest_blocks():
-    code = (
+    run_with_cache_cap("5", (
         "import numpy as np, _pykernels_cpu as C\n"
         "MiB = 1 << 20\n"
         "a = C.empty([2 * MiB], np.dtype(np.uint8)); b = C.empty([2 * MiB], np.dtype(np.uint8))\n"
@@ -112,9 +117,7 @@ def test_cache_over_its_cap_frees_the_oldest_blocks():
         "del c  # 8 MiB unused against a cap of 5: the two older blocks go\n"
         "assert C.cached_bytes() == 4 * MiB, C.cached_bytes()\n"
         "assert C.empty([4 * MiB], np.dtype(np.uint8)).ctypes.data == kept\n"
-    )
-    env = dict(os.environ, PYKERNELS_CPU_CACHE_MB="5")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    ))
 
 
 def test_empty_rejects_bad_shapes():
