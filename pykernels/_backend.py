@@ -153,8 +153,9 @@ def output(out, name: str, kind: str, shape, dtype):
     """`out` checked against what the op will write, or a fresh array of the inputs' kind."""
     shape = tuple(shape)
     if out is None:
-        if kind == "numpy" and math.prod(shape) * np.dtype(dtype).itemsize >= POOLED_RESULT_BYTES:
-            return module(kind).empty(shape, np.dtype(dtype))
+        dtype = np.dtype(dtype)
+        if kind == "numpy" and math.prod(shape) * dtype.itemsize >= POOLED_RESULT_BYTES:
+            return module(kind).empty(shape, dtype)
         return xp_of(kind).empty(shape, dtype=dtype)
     if array_kind((name, out)) != kind:
         raise TypeError(f"{name} must be a {'CuPy' if kind == 'cupy' else 'NumPy'} array like the inputs")
