@@ -6,6 +6,11 @@ checked to take the path it is meant to test, and runs under both algorithms ('a
 the two agree.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -39,6 +44,11 @@ CASES = {
     # 9.4 MB of float32 U, transformed at once; 18.7 MB of float64 U, streamed (the 16 MiB bound is in
     # the layer's own precision): both paths on one layer, with ragged blocks (K = 260, C = 250).
     "streamed_in_float64_only": ((3, 250, 16, 16), (260, 250, 3, 3), 1),
+    # Backward-weight's 36 x K x C sums over 16 MiB (K * C > 116508) and all 18 tiles in one chunk: they go
+    # to grad_w block by block through L2 (backward_weight_in_blocks), with a ragged last block of output
+    # channels (K = 341) and of input channels (C = 350). (streamed_in_float64_only takes that path in
+    # float64 only.)
+    "sums_in_blocks": ((2, 350, 12, 11), (341, 350, 3, 3), 1),
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
@@ -74,24 +84,24 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), pads, (2, 2), 1)  # dilated
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
-    # resnet_3x3_512: at batch 8 its 32 tiles pay for transforming 512 x 512 filters block by block; at
-    # batch 1 (4 tiles) the GEMM is faster, for both passes. Backward-weight, which sums all 36 x 512 x 512
-    # products in memory, stays on the GEMM.
-    assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
-    assert _pykernels_cpu.conv2d_backward_input_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
-                                                              (1, 1), 1)
-    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((8, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
-                                                                   (1, 1), 1)
-    assert not _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
-    assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), (512, 512, 3, 3), (1, 1), pads,
-                                                                  (1, 1), 1)
-    # resnet_3x3_256 at batch 1: 16 tiles pay for a U that stays in L3 (forward and backward-input take
-    # 0.45 ms against the GEMM's 0.75-0.87); backward-weight's D, summed in memory, does not pay.
-    assert _pykernels_cpu.conv2d_uses_winograd((1, 256, 14, 14), (256, 256, 3, 3), (1, 1), pads, (1, 1), 1)
-    assert _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 256, 14, 14), (256, 256, 3, 3), (1, 1), pads,
-                                                              (1, 1), 1)
-    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), (256, 256, 3, 3), (1, 1),
-                                                                   pads, (1, 1), 1)
+    # resnet_3x3_512: at batch 8 its 32 tiles pay for transforming 512 x 512 filters block by block, and
+    # backward-weight for its 36 x 512 x 512 sums, also made block by block; at batch 1 (4 tiles) the GEMM
+    # is faster, for all three passes.
+    layer_512 = ((512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
+    assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), *layer_512)
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd((8, 512, 7, 7), *layer_512)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((8, 512, 7, 7), *layer_512)
+    assert not _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), *layer_512)
+    assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), *layer_512)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 512, 7, 7), *layer_512)
+    # At batch 2 (8 tiles) backward-weight's sums would go through memory: not worth it.
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 512, 7, 7), *layer_512)
+    # resnet_3x3_256 at batch 1: 16 tiles pay for a U, and a D, that stay in L3 (forward and backward-input
+    # take 0.45 ms against the GEMM's 0.75-0.87; backward-weight 0.51-0.53 against 0.58).
+    layer_256 = ((256, 256, 3, 3), (1, 1), pads, (1, 1), 1)
+    assert _pykernels_cpu.conv2d_uses_winograd((1, 256, 14, 14), *layer_256)
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 256, 14, 14), *layer_256)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), *layer_256)
 
 
 def _relative_error(got, want):
@@ -134,6 +144,27 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     gx1 = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
     gx2 = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
     assert np.array_equal(gx1, gx2)
+
+
+def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path):
+    # The blocks of D are fixed by the layer, each summed by one thread: the same bits on one thread.
+    x_shape, w_shape, padding = CASES["sums_in_blocks"]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    g = rng.standard_normal(pk.conv2d(x, w, padding=padding).shape).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", x=x, g=g, w=w)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, _pykernels_cpu, pykernels as pk
+        assert _pykernels_cpu.openmp_threads() == 1
+        d = np.load(sys.argv[1])
+        gw = pk.conv2d_backward(d["g"], d["x"], d["w"], padding={padding!r}, need_input=False, need_bias=False)[1]
+        np.save(sys.argv[2], gw)
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.npz"), str(tmp_path / "single.npy")],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    gw = pk.conv2d_backward(g, x, w, padding=padding, need_input=False, need_bias=False)[1]
+    assert np.array_equal(gw, np.load(tmp_path / "single.npy"))
 
 
 # Forward and backward-input run Winograd and check its output: a NaN or inf in what a tile reads leaves
@@ -183,7 +214,7 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
 
 
 @pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
-                                  "streamed_filters"])
+                                  "streamed_filters", "sums_in_blocks"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (register
     # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build).

@@ -11,25 +11,11 @@
 
 namespace pykernels::cpu {
 
-#define PYKERNELS_DECLARE_GEMM(ns)                                                                           \
-  namespace ns {                                                                                             \
-  template <typename T>                                                                                      \
-  void gemm(int64_t, int64_t, int64_t, APacker<T>, const T*, BPacker<T>, int64_t, T*, int64_t, bool, const T*); \
-  template <typename T>                                                                                      \
-  void blocking(int64_t*, int64_t*, int64_t*);                                                               \
-  template <typename T>                                                                                      \
-  void pack_b_blocks(BPacker<T>, int64_t, int64_t, int64_t, int64_t, T*);                                    \
-  template <typename T>                                                                                      \
-  void gemm_rows(int64_t, int64_t, int64_t, const T*, const T*, const int64_t*, T*, int64_t, bool);          \
-  template <typename T>                                                                                      \
-  StridedPackers<T> strided_packers();                                                                       \
-  }
-PYKERNELS_DECLARE_GEMM(portable)
+PYKERNELS_DECLARE_GEMM_BUILD(portable)
 #ifdef PYKERNELS_X86_ISAS
-PYKERNELS_DECLARE_GEMM(avx2)
-PYKERNELS_DECLARE_GEMM(avx512)
+PYKERNELS_DECLARE_GEMM_BUILD(avx2)
+PYKERNELS_DECLARE_GEMM_BUILD(avx512)
 #endif
-#undef PYKERNELS_DECLARE_GEMM
 
 namespace {
 

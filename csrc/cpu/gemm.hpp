@@ -140,4 +140,25 @@ Isa active_build();  // the same, for dispatching to a build's namespace
 // Returns false when the name is unknown or the CPU cannot run it.
 bool set_isa(const char* name);
 
+// The entry points of one build's GEMM (gemm_impl.inc, in namespace ns), for gemm.cpp's dispatch and for
+// code compiled inside the same build (winograd_impl.inc). gemm: columns [j_offset, j_offset + N) of B
+// into C; A from the APacker or, when not null, already packed in PackedLayout order; B from the BPacker
+// or, when not null, already packed whole by pack_b_blocks. blocking: the register tile (mr x nr) and the
+// depth block kc. pack_b_blocks: depth blocks [block0, block1) of B (K x N), the block of rows
+// [pc, pc + kc) at pc * (N rounded up to whole strips of nr). strided_packers: a StridedMatrix's packers.
+#define PYKERNELS_DECLARE_GEMM_BUILD(ns)                                                                    \
+  namespace ns {                                                                                           \
+  template <typename T>                                                                                    \
+  void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, const T* packed_a, BPacker<T> b, int64_t j_offset, \
+            T* C, int64_t ldc, bool accumulate, const T* prepacked_b);                                     \
+  template <typename T>                                                                                    \
+  void blocking(int64_t* mr, int64_t* nr, int64_t* kc);                                                    \
+  template <typename T>                                                                                    \
+  void pack_b_blocks(BPacker<T> b, int64_t K, int64_t N, int64_t block0, int64_t block1, T* out);          \
+  template <typename T>                                                                                    \
+  void gemm_rows(int64_t, int64_t, int64_t, const T*, const T*, const int64_t*, T*, int64_t, bool);        \
+  template <typename T>                                                                                    \
+  StridedPackers<T> strided_packers();                                                                     \
+  }
+
 }  // namespace pykernels::cpu

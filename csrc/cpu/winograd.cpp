@@ -2,6 +2,8 @@
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 
+#include <algorithm>
+
 namespace pykernels::cpu {
 
 #define PYKERNELS_DECLARE_WINOGRAD(ns)                                                                        \
@@ -49,8 +51,32 @@ bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes) {
 // (The choice is made for float32's U: float64 runs the same layers, streaming from half the size.)
 bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s, 4) ? 60.0 : 50.0); }
 
-// Backward-weight sums the 36 products of every channel pair in memory (D) whatever the layer's size.
-bool winograd_backward_weight_applies(const Conv2dShape& s) { return winograd_worth_it(s, 200.0); }
+// V and E of a chunk together within about 4 MiB, in whole 48-tile groups.
+int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes) {
+  const int64_t total = s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4);
+  const int64_t per_tile = 36 * (s.C + s.K) * element_bytes;
+  return std::min(total, std::max<int64_t>(48, (int64_t(4) << 20) / per_tile / 48 * 48));
+}
+
+namespace {
+bool sums_fit_l3(const Conv2dShape& s, int64_t element_bytes) {
+  return double(s.K) * double(s.C) * 36.0 * double(element_bytes) <= 16.0 * (1 << 20);
+}
+}  // namespace
+
+bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes) {
+  const int64_t total = s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4);
+  return !sums_fit_l3(s, element_bytes) && total <= winograd_backward_weight_chunk(s, element_bytes) && total <= 256;
+}
+
+// Backward-weight's cost per value of D, in flops of the GEMM: about 60 while D stays in L3 (resnet_3x3_256
+// at batch 1: Winograd 0.51-0.53 ms, the GEMM 0.58) or goes through L2 by blocks (resnet_3x3_512 at batch
+// 8: 3.8 ms against 5.0; at batch 4, 2.2-2.3 against 2.3-2.4); about 200 when it goes out to memory and
+// back (resnet_3x3_512 at batch 2 took 2.6 ms that way, the GEMM 1.2). Chosen for float32, as forward.
+bool winograd_backward_weight_applies(const Conv2dShape& s) {
+  const bool cheap = sums_fit_l3(s, 4) || winograd_backward_weight_in_blocks(s, 4);
+  return winograd_worth_it(s, cheap ? 60.0 : 200.0);
+}
 
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
