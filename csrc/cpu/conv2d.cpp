@@ -16,6 +16,9 @@
 // - Forward of layers with overlapping windows and wide output rows (resnet_stem): one GEMM per output
 //   row reading x in place from a padded, stride-phase-split copy (conv_rows.cpp), with nothing packed;
 //   their backward-weight packs COL^T straight from such copies (phase_split_copy.hpp).
+// - Layers with output rows shorter than 32 (resnet_3x3_512's 7): forward's col and backward-weight's
+//   COL^T gathered value by value from such copies through tables of offsets (GatheredColumns), where
+//   im2col's packing went a few values at a time.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly
 //   (direct_conv_impl.inc, and backward_weight_direct here for strided ones).
 // - Few output positions and many weights (resnet_3x3_512 at batch 2 or 3, or under "gemm"): forward and
@@ -129,6 +132,47 @@ const char* conv_algorithm() { return winograd_enabled.load() ? "auto" : "gemm";
 
 namespace {
 
+// Layers with output rows shorter than this (resnet_3x3_512's 7) gather col's strips from padded copies of
+// the images (GatheredColumns): im2col's packer, which copies whole strips only where they lie in one
+// output row, went there a few values at a time (a quarter of that layer's forward at batch 1).
+constexpr int64_t kGatherMaxQ = 32;
+
+bool gathers_columns(const Conv2dShape& s, int64_t element_bytes) {
+  const PhaseSplitCopy copy(s);
+  return !is_pointwise(s) && s.Q < kGatherMaxQ &&
+         double(s.N * s.groups) * double(copy.size) * double(element_bytes) <= double(int64_t(64) << 20);
+}
+
+// Phase-split copies of every image and group of x (in the calling thread's buffer, shared with
+// backward-weight's copies: no call uses both) and the offset tables of their CopyGather.
+template <typename T>
+struct GatheredColumns {
+  PhaseSplitCopy copy;
+  std::vector<int64_t> taps, columns;
+  int64_t groups;
+  T* copies;
+
+  GatheredColumns(const Conv2dShape& s, const T* x, bool parallel)
+      : copy(s), taps(tap_offsets(s, copy)), columns(static_cast<size_t>(s.N * s.P * s.Q)), groups(s.groups) {
+    const int64_t G = s.groups, Cg = s.C_per_group(), items = s.N * G, copy_rows = Cg * copy.rows;
+    for (int64_t n = 0, j = 0; n < s.N; ++n)
+      for (int64_t p = 0; p < s.P; ++p)
+        for (int64_t q = 0; q < s.Q; ++q) columns[static_cast<size_t>(j++)] = n * G * copy.size + copy.output_row_offset(s, p) + q;
+    copies = reusable_buffer<T, 3>(items * copy.size);
+    // Parts of items' rows, so that one image's copy is shared among the threads too.
+    const int64_t parts = std::max<int64_t>(1, 4 * available_threads() / items);
+    for_each_index(items * parts, parallel, [&](int64_t i) {
+      const int64_t item = i / parts, part = i % parts;
+      fill_rows(s, copy, x + (item / G * s.C + item % G * Cg) * s.H * s.W, copy_rows * part / parts,
+                copy_rows * (part + 1) / parts, copies + item * copy.size);
+    });
+  }
+  // col of group g over the batch, or of image n alone (its columns counted from 0).
+  CopyGather<T> of_group(int64_t g, int64_t n = 0) const {
+    return {copies + (n * groups + g) * copy.size, taps.data(), columns.data()};
+  }
+};
+
 // Few output positions per image (resnet_3x3_512's 7x7): one GEMM per group over the whole batch,
 // (K/g x N*PQ) = w_g * col, so each thread packs the weights once rather than once per image and the
 // register tiles are full; the result goes through a buffer into y's (n, k, pq) order.
@@ -139,10 +183,14 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
   const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   const int64_t columns = s.N * PQ, HW = s.H * s.W;
   T* out = reusable_buffer<T, 1>(Kg * columns);  // written by each group's GEMM before it is read
+  std::optional<GatheredColumns<T>> gathered;
+  if (gathers_columns(s, sizeof(T))) gathered.emplace(s, x, true);
   for (int64_t g = 0; g < s.groups; ++g) {
     const Im2colSource<T> col{&s, x + g * Cg * HW, 0};
-    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, BPacker<T>{conv_packers<T>().col, &col}, out,
-                     columns, false);
+    const CopyGather<T> gather = gathered ? gathered->of_group(g) : CopyGather<T>{};
+    const BPacker<T> B = gathered ? BPacker<T>{conv_packers<T>().copy_gather, &gather}
+                                  : BPacker<T>{conv_packers<T>().col, &col};
+    gemm_parallel<T>(Kg, columns, CRS, w + g * Kg * CRS, {CRS, 1}, B, out, columns, false);
 #pragma omp parallel for schedule(static) if (s.N * Kg * PQ >= kMinParallelWork)
     for (int64_t nk = 0; nk < s.N * Kg; ++nk) {
       const int64_t n = nk / Kg, k = nk % Kg;
@@ -175,6 +223,8 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   const bool pointwise = is_pointwise(s);
   const bool per_item_threads = items >= available_threads();  // else the GEMM itself goes parallel
   const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
+  std::optional<GatheredColumns<T>> gathered;  // only where the GEMM of each item goes parallel: one copy
+  if (!per_item_threads && gathers_columns(s, sizeof(T))) gathered.emplace(s, x, worth_threads);
   ParallelErrors errors;
   for_each_index(items, per_item_threads && items > 1 && worth_threads, [&](int64_t item) {
     errors.run([&] {
@@ -189,7 +239,9 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
           gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false);
       } else {
         const Im2colSource<T> col{&s, x_g, 0};
-        const BPacker<T> B{conv_packers<T>().col, &col};
+        const CopyGather<T> gather = gathered ? gathered->of_group(g, n) : CopyGather<T>{};
+        const BPacker<T> B = gathered ? BPacker<T>{conv_packers<T>().copy_gather, &gather}
+                                      : BPacker<T>{conv_packers<T>().col, &col};
         if (per_item_threads)
           gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false);
         else
@@ -417,6 +469,9 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     runs = copies, group_stride = copy.size, image_stride = G * copy.size;
     row_stride = copy.output_row_offset(s, 1);
   }
+  // Output rows too short for such runs (resnet_3x3_512's 7): COL^T's strips gathered from the copies.
+  std::optional<GatheredColumns<T>> gathered;
+  if (!pointwise && !from_copies && gathers_columns(s, sizeof(T))) gathered.emplace(s, x, parallel);
   ParallelErrors errors;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t unit = 0; unit < units; ++unit) {
@@ -430,8 +485,12 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const BatchColTransposed<T> col_t{&s, x + n0 * s.C * s.H * s.W, g, col0};
       const BatchCopyTransposed<T> copy_t{&s, runs + n0 * image_stride + g * group_stride, image_stride, row_stride,
                                           taps.data(), col0};
-      const BPacker<T> col_transposed = runs ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
-                                             : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
+      const CopyGather<T> gather = gathered ? CopyGather<T>{gathered->of_group(g, n0).copies,
+                                                            gathered->taps.data() + col0, gathered->columns.data()}
+                                            : CopyGather<T>{};
+      const BPacker<T> col_transposed = runs       ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
+                                        : gathered ? BPacker<T>{conv_packers<T>().copy_gather_transposed, &gather}
+                                                   : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
       T* out = (half == 0 ? grad_w : second_half.data()) + g * Kg * CRS + col0;
       // out[:, col0:col1] = GY_g (Kg x n*PQ) * COL^T[:, col0:col1] (n*PQ x cols), n over [n0, n1)
       gemm<T>(Kg, col1 - col0, (n1 - n0) * PQ, APacker<T>{conv_packers<T>().grad_out_rows, &gy}, col_transposed, out,

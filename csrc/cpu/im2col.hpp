@@ -50,6 +50,17 @@ struct BatchCopyTransposed {
   int64_t column_base;
 };
 
+// col over the batch gathered value by value from phase-split copies of x (phase_split_copy.hpp), for
+// layers whose output rows are too short for a register strip to lie in one: row crs at
+// copies + tap_offsets[crs], column n*PQ + pq (image n's copy, output row p, column q) column_offsets[n*PQ
+// + pq] further on.
+template <typename T>
+struct CopyGather {
+  const T* copies;
+  const int64_t* tap_offsets;
+  const int64_t* column_offsets;
+};
+
 // grad_y of one group over the whole batch as a GEMM's B: rows k, columns n*PQ + pq.
 template <typename T>
 struct BatchGradOut {
@@ -65,6 +76,8 @@ struct ConvPackers {
   decltype(BPacker<T>::pack) batch_copy_transposed;  // the same from a BatchCopyTransposed
   decltype(APacker<T>::pack) grad_out_rows;         // A = grad_y's rows over the batch from a GradOutRows
   decltype(BPacker<T>::pack) batch_grad_out;        // B = grad_y over the batch from a BatchGradOut
+  decltype(BPacker<T>::pack) copy_gather;           // B = col over the batch from a CopyGather
+  decltype(BPacker<T>::pack) copy_gather_transposed;  // B = col^T over the batch from a CopyGather
 };
 
 template <typename T>
