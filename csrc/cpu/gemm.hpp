@@ -143,7 +143,9 @@ bool set_isa(const char* name);
 // The entry points of one build's GEMM (gemm_impl.inc, in namespace ns), for gemm.cpp's dispatch and for
 // code compiled inside the same build (winograd_impl.inc). gemm: columns [j_offset, j_offset + N) of B
 // into C; A from the APacker or, when not null, already packed in PackedLayout order; B from the BPacker
-// or, when not null, already packed whole by pack_b_blocks. blocking: the register tile (mr x nr) and the
+// or, when not null, already packed whole by pack_b_blocks. gemm_a_in_place: the same with A's whole
+// register strips read where they lie (A^T row-major, column k of A at A + k * a_k_stride), the packer
+// used only for a ragged last strip. blocking: the register tile (mr x nr) and the
 // depth block kc. pack_b_blocks: depth blocks [block0, block1) of B (K x N), the block of rows
 // [pc, pc + kc) at pc * (N rounded up to whole strips of nr). strided_packers: a StridedMatrix's packers.
 #define PYKERNELS_DECLARE_GEMM_BUILD(ns)                                                                    \
@@ -151,6 +153,9 @@ bool set_isa(const char* name);
   template <typename T>                                                                                    \
   void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, const T* packed_a, BPacker<T> b, int64_t j_offset, \
             T* C, int64_t ldc, bool accumulate, const T* prepacked_b);                                     \
+  template <typename T>                                                                                    \
+  void gemm_a_in_place(int64_t M, int64_t N, int64_t K, APacker<T> a, const T* A, int64_t a_k_stride,        \
+                       BPacker<T> b, T* C, int64_t ldc, bool accumulate, const T* prepacked_b);            \
   template <typename T>                                                                                    \
   void blocking(int64_t* mr, int64_t* nr, int64_t* kc);                                                    \
   template <typename T>                                                                                    \
