@@ -94,14 +94,18 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 512, 7, 7), *layer_512)
-    # At batch 2 (8 tiles) backward-weight's sums would go through memory: not worth it.
+    # At batch 2 (8 tiles) backward-weight's sums would go through memory, at batch 4 (16) the GEMM is as fast.
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 512, 7, 7), *layer_512)
-    # resnet_3x3_256 at batch 1: 16 tiles pay for a U, and a D, that stay in L3 (forward and backward-input
-    # take 0.45 ms against the GEMM's 0.75-0.87; backward-weight 0.51-0.53 against 0.58).
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((4, 512, 7, 7), *layer_512)
+    # resnet_3x3_256 at batch 1: 16 tiles pay for a U that stays in L3 (forward and backward-input take
+    # 0.45 ms against the GEMM's 0.75-0.87); backward-weight's GEMM is as fast as Winograd there.
     layer_256 = ((256, 256, 3, 3), (1, 1), pads, (1, 1), 1)
     assert _pykernels_cpu.conv2d_uses_winograd((1, 256, 14, 14), *layer_256)
     assert _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 256, 14, 14), *layer_256)
-    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), *layer_256)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), *layer_256)
+    # 32 tiles of a 64-channel layer pay for backward-weight's transforms (0.16 ms against 0.20).
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 64, 14, 14), (64, 64, 3, 3), (1, 1), pads,
+                                                               (1, 1), 1)
 
 
 def _relative_error(got, want):
