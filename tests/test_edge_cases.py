@@ -357,7 +357,12 @@ def _copy_and_shared_paths(dtype):
     gw = pk.conv2d_backward(y, x, w, stride=2, padding=2, need_input=False, need_bias=False)[1]
     xs = rng.standard_normal((1, 128, 9, 9)).astype(dtype)
     ws = rng.standard_normal((100, 128, 3, 3)).astype(dtype)
-    return y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2)
+    # batch 1 with 49 output positions: the weights read in place (gemm.hpp's ReadA::rows_in_place) and the
+    # last column (49 = 48 + 1 on AVX-512, 3 * 16 + 1 on AVX2) summed as dot products, with the rows split
+    # between threads or not
+    xt = rng.standard_normal((1, 64, 7, 7)).astype(dtype)
+    wt = rng.standard_normal((100, 64, 3, 3)).astype(dtype)
+    return y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1)
 
 
 def _run_all(x, w, b, go):

@@ -236,18 +236,18 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
       const T* A = w + g * Kg * CRS;
       if (pointwise) {  // col is x itself
         if (per_item_threads)
-          gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false);
+          gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false, ReadA::rows_in_place);
         else
-          gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false);
+          gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, x_g, {PQ, 1}, y_g, PQ, false, ReadA::rows_in_place);
       } else {
         const Im2colSource<T> col{&s, x_g, 0};
         const CopyGather<T> gather = gathered ? gathered->of_group(g, n) : CopyGather<T>{};
         const BPacker<T> B = gathered ? BPacker<T>{conv_packers<T>().copy_gather, &gather}
                                       : BPacker<T>{conv_packers<T>().col, &col};
         if (per_item_threads)
-          gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false);
+          gemm<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false, ReadA::rows_in_place);
         else
-          gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false);
+          gemm_parallel<T>(Kg, PQ, CRS, A, {CRS, 1}, B, y_g, PQ, false, ReadA::rows_in_place);
       }
       if (bias)
         for (int64_t k = 0; k < Kg; ++k) {

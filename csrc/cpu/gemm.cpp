@@ -92,10 +92,24 @@ void gemm_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, const T* pa
   PYKERNELS_RETURN_ON_BUILD(isa, gemm<T>(M, N, K, a, packed_a, b, j_offset, C, ldc, accumulate, prepacked_b))
 }
 
+// An A read in place (gemm_impl.inc's gemm_a_in_place): A[i][k] at a + k * k_stride + i * i_stride; none
+// (packed) when a is null.
 template <typename T>
-void gemm_a_in_place_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, const T* A, int64_t a_k_stride,
-                        BPacker<T> b, T* C, int64_t ldc, bool accumulate, const T* prepacked_b) {
-  PYKERNELS_RETURN_ON_BUILD(isa, gemm_a_in_place<T>(M, N, K, a, A, a_k_stride, b, C, ldc, accumulate, prepacked_b))
+struct AInPlace {
+  const T* a = nullptr;
+  int64_t k_stride = 0, i_stride = 0;
+  AInPlace rows_from(int64_t i0) const { return {a ? a + i0 * i_stride : nullptr, k_stride, i_stride}; }
+};
+
+// At most this many columns of B for an A read in place: packed, each value of A would serve only a
+// few register strips of B.
+constexpr int64_t kAInPlaceMaxColumns = 256;
+
+template <typename T>
+void gemm_a_in_place_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, AInPlace<T> in_place, BPacker<T> b,
+                        int64_t j_offset, T* C, int64_t ldc, bool accumulate, const T* prepacked_b) {
+  PYKERNELS_RETURN_ON_BUILD(isa, gemm_a_in_place<T>(M, N, K, a, in_place.a, in_place.k_stride, in_place.i_stride, b,
+                                                    j_offset, C, ldc, accumulate, prepacked_b))
 }
 
 // The register-tile height and width and the depth block of build `isa`'s GEMM.
@@ -111,8 +125,20 @@ void pack_b_blocks_on(Isa isa, BPacker<T> b, int64_t K, int64_t N, int64_t block
 
 template <typename T>
 void gemm_columns(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, int64_t j_offset, T* C, int64_t ldc,
-                  bool accumulate) {
-  gemm_on<T>(current_isa().load(), M, N, K, a, nullptr, b, j_offset, C, ldc, accumulate);
+                  bool accumulate, AInPlace<T> in_place = {}) {
+  if (in_place.a)
+    gemm_a_in_place_on<T>(current_isa().load(), M, N, K, a, in_place, b, j_offset, C, ldc, accumulate, nullptr);
+  else
+    gemm_on<T>(current_isa().load(), M, N, K, a, nullptr, b, j_offset, C, ldc, accumulate);
+}
+
+// ReadA::rows_in_place for a row-major A that meets few columns of B; decided by the shape alone, as
+// gemm.hpp requires.
+template <typename T>
+AInPlace<T> rows_in_place(const T* A, MatrixView a, int64_t N, ReadA read) {
+  if (read == ReadA::rows_in_place && a.col_stride == 1 && a.row_stride > 1 && N <= kAInPlaceMaxColumns)
+    return {A, 1, a.row_stride};
+  return {};
 }
 
 // The packers of a StridedMatrix on the active build (any build's strips suit any build's GEMM: the
@@ -160,7 +186,7 @@ void for_each_thread_share(int threads, int64_t units, Work&& work) {
 // each C element is summed over K in the serial order.
 template <typename T>
 void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64_t K, const T* A, MatrixView a,
-                     BPacker<T> b, T* C, int64_t ldc, bool accumulate) {
+                     BPacker<T> b, T* C, int64_t ldc, bool accumulate, AInPlace<T> row_major) {
   const Isa isa = current_isa().load();
   int64_t mr, nr, kc;
   blocking_on<T>(isa, &mr, &nr, &kc);
@@ -168,12 +194,13 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
   constexpr int64_t kSharedBBytes = int64_t(16) << 20;
   const bool share = shared_size >= (int64_t(1) << 16) && shared_size * int64_t(sizeof(T)) <= kSharedBBytes;
   T* shared_b = share ? reusable_buffer<T, 0>(shared_size) : nullptr;
-  // A whose columns are contiguous (backward-input's w^T) multiplying few columns of B is read in place:
-  // packed, each of its values would serve only a few register strips of B. resnet_3x3_512 at batch 1
+  // An A whose columns are contiguous (backward-input's w^T) multiplying few columns of B is read in place
+  // too; its kernels sum in the packed order, so this needs no decision by shape. resnet_3x3_512 at batch 1
   // (49 columns), where packing was a fifth of the time: 0.80-0.85 -> 0.66-0.68 ms; a 3x3 stride-2 layer
   // on 28x28 (196 columns): 0.55 -> 0.51.
-  constexpr int64_t kAInPlaceMaxColumns = 256;
-  const bool a_in_place = a.row_stride == 1 && N <= kAInPlaceMaxColumns;
+  const AInPlace<T> in_place = row_major.a ? row_major
+                               : a.row_stride == 1 && N <= kAInPlaceMaxColumns ? AInPlace<T>{A, a.col_stride, 1}
+                                                                                 : AInPlace<T>{};
   const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
   ParallelErrors errors;
 #pragma omp parallel num_threads(threads)
@@ -192,8 +219,8 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
       if (c1 <= c0) return;
       const int64_t i0 = c0 * row_chunk, i1 = std::min(M, c1 * row_chunk);
       const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
-      if (a_in_place)
-        gemm_a_in_place_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), rows.data, a.col_stride, b, C + i0 * ldc, ldc,
+      if (in_place.a)
+        gemm_a_in_place_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), in_place.rows_from(i0), b, 0, C + i0 * ldc, ldc,
                               accumulate, shared_b);
       else
         gemm_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), nullptr, b, 0, C + i0 * ldc, ldc, accumulate, shared_b);
@@ -251,22 +278,23 @@ void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
-          bool accumulate) {
+          bool accumulate, ReadA read) {
   const StridedMatrix<T> a_transposed{A, {a.col_stride, a.row_stride}};
-  gemm_columns<T>(M, N, K, a_packer_for(a_transposed), b, 0, C, ldc, accumulate);
+  gemm_columns<T>(M, N, K, a_packer_for(a_transposed), b, 0, C, ldc, accumulate, rows_in_place(A, a, N, read));
 }
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
-          int64_t ldc, bool accumulate) {
+          int64_t ldc, bool accumulate, ReadA read) {
   const StridedMatrix<T> b_matrix{B, b};
-  gemm<T>(M, N, K, A, a, b_packer_for(b_matrix), C, ldc, accumulate);
+  gemm<T>(M, N, K, A, a, b_packer_for(b_matrix), C, ldc, accumulate, read);
 }
 
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
-                   bool accumulate) {
+                   bool accumulate, ReadA read) {
   const int threads = available_threads();
+  const AInPlace<T> row_major = rows_in_place(A, a, N, read);
   // Columns split in chunks of 96 so each thread's share is a whole number of register tiles (8, 16,
   // 32 or 48 columns wide); every C element still sums over K in the serial order, so the bits do not
   // depend on the thread count.
@@ -275,7 +303,7 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   const StridedMatrix<T> a_transposed{A, {a.col_stride, a.row_stride}};
   const APacker<T> a_packer = a_packer_for(a_transposed);
   if (threads <= 1 || double(M) * double(N) * double(K) < 4.0 * double(kMinParallelWork)) {
-    gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
+    gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate, row_major);
     return;
   }
   // Each thread packs the part of A or B it multiplies and all of the other. Split the rows instead of
@@ -285,33 +313,35 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BP
   constexpr int64_t kRowChunk = 24;
   const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
   if ((chunks < threads || M > N) && row_chunks >= threads) {
-    gemm_split_rows<T>(threads, kRowChunk, M, N, K, A, a, b, C, ldc, accumulate);
+    gemm_split_rows<T>(threads, kRowChunk, M, N, K, A, a, b, C, ldc, accumulate, row_major);
     return;
   }
   if (chunks <= 1) {
-    gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate);
+    gemm_columns<T>(M, N, K, a_packer, b, 0, C, ldc, accumulate, row_major);
     return;
   }
   for_each_thread_share(threads, chunks, [&](int64_t c0, int64_t c1) {
     const int64_t j0 = c0 * kChunk, j1 = std::min(N, c1 * kChunk);
-    gemm_columns<T>(M, j1 - j0, K, a_packer, b, j0, C + j0, ldc, accumulate);
+    gemm_columns<T>(M, j1 - j0, K, a_packer, b, j0, C + j0, ldc, accumulate, row_major);
   });
 }
 
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
-                   int64_t ldc, bool accumulate) {
+                   int64_t ldc, bool accumulate, ReadA read) {
   const StridedMatrix<T> matrix{B, b};
-  gemm_parallel<T>(M, N, K, A, a, b_packer_for(matrix), C, ldc, accumulate);
+  gemm_parallel<T>(M, N, K, A, a, b_packer_for(matrix), C, ldc, accumulate, read);
 }
 
 #define PYKERNELS_INSTANTIATE(T)                                                                               \
-  template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*, int64_t, bool); \
-  template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool);           \
+  template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*, int64_t, bool,  \
+                        ReadA);                                                                                  \
+  template void gemm<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool, ReadA);    \
   template void gemm<T>(int64_t, int64_t, int64_t, APacker<T>, BPacker<T>, T*, int64_t, bool);                     \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, const T*, MatrixView, T*,        \
-                                 int64_t, bool);                                                                 \
-  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool); \
+                                 int64_t, bool, ReadA);                                                          \
+  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool,  \
+                                 ReadA);                                                                         \
   template PackedLayout packed_layout<T>(int64_t, int64_t);                                                      \
   template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, BPacker<T>, T*, int64_t, bool);           \
   template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, const T*, MatrixView, T*, int64_t, bool); \

@@ -53,25 +53,31 @@ struct StridedPackers {
   decltype(APacker<T>::pack) a;
 };
 
+// How a row-major A (column stride 1) that meets few columns of B is read: packed into register strips (the
+// default), or in place (no packing, which was a tenth of resnet_3x3_512's forward at batch 1). In place,
+// the last 1 to 3 columns of B are summed as dot products along K, in another order than packed: a
+// caller must choose by the shape alone, never by the thread count, for results not to depend on it.
+enum class ReadA { packed, rows_in_place };
+
 // Serial GEMM on the calling thread.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, T* C, int64_t ldc, bool accumulate);
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
-          bool accumulate);
+          bool accumulate, ReadA read = ReadA::packed);
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
-                   bool accumulate);
+                   bool accumulate, ReadA read = ReadA::packed);
 
 // Serial GEMM on the calling thread.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
-          int64_t ldc, bool accumulate);
+          int64_t ldc, bool accumulate, ReadA read = ReadA::packed);
 
 // Same result, with the columns of C split among the OpenMP threads.
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
-                   int64_t ldc, bool accumulate);
+                   int64_t ldc, bool accumulate, ReadA read = ReadA::packed);
 
 // A packed once for many GEMMs (Winograd's transformed filters against every chunk of tiles): the
 // layout the active instruction set's GEMM reads, fixed when the layout is made. Depth blocks of kc
@@ -144,8 +150,8 @@ bool set_isa(const char* name);
 // code compiled inside the same build (winograd_impl.inc). gemm: columns [j_offset, j_offset + N) of B
 // into C; A from the APacker or, when not null, already packed in PackedLayout order; B from the BPacker
 // or, when not null, already packed whole by pack_b_blocks. gemm_a_in_place: the same with A's whole
-// register strips read where they lie (A^T row-major, column k of A at A + k * a_k_stride), the packer
-// used only for a ragged last strip. blocking: the register tile (mr x nr) and the
+// register strips read where they lie (A[i][k] at A + k * a_k_stride + i * a_i_stride, one of the two
+// strides 1), the packer used only for a ragged last strip. blocking: the register tile (mr x nr) and the
 // depth block kc. pack_b_blocks: depth blocks [block0, block1) of B (K x N), the block of rows
 // [pc, pc + kc) at pc * (N rounded up to whole strips of nr). strided_packers: a StridedMatrix's packers.
 #define PYKERNELS_DECLARE_GEMM_BUILD(ns)                                                                    \
@@ -155,7 +161,8 @@ bool set_isa(const char* name);
             T* C, int64_t ldc, bool accumulate, const T* prepacked_b);                                     \
   template <typename T>                                                                                    \
   void gemm_a_in_place(int64_t M, int64_t N, int64_t K, APacker<T> a, const T* A, int64_t a_k_stride,        \
-                       BPacker<T> b, T* C, int64_t ldc, bool accumulate, const T* prepacked_b);            \
+                       int64_t a_i_stride, BPacker<T> b, int64_t j_offset, T* C, int64_t ldc, bool accumulate, \
+                       const T* prepacked_b);                                                              \
   template <typename T>                                                                                    \
   void blocking(int64_t* mr, int64_t* nr, int64_t* kc);                                                    \
   template <typename T>                                                                                    \
