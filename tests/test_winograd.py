@@ -41,9 +41,13 @@ CASES = {
     # 60 tiles make two chunks of 48 and 12; K = 350 leaves a ragged last block of output channels and
     # C = 340 a last block of 20 input channels.
     "streamed_filters": ((3, 340, 17, 16), (350, 340, 3, 3), 1),
-    # 9.4 MB of float32 U, transformed at once; 18.7 MB of float64 U, streamed (the 16 MiB bound is in
-    # the layer's own precision): both paths on one layer, with ragged blocks (K = 260, C = 250).
-    "streamed_in_float64_only": ((3, 250, 16, 16), (260, 250, 3, 3), 1),
+    # 9.4 MB of float32 U over 112 tiles (more than the streamed path's chunk of 96), transformed at once;
+    # 18.7 MB of float64 U, streamed (the 16 MiB bound is in the layer's own precision): both paths on one
+    # layer, with ragged blocks (K = 260, C = 250).
+    "streamed_in_float64_only": ((7, 250, 16, 16), (260, 250, 3, 3), 1),
+    # 5.5 MB of float32 U (over 4 MiB) with all 32 tiles in the streamed path's one chunk: streamed, in both
+    # precisions (no filter transformed twice); K = 190 leaves a ragged last strip.
+    "streamed_one_chunk": ((2, 200, 14, 14), (190, 200, 3, 3), 1),
     # Backward-weight's 36 x K x C sums over 16 MiB (K * C > 116508) and all 18 tiles in one chunk: they go
     # to grad_w block by block through L2 (backward_weight_in_blocks), with a ragged last block of output
     # channels (K = 341) and of input channels (C = 350). (streamed_in_float64_only takes that path in

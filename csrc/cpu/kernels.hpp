@@ -56,8 +56,10 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
 // (so backward-input runs as the transposed convolution without copying the weights).
 bool winograd_applies(const Conv2dShape& s);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
-// than 16 MiB, at element_bytes per value), rather than all at once before.
+// than 16 MiB at element_bytes per value, or more than 4 MiB with every tile in one chunk), rather than
+// all at once before; and that streamed path's chunk of tiles.
 bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes);
+int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
 // The tiles conv2d_backward_weight_winograd transforms and sums per chunk (at element_bytes per value),
 // and whether it takes its sums D (36 x K x C) to grad_w a block at a time through L2 (all tiles in one

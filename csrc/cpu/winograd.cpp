@@ -38,11 +38,23 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 
 }  // namespace
 
+// Over 16 MiB of U, always; over 4 MiB where every tile fits the streamed path's one chunk (V within about
+// 4 MiB), so that no filter is transformed twice. resnet_3x3_256 at batch 1 (9.4 MB of U, 16 tiles): with
+// the caches flushed before each call, forward 0.65 ms streamed against 0.83 at once, backward-input 0.69
+// against 0.78, and in this host's slow phases 0.48-0.72 against 0.65-1.34; with warm caches in a quiet
+// phase 0.52 against 0.48. At batch 8 (128 tiles, two chunks) it still transforms U at once.
 bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes) {
-  return double(s.K) * double(s.C) * 36.0 * double(element_bytes) > 16.0 * (1 << 20);
+  const double u_bytes = double(s.K) * double(s.C) * 36.0 * double(element_bytes);
+  if (u_bytes > 16.0 * (1 << 20)) return true;
+  const int64_t tiles = s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4);
+  return u_bytes > 4.0 * (1 << 20) && tiles <= winograd_streamed_chunk(s, element_bytes);
 }
 
-// The time of each transformed filter value, in flops of the GEMM. Up to 16 MiB, U stays in L3 between
+int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes) {
+  return std::max<int64_t>(48, (int64_t(4) << 20) / (36 * s.C * element_bytes) / 48 * 48);
+}
+
+// The time of each transformed filter value, in flops of the GEMM. Transformed at once, U stays in L3 between
 // its transform and the GEMMs: about 20-25 there (1x256x14x14 takes Winograd in 0.45 ms, the GEMM in
 // 0.75-0.87; with the caches flushed before each call both take ~1.0 ms), so 50 leaves a margin. About 60
 // when the filters are transformed block by block in L2 (winograd_streams_filters: there resnet_3x3_512 at
