@@ -1,15 +1,18 @@
 """`python -m pykernels bench`: time pykernels against the installed peers on design.md's shapes.
 
 Every case (op x shape x pass) is timed in this one process: the inputs are made once, each
-implementation is warmed up, then the implementations take turns, one call each per round, so that
-whatever else the machine does hits all of them alike; each round starts one implementation further on
-(pykernels, torch, numpy; torch, numpy, pykernels; ...), so each follows every other equally often: what
-the previous call left in the caches differs by implementation (in a fixed order, torch's relu backward,
-always right after pykernels, took 137 us against 153 us in rotation, in a loop outside this command).
-Rounds go on until --repeat rounds are done and the case has run for --min-time seconds. The table
-gives each implementation's median time, its rate (GFLOP/s for conv2d from shapes.ConvShape.flops(),
-GB/s for relu and max_pool2d from bytes_moved()) and the ratio peer median / pykernels median:
-above 1 pykernels is faster than that peer.
+implementation is warmed up, then the implementations take turns, one call at a time, so that whatever
+else the machine does hits all of them alike, in an order in which each directly follows every other
+equally often (balanced_order: pykernels, torch, pykernels, numpy, torch, numpy, and again). What the
+previous call left behind differs by implementation, in the caches and in the OpenMP threads (asleep
+after NumPy's single-threaded 0.5 ms, still spinning after a parallel call). A fixed order, and also a
+rotation of the starting implementation (which put pykernels after NumPy in two rounds of three),
+biased the short cases: relu forward took 99 us against torch's 92 us in that rotation, 63-67 us
+against 69 us each alone.
+A round is one pass over that order; rounds go on until --repeat rounds are done and the case has run
+for --min-time seconds. The table gives each implementation's median time, its rate (GFLOP/s for
+conv2d from shapes.ConvShape.flops(), GB/s for relu and max_pool2d from bytes_moved()), the ratio peer
+median / pykernels median (above 1 pykernels is faster than that peer) and its number of timed calls.
 
 Peers (pykernels/peers.py): on the CPU, PyTorch (when installed; torch.set_num_threads(os.cpu_count()),
 the thread count pykernels' OpenMP uses too), NumPy im2col + matmul for conv2d and NumPy ufuncs for
@@ -443,21 +446,40 @@ def warm_up(fn) -> object:
     return result
 
 
+def balanced_order(n: int) -> List[int]:
+    """A cyclic order of the entries 0 .. n-1 in which each directly follows every other exactly once (an
+    Eulerian circuit of the complete directed graph, by Hierholzer's algorithm): [0, 1] for two entries,
+    [0, 1, 0, 2, 1, 2] for three. Repeated, the last entry is followed by the first, which closes the
+    circuit. Each entry appears n - 1 times (once for n = 1)."""
+    if n <= 2:
+        return list(range(n))
+    unused = {v: [u for u in range(n) if u != v] for v in range(n)}
+    stack, circuit = [0], []
+    while stack:
+        v = stack[-1]
+        if unused[v]:
+            stack.append(unused[v].pop(0))
+        else:
+            circuit.append(stack.pop())
+    circuit.reverse()
+    return circuit[:-1]  # the circuit ends where it starts
+
+
 def time_interleaved(entries, repeat: int, min_time: float) -> List[List[float]]:
-    """Rounds of one timed call per (timer, fn) entry until ``repeat`` rounds are done and ``min_time``
-    seconds have passed; the seconds of every call, per entry. Round r starts at entry r mod the count
-    (see the module docstring). GC is off meanwhile."""
+    """Rounds of timed calls of the (timer, fn) entries in balanced_order until ``repeat`` rounds are done
+    and ``min_time`` seconds have passed; the seconds of every call, per entry (see the module
+    docstring). GC is off meanwhile."""
     times: List[List[float]] = [[] for _ in entries]
     if not entries:
         return times
+    order = balanced_order(len(entries))
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
         t0 = time.perf_counter()
         rounds = 0
         while rounds < repeat or time.perf_counter() - t0 < min_time:
-            for i in range(len(entries)):
-                k = (rounds + i) % len(entries)
+            for k in order:
                 timer, fn = entries[k]
                 times[k].append(timer.seconds(fn))
             rounds += 1
@@ -603,7 +625,7 @@ def _note_differences(results, dtype) -> None:
 # the table
 
 
-COLUMNS = ("op", "shape", "pass", "impl", "median ms", "rate", "ratio", "rounds")
+COLUMNS = ("op", "shape", "pass", "impl", "median ms", "rate", "ratio", "calls")
 
 
 class Table:
@@ -770,7 +792,7 @@ def row_record(row: Row, dtype) -> dict:
         "times_ms": [t * 1e3 for t in row.times],
         rate_key: row.rate(dtype),
         "ratio": row.ratio,
-        "rounds": len(row.times),
+        "calls": len(row.times),
         "others_cpu_share": row.others,
         "note": row.note or None,
     }

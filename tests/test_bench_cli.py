@@ -29,7 +29,7 @@ def _table_rows(out: str):
     """The table's rows as lists of cells, after its header line (which is checked here)."""
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["op", "shape", "pass", "impl"])
-    assert lines[header].split() == ["op", "shape", "pass", "impl", "median", "ms", "rate", "ratio", "rounds"]
+    assert lines[header].split() == ["op", "shape", "pass", "impl", "median", "ms", "rate", "ratio", "calls"]
     rows = []
     for line in lines[header + 1:]:
         if not line.strip():
@@ -59,14 +59,14 @@ def test_conv_table_has_a_row_per_impl_and_pass_with_numbers(capsys):
     impls = ["pykernels", "torch", "numpy_im2col"]
     assert [(r[2], r[3]) for r in rows] == [(p, i) for p in ("fwd", "bwd_data", "bwd_weight") for i in impls]
     for cells in rows:
-        op, shape, pass_, impl, median, rate, unit, ratio, rounds = cells
+        op, shape, pass_, impl, median, rate, unit, ratio, calls = cells
         assert (op, shape) == ("conv2d", "lenet_5x5")
         if impl == "torch" and not HAS_TORCH:
             assert median == "-" and ratio == "-"
             continue
         assert float(median.rstrip("*")) > 0
         assert float(rate) > 0 and unit == "GFLOP/s"
-        assert int(rounds) >= 3
+        assert int(calls) >= 3
         if impl == "pykernels":
             assert ratio == "-"
         else:
@@ -251,11 +251,18 @@ def test_time_interleaved_alternates_implementations_for_at_least_repeat_rounds(
     log = []
     entries = [(_FakeTimer("ours", log, 1e-3), lambda: None), (_FakeTimer("peer", log, 2e-3), lambda: None),
                (_FakeTimer("numpy", log, 3e-3), lambda: None)]
-    times = bench.time_interleaved(entries, repeat=3, min_time=0)
-    # each round starts one further on, so each implementation follows every other equally often
-    assert log == ["ours", "peer", "numpy", "peer", "numpy", "ours", "numpy", "ours", "peer"]
-    assert times == [[1e-3] * 3, [2e-3] * 3, [3e-3] * 3]
+    times = bench.time_interleaved(entries, repeat=2, min_time=0)
+    assert log == ["ours", "peer", "ours", "numpy", "peer", "numpy"] * 2
+    assert times == [[1e-3] * 4, [2e-3] * 4, [3e-3] * 4]
     assert bench.time_interleaved([], repeat=4, min_time=10) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_balanced_order_puts_each_implementation_after_every_other_once(n):
+    order = bench.balanced_order(n)
+    assert sorted(set(order)) == list(range(n))
+    pairs = [(order[i - 1], order[i]) for i in range(len(order))] if n > 1 else []  # cyclic: last, then first
+    assert sorted(pairs) == sorted((a, b) for a in range(n) for b in range(n) if a != b)
 
 
 def test_results_differ_catches_a_wrong_peer():
