@@ -145,8 +145,23 @@ bool gathers_columns(const Conv2dShape& s, int64_t element_bytes) {
          double(s.N * s.groups) * double(copy.size) * double(element_bytes) <= double(int64_t(64) << 20);
 }
 
-// Phase-split copies of every image and group of x (in the calling thread's buffer, shared with
-// backward-weight's copies: no call uses both) and the offset tables of their CopyGather.
+// Phase-split copies of every image and group of x, item n * groups + g at the result + item * copy.size,
+// in the calling thread's buffer (forward's gathered columns or backward-weight's runs: no call uses both).
+// Threads split the items' rows too, so that one image's copy is shared among them.
+template <typename T>
+T* fill_copies(const Conv2dShape& s, const PhaseSplitCopy& copy, const T* x, bool parallel) {
+  const int64_t G = s.groups, Cg = s.C_per_group(), items = s.N * G, copy_rows = Cg * copy.rows;
+  T* copies = reusable_buffer<T, 3>(items * copy.size);
+  const int64_t parts = std::max<int64_t>(1, 4 * available_threads() / items);
+  for_each_index(items * parts, parallel, [&](int64_t i) {
+    const int64_t item = i / parts, part = i % parts;
+    fill_rows(s, copy, x + (item / G * s.C + item % G * Cg) * s.H * s.W, copy_rows * part / parts,
+              copy_rows * (part + 1) / parts, copies + item * copy.size);
+  });
+  return copies;
+}
+
+// The copies (fill_copies) and the offset tables of their CopyGather.
 template <typename T>
 struct GatheredColumns {
   PhaseSplitCopy copy;
@@ -155,23 +170,16 @@ struct GatheredColumns {
   T* copies;
 
   GatheredColumns(const Conv2dShape& s, const T* x, bool parallel)
-      : copy(s), taps(tap_offsets(s, copy)), columns(static_cast<size_t>(s.N * s.P * s.Q)), groups(s.groups) {
-    const int64_t G = s.groups, Cg = s.C_per_group(), items = s.N * G, copy_rows = Cg * copy.rows;
+      : copy(s), taps(tap_offsets(s, copy)), columns(static_cast<size_t>(s.N * s.P * s.Q)), groups(s.groups),
+        copies(fill_copies(s, copy, x, parallel)) {
     for (int64_t n = 0, j = 0; n < s.N; ++n)
       for (int64_t p = 0; p < s.P; ++p)
-        for (int64_t q = 0; q < s.Q; ++q) columns[static_cast<size_t>(j++)] = n * G * copy.size + copy.output_row_offset(s, p) + q;
-    copies = reusable_buffer<T, 3>(items * copy.size);
-    // Parts of items' rows, so that one image's copy is shared among the threads too.
-    const int64_t parts = std::max<int64_t>(1, 4 * available_threads() / items);
-    for_each_index(items * parts, parallel, [&](int64_t i) {
-      const int64_t item = i / parts, part = i % parts;
-      fill_rows(s, copy, x + (item / G * s.C + item % G * Cg) * s.H * s.W, copy_rows * part / parts,
-                copy_rows * (part + 1) / parts, copies + item * copy.size);
-    });
+        for (int64_t q = 0; q < s.Q; ++q)
+          columns[static_cast<size_t>(j++)] = n * groups * copy.size + copy.output_row_offset(s, p) + q;
   }
-  // col of group g over the batch, or of image n alone (its columns counted from 0).
-  CopyGather<T> of_group(int64_t g, int64_t n = 0) const {
-    return {copies + (n * groups + g) * copy.size, taps.data(), columns.data()};
+  // col of group g over the batch, or from image n on (its columns counted from 0), from row first_tap on.
+  CopyGather<T> of_group(int64_t g, int64_t n = 0, int64_t first_tap = 0) const {
+    return {copies + (n * groups + g) * copy.size, taps.data() + first_tap, columns.data()};
   }
 };
 
@@ -463,12 +471,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     runs = x, group_stride = Cg * s.H * s.W, image_stride = s.C * s.H * s.W, row_stride = s.W;
   } else if (from_copies) {
     taps = tap_offsets(s, copy);
-    T* copies = reusable_buffer<T, 3>(s.N * G * copy.size);
-    for_each_index(s.N * G, parallel, [&](int64_t item) {
-      const T* x_g = x + (item / G * s.C + item % G * Cg) * s.H * s.W;
-      fill_rows(s, copy, x_g, 0, Cg * copy.rows, copies + item * copy.size);
-    });
-    runs = copies, group_stride = copy.size, image_stride = G * copy.size;
+    runs = fill_copies(s, copy, x, parallel), group_stride = copy.size, image_stride = G * copy.size;
     row_stride = copy.output_row_offset(s, 1);
   }
   // Output rows too short for such runs (resnet_3x3_512's 7): COL^T's strips gathered from the copies.
@@ -487,9 +490,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const BatchColTransposed<T> col_t{&s, x + n0 * s.C * s.H * s.W, g, col0};
       const BatchCopyTransposed<T> copy_t{&s, runs + n0 * image_stride + g * group_stride, image_stride, row_stride,
                                           taps.data(), col0};
-      const CopyGather<T> gather = gathered ? CopyGather<T>{gathered->of_group(g, n0).copies,
-                                                            gathered->taps.data() + col0, gathered->columns.data()}
-                                            : CopyGather<T>{};
+      const CopyGather<T> gather = gathered ? gathered->of_group(g, n0, col0) : CopyGather<T>{};
       const BPacker<T> col_transposed = runs       ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
                                         : gathered ? BPacker<T>{conv_packers<T>().copy_gather_transposed, &gather}
                                                    : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
