@@ -23,6 +23,14 @@ PYKERNELS_DECLARE_WINOGRAD(avx512)
 
 namespace {
 
+// The layer's 4x4 output tiles over the batch (winograd_impl.inc's TileGrid::total).
+int64_t tile_count(const Conv2dShape& s) { return s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4); }
+
+// Bytes of 36 values per channel pair: the transformed filters U, and backward-weight's sums D.
+double transformed_bytes(const Conv2dShape& s, int64_t element_bytes) {
+  return double(s.K) * double(s.C) * 36.0 * double(element_bytes);
+}
+
 // 3x3, stride 1, undilated, one group, enough channels, and cheaper than the GEMM: the 36 GEMMs cost
 // 72 flops per tile and channel pair, direct convolution 18 per output and channel pair, and each of
 // the 36 transformed values per filter (channel pair) costs about `per_filter_value` flops' time on
@@ -32,7 +40,7 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
   if (!(s.R == 3 && s.S == 3 && w.stride_h == 1 && w.stride_w == 1 && w.dilation_h == 1 && w.dilation_w == 1 &&
         s.groups == 1 && s.C >= 8 && s.K >= 8 && s.P >= 4 && s.Q >= 4))
     return false;
-  const double tiles = double(s.N) * double((s.P + 3) / 4) * double((s.Q + 3) / 4);
+  const double tiles = double(tile_count(s));
   return 72.0 * tiles + 36.0 * per_filter_value < 18.0 * double(s.N) * double(s.P) * double(s.Q);
 }
 
@@ -44,9 +52,9 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 // against 0.78, and in this host's slow phases 0.48-0.72 against 0.65-1.34; with warm caches in a quiet
 // phase 0.52 against 0.48. At batch 8 (128 tiles, two chunks) it still transforms U at once.
 bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes) {
-  const double u_bytes = double(s.K) * double(s.C) * 36.0 * double(element_bytes);
+  const double u_bytes = transformed_bytes(s, element_bytes);
   if (u_bytes > 16.0 * (1 << 20)) return true;
-  const int64_t tiles = s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4);
+  const int64_t tiles = tile_count(s);
   return u_bytes > 4.0 * (1 << 20) && tiles <= winograd_streamed_chunk(s, element_bytes);
 }
 
@@ -65,19 +73,19 @@ bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winogr
 
 // V and E of a chunk together within about 4 MiB, in whole 48-tile groups.
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes) {
-  const int64_t total = s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4);
+  const int64_t total = tile_count(s);
   const int64_t per_tile = 36 * (s.C + s.K) * element_bytes;
   return std::min(total, std::max<int64_t>(48, (int64_t(4) << 20) / per_tile / 48 * 48));
 }
 
 namespace {
 bool sums_fit_l3(const Conv2dShape& s, int64_t element_bytes) {
-  return double(s.K) * double(s.C) * 36.0 * double(element_bytes) <= 16.0 * (1 << 20);
+  return transformed_bytes(s, element_bytes) <= 16.0 * (1 << 20);
 }
 }  // namespace
 
 bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes) {
-  const int64_t total = s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4);
+  const int64_t total = tile_count(s);
   return !sums_fit_l3(s, element_bytes) && total <= winograd_backward_weight_chunk(s, element_bytes) && total <= 256;
 }
 
