@@ -362,7 +362,13 @@ def _copy_and_shared_paths(dtype):
     # between threads or not
     xt = rng.standard_normal((1, 64, 7, 7)).astype(dtype)
     wt = rng.standard_normal((100, 64, 3, 3)).astype(dtype)
-    return y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1)
+    # and its backward-input at batch 1 with 37 channels: col2im split between threads by channels (49
+    # positions are too few for bands of input rows), 37 not divisible by the thread count
+    gt = rng.standard_normal((1, 100, 7, 7)).astype(dtype)
+    wc = rng.standard_normal((100, 37, 3, 3)).astype(dtype)
+    gxc = pk.conv2d_backward(gt, xt[:, :37], wc, padding=1, need_weight=False, need_bias=False)[0]
+    return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
+            gxc)
 
 
 def _run_all(x, w, b, go):

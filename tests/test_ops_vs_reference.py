@@ -230,6 +230,9 @@ CONV_CASES = {
     # batch 1 with more output channels than positions: threads split the rows of the GEMM and share one
     # packing of the im2col columns (1152 x 81, in 5 depth blocks packed side by side)
     "shared_columns_batch1": conv_case((1, 128, 9, 9), (100, 128, 3, 3), padding=2, dilation=2),
+    # batch 1 with 49 positions: backward-input's col2im split between threads by bands of channels (37:
+    # uneven bands), too few positions for bands of input rows
+    "col2im_channel_bands": conv_case((1, 37, 7, 7), (100, 37, 3, 3), padding=1),
     # groups and depthwise
     "grouped_3": conv_case((2, 6, 7, 7), (9, 2, 3, 3), padding=1, groups=3),
     "depthwise": conv_case((2, 7, 9, 11), (7, 1, 3, 3), stride=2, padding=1, groups=7),
@@ -254,7 +257,8 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
                 "wide_strided_strips_unpadded", "wide_stride1_strips", "rows_per_image_deep",
                 "rows_batch1_strided_dilated", "rows_grouped", "narrow_columns_1", "narrow_columns_2",
-                "narrow_columns_3", "rows_narrow_tail", "shared_columns_batch1", "grouped_pointwise_gemm"]
+                "narrow_columns_3", "rows_narrow_tail", "shared_columns_batch1", "grouped_pointwise_gemm",
+                "col2im_channel_bands"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]

@@ -90,16 +90,17 @@ bool is_pointwise(const Conv2dShape& s) {
 }
 
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x, for output rows
-// [p0, p1) (col holds their positions from column 0 on) and input rows [h0, h1). Each cell receives its
-// entries in col's row order whatever the ranges, so splitting the input rows among threads (disjoint
-// writes) gives the same bits as one pass.
+// [p0, p1) (col holds their positions from column 0 on), input rows [h0, h1) and channels [c0, c1). Each
+// cell receives its entries in col's row order whatever the ranges, so splitting the input rows or the
+// channels among threads (disjoint writes) gives the same bits as one pass.
 template <typename T>
 // col's rows are row_stride apart (PQ for one image's col; N*PQ when col holds the batch side by side).
 void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g, int64_t p0, int64_t p1,
-                int64_t h0 = 0, int64_t h1 = -1) {
+                int64_t h0 = 0, int64_t h1 = -1, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t HW = s.H * s.W, sh = s.win.stride_h, sw = s.win.stride_w;
   if (h1 < 0) h1 = s.H;
-  for_each_col_segment(s, 0, s.C_per_group() * s.R * s.S,
+  if (c1 < 0) c1 = s.C_per_group();
+  for_each_col_segment(s, c0 * s.R * s.S, c1 * s.R * s.S,
                        [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
                          const T* in = col + row * row_stride;
                          const Range in_rows = valid_outputs(h_off - h0, sh, h1 - h0, s.P);  // h in [h0, h1)
@@ -348,10 +349,19 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
         gemm_parallel<T>(CRS, columns, Kg, A, {1, CRS}, gy_g + p0 * s.Q, {PQ, 1}, col, columns, false);
         // The threads add disjoint bands of input rows (resnet_stem at batch 1: a third of the time, serial).
         // Every band visits all of col's rows, so each should hold a fair share of positions: not
-        // resnet_3x3_512's 49, where 7 bands spent 4x the single pass on finding their ranges.
-        const int64_t bands = std::max<int64_t>(1, std::min<int64_t>({s.H, 4 * int64_t(threads), columns / 64}));
-        for_each_index(bands, worth_threads && bands > 1, [&](int64_t i) {
-          col2im_add(s, col, columns, gx_g, p0, p1, s.H * i / bands, s.H * (i + 1) / bands);
+        // resnet_3x3_512's 49, where 7 bands spent 4x the single pass on finding their ranges; with few
+        // positions the threads take disjoint bands of channels instead (that layer's col2im at batch 1:
+        // 8 % of its time, on one thread while the other waited).
+        const int64_t bands = std::min<int64_t>({s.H, 4 * int64_t(threads), columns / 64});
+        if (bands > 1) {
+          for_each_index(bands, worth_threads, [&](int64_t i) {
+            col2im_add(s, col, columns, gx_g, p0, p1, s.H * i / bands, s.H * (i + 1) / bands);
+          });
+          continue;
+        }
+        const int64_t channel_bands = std::min<int64_t>(Cg, threads);
+        for_each_index(channel_bands, worth_threads && channel_bands > 1, [&](int64_t i) {
+          col2im_add(s, col, columns, gx_g, p0, p1, 0, s.H, Cg * i / channel_bands, Cg * (i + 1) / channel_bands);
         });
       }
     });
