@@ -409,15 +409,17 @@ def test_backward_passes_are_deterministic(dtype):
     _assert_bits_equal(g1, g2, "max_pool2d_backward")
 
 
-def test_results_do_not_depend_on_thread_count(tmp_path):
-    """The same bits with OMP_NUM_THREADS=1 as with the default thread count (design: no atomics, fixed order)."""
+@pytest.mark.parametrize("threads", ["1", "5"])
+def test_results_do_not_depend_on_thread_count(tmp_path, threads):
+    """The same bits with OMP_NUM_THREADS=1 (and 5) as with the default thread count (design: no atomics, fixed
+    order). 5 threads split Winograd backward-weight's 36 positions mid-row (7 or 8 each)."""
     script = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import _pykernels_cpu
         from test_edge_cases import _workload, _run_all
-        assert _pykernels_cpu.openmp_threads() == 1
+        assert _pykernels_cpu.openmp_threads() == int(sys.argv[3])
         _pykernels_cpu.set_isa(sys.argv[2])
         outs = []
         for n in (4, 1):
@@ -425,17 +427,18 @@ def test_results_do_not_depend_on_thread_count(tmp_path):
             outs += _run_all(x[:n], w, b, go[:n])
         np.savez(sys.argv[1], *outs)
     """)
-    path = tmp_path / "single.npz"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    path = tmp_path / "other.npz"
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
     isa = _pykernels_cpu.active_isa()
-    subprocess.run([sys.executable, "-c", script, str(path), isa], check=True, env=env, cwd=tmp_path)
-    single = np.load(path)
+    subprocess.run([sys.executable, "-c", script, str(path), isa, threads], check=True, env=env, cwd=tmp_path)
+    other = np.load(path)
     mine = []
     for n in (4, 1):
         x, w, b, go = _workload()
         mine += _run_all(x[:n], w, b, go[:n])
     for i, a in enumerate(mine):
-        _assert_bits_equal(a, single[f"arr_{i}"], f"output {i} (threads: {_pykernels_cpu.openmp_threads()} vs 1)")
+        _assert_bits_equal(a, other[f"arr_{i}"],
+                           f"output {i} (threads: {_pykernels_cpu.openmp_threads()} vs {threads})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
