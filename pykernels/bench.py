@@ -677,8 +677,12 @@ class Table:
         return (c.op, c.shape.name, c.pass_, row.impl, f"{row.median * 1e3:.3f}{busy}",
                 f"{_three_digits(row.rate(self.dtype))} {unit}", ratio, str(len(row.times)))
 
-    def footer(self, all_rows: List[Row], elapsed: float) -> None:
+    def footer(self, all_rows: List[Row], elapsed: float, meta: Optional[dict] = None) -> None:
         self.print()
+        trip = (meta or {}).get("openmp_round_trip_ns")
+        if trip:
+            self.print(f"OpenMP threads' round trip: {_round_trip_text(trip['start'])} at the start, "
+                       f"{_round_trip_text(trip['end'])} at the end ({ROUND_TRIP_NOTE}).")
         busy = [r for r in all_rows if r.others is not None and r.others > BUSY_LIMIT]
         if busy:
             self.print(f"* other processes used more than {BUSY_LIMIT:.0%} of the CPUs while this case ran "
@@ -757,9 +761,35 @@ def metadata(device: str, dtype, impls) -> dict:
         meta["pykernels_openmp_threads"] = _pykernels_cpu.openmp_threads()
     except (ImportError, AttributeError):
         pass
+    if device == "cpu":
+        meta["openmp_round_trip_ns"] = {"start": openmp_round_trip_ns(), "end": None}
     if device == "cuda":
         meta.update(_cuda_metadata())
     return meta
+
+
+#: What the OpenMP round trip says about a table (see openmp_round_trip_ns).
+ROUND_TRIP_NOTE = ("about 80 ns on this project's VM where its two cores share an L3; about 400 ns where the host "
+                   "has put them on different ones, and Winograd passes then run up to 1.5-2x slower")
+
+
+def openmp_round_trip_ns() -> Optional[float]:
+    """Nanoseconds for pykernels' two OpenMP threads to pass a cache line there and back, or None.
+
+    Recorded at the start and the end of a run (it can change in between on a VM): whether the threads
+    share a cache changes what the CPU tables mean.
+    """
+    try:
+        import _pykernels_cpu
+
+        value = _pykernels_cpu.openmp_round_trip_ns()
+    except (ImportError, AttributeError):
+        return None
+    return None if value != value else round(value, 1)  # NaN: one thread
+
+
+def _round_trip_text(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0f} ns"
 
 
 def _pykernels_version() -> str:
@@ -892,7 +922,9 @@ def _run(args) -> int:
         rows = run_case(case, case_impls, args.device, dtype, args.repeat, args.min_time, xp)
         table.rows(rows)
         all_rows += rows
-    table.footer(all_rows, time.perf_counter() - t0)
+    if args.device == "cpu":
+        meta["openmp_round_trip_ns"]["end"] = openmp_round_trip_ns()
+    table.footer(all_rows, time.perf_counter() - t0, meta)
     if args.json:
         write_json(args.json, meta, all_rows, dtype, _settings(args))
         print(f"wrote {args.json}")

@@ -121,6 +121,13 @@ def test_json_has_every_row_and_the_machine(capsys, tmp_path):
     assert isinstance(meta["cpu_model"], str) and meta["cpu_model"]
     assert meta["active_isa"] in ("avx512", "avx2", "portable")
     assert (meta["torch_version"] is not None) == HAS_TORCH
+    # the OpenMP threads' round trip, start and end, in the JSON and the footer (a positive time with two
+    # threads on cores of their own; None without OpenMP)
+    trip = meta["openmp_round_trip_ns"]
+    assert set(trip) == {"start", "end"}
+    for value in trip.values():
+        assert value is None or 0 < value < 1e8
+    assert "OpenMP threads' round trip:" in out
     results = doc["results"]
     assert len(results) == len(_table_rows(out)) == 3 * 3 + 2 * 3
     for r in results:

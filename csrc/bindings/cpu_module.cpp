@@ -454,6 +454,14 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
           throw ShapeError("algorithm must be 'auto' or 'gemm'; got '" + name + "'");
       },
       py::arg("name"), "Force the convolution algorithm (for tests).");
+  m.def(
+      "openmp_round_trip_ns",
+      []() {
+        py::gil_scoped_release release;
+        return pykernels::cpu::openmp_round_trip_ns();
+      },
+      "Nanoseconds for two OpenMP threads to pass a cache line there and back (NaN with one thread): about "
+      "80 where they share a cache here, 400 where they do not.");
   m.def("openmp_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

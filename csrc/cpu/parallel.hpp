@@ -13,6 +13,10 @@ namespace pykernels::cpu {
 // especially on a busy machine where waking a second thread can take a millisecond.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
+// Nanoseconds for two OpenMP threads to pass a cache line there and back (thread_round_trip.cpp); NaN
+// without OpenMP or a second thread.
+double openmp_round_trip_ns();
+
 // Threads a parallel region started here would get (1 when already inside an active region).
 inline int available_threads() {
 #ifdef _OPENMP
