@@ -411,8 +411,8 @@ def test_backward_passes_are_deterministic(dtype):
 
 @pytest.mark.parametrize("threads", ["1", "5"])
 def test_results_do_not_depend_on_thread_count(tmp_path, threads):
-    """The same bits with OMP_NUM_THREADS=1 (and 5) as with the default thread count (design: no atomics, fixed
-    order). 5 threads split Winograd backward-weight's 36 positions mid-row (7 or 8 each)."""
+    """The same bits with OMP_NUM_THREADS=1 (and 5: uneven shares of every split) as with the default thread
+    count (design: no atomics, fixed order)."""
     script = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
