@@ -20,7 +20,9 @@ relu. On CUDA (CuPy arrays, batch 32): PyTorch CUDA (cuDNN, cudnn.benchmark on) 
 available, CuPy im2col + matmul (cuBLAS) for conv2d and CuPy ufuncs for relu; every call is timed with
 CUDA events recorded on the stream that implementation launches on (CuPy's or torch's current stream).
 On the CPU, with the NumPy im2col peer, the command restarts itself once with OPENBLAS_THREAD_TIMEOUT=4
-(see OPENBLAS_ENV: OpenBLAS' spinning threads would otherwise slow whichever call comes next).
+(see OPENBLAS_ENV: OpenBLAS' spinning threads would otherwise slow whichever call comes next). It also
+measures the OpenMP threads' round trip (openmp_round_trip_ns) at the start and end and around each
+case, and marks with ~ the cases during which the threads' cores shared no cache (SPLIT_CACHE_NS).
 
 This module is self-contained: benchmarks/conftest.py (pytest-benchmark) lives outside the installed
 package, so its timing helpers cannot be imported from here; both read shapes and peers from
@@ -61,6 +63,8 @@ DEFAULT_REPEAT = 10
 DEFAULT_MIN_TIME = 1.5  # seconds per case: the full CPU table takes about a minute on 2 cores
 WARMUP_CALLS, WARMUP_SECONDS = 2, 0.05  # untimed calls per implementation before a case's rounds
 BUSY_LIMIT = 0.10  # other processes used more than this share of the CPUs during a case: flag it
+#: OpenMP threads' round trip (openmp_round_trip_ns) above which a case is flagged: their cores share no cache.
+SPLIT_CACHE_NS = 200.0
 #: OpenBLAS (NumPy's matmul, so the numpy_im2col peer) leaves its worker threads spinning for about
 #: 2**28 cycles after each call; interleaved on the same cores, that spinning made the next pykernels
 #: call 2x and the next torch call 5x slower (resnet_3x3_128 fwd, 2 cores). OPENBLAS_THREAD_TIMEOUT=4
@@ -526,6 +530,7 @@ class Row:
     note: str = ""  # why it did not run, or that its result differs from pykernels'
     differs: bool = False
     others: Optional[float] = None  # others' CPU share during the case
+    round_trip: Optional[float] = None  # the larger OpenMP round trip (ns) before and after the case
     ratio: Optional[float] = None  # peer median / pykernels median (peer rows only), see set_ratios
 
     @property
@@ -581,11 +586,14 @@ def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float
         results.append((row, result))
     _note_differences(results, dtype)
     watch = OthersWatch() if device == "cpu" else None
+    trip_before = openmp_round_trip_ns() if device == "cpu" else None
     for (row, _), times in zip(results, time_interleaved(entries, repeat, min_time)):
         row.times = times
     others = watch.share() if watch else None
+    trips = [t for t in (trip_before, openmp_round_trip_ns() if device == "cpu" else None) if t is not None]
     for row in rows:
         row.others = others if row.times else None
+        row.round_trip = max(trips) if row.times and trips else None
     set_ratios(rows)
     return rows
 
@@ -672,6 +680,7 @@ class Table:
         if row.median is None:
             return (c.op, c.shape.name, c.pass_, row.impl, "-", "-", "-", "-")
         busy = "*" if row.others is not None and row.others > BUSY_LIMIT else ""
+        busy += "~" if row.round_trip is not None and row.round_trip > SPLIT_CACHE_NS else ""
         _, unit = c.work(self.dtype)
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x" + ("!" if row.differs else "")
         return (c.op, c.shape.name, c.pass_, row.impl, f"{row.median * 1e3:.3f}{busy}",
@@ -687,6 +696,11 @@ class Table:
         if busy:
             self.print(f"* other processes used more than {BUSY_LIMIT:.0%} of the CPUs while this case ran "
                        f"(up to {max(r.others for r in busy):.0%}): rerun on an idle machine to trust it.")
+        split = [r.round_trip for r in all_rows if r.round_trip is not None and r.round_trip > SPLIT_CACHE_NS]
+        if split:
+            self.print(f"~ the OpenMP threads' round trip was over {SPLIT_CACHE_NS:.0f} ns around this case (up to "
+                       f"{max(split):.0f} ns): their cores shared no cache, and its times are not those of a "
+                       "machine whose cores do.")
         if needs_quiet_openblas([r.case for r in all_rows], self.device):
             self.print(f"warning: {OPENBLAS_ENV[0]} was unset when NumPy loaded, so OpenBLAS threads spin after "
                        "each numpy_im2col call and slow the next call; `python -m pykernels bench` sets it, "
@@ -824,6 +838,7 @@ def row_record(row: Row, dtype) -> dict:
         "ratio": row.ratio,
         "calls": len(row.times),
         "others_cpu_share": row.others,
+        "openmp_round_trip_ns": row.round_trip,
         "note": row.note or None,
     }
 

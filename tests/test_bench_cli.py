@@ -128,6 +128,7 @@ def test_json_has_every_row_and_the_machine(capsys, tmp_path):
     for value in trip.values():
         assert value is None or 0 < value < 1e8
     assert "OpenMP threads' round trip:" in out
+    assert all(r["openmp_round_trip_ns"] is None or r["openmp_round_trip_ns"] > 0 for r in doc["results"])
     results = doc["results"]
     assert len(results) == len(_table_rows(out)) == 3 * 3 + 2 * 3
     for r in results:
