@@ -788,7 +788,7 @@ ROUND_TRIP_NOTE = ("about 80 ns on this project's VM where its two cores share a
 
 
 def openmp_round_trip_ns() -> Optional[float]:
-    """Nanoseconds for pykernels' two OpenMP threads to pass a cache line there and back, or None.
+    """Nanoseconds for two of pykernels' OpenMP threads (0 and 1) to pass a cache line there and back, or None.
 
     Recorded at the start and the end of a run (it can change in between on a VM): whether the threads
     share a cache changes what the CPU tables mean.
