@@ -93,7 +93,7 @@ void gemm_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, const T* pa
 }
 
 // An A read in place (gemm_impl.inc's gemm_a_in_place): A[i][k] at a + k * k_stride + i * i_stride; none
-// (packed) when a is null.
+// (all of A packed, as gemm does) when a is null.
 template <typename T>
 struct AInPlace {
   const T* a = nullptr;
@@ -105,6 +105,8 @@ struct AInPlace {
 // few register strips of B.
 constexpr int64_t kAInPlaceMaxColumns = 256;
 
+// Build `isa`'s GEMM with A read in place where `in_place` says so, else packed (gemm_a_in_place with a null
+// A is gemm).
 template <typename T>
 void gemm_a_in_place_on(Isa isa, int64_t M, int64_t N, int64_t K, APacker<T> a, AInPlace<T> in_place, BPacker<T> b,
                         int64_t j_offset, T* C, int64_t ldc, bool accumulate, const T* prepacked_b) {
@@ -126,10 +128,7 @@ void pack_b_blocks_on(Isa isa, BPacker<T> b, int64_t K, int64_t N, int64_t block
 template <typename T>
 void gemm_columns(int64_t M, int64_t N, int64_t K, APacker<T> a, BPacker<T> b, int64_t j_offset, T* C, int64_t ldc,
                   bool accumulate, AInPlace<T> in_place = {}) {
-  if (in_place.a)
-    gemm_a_in_place_on<T>(current_isa().load(), M, N, K, a, in_place, b, j_offset, C, ldc, accumulate, nullptr);
-  else
-    gemm_on<T>(current_isa().load(), M, N, K, a, nullptr, b, j_offset, C, ldc, accumulate);
+  gemm_a_in_place_on<T>(current_isa().load(), M, N, K, a, in_place, b, j_offset, C, ldc, accumulate, nullptr);
 }
 
 // ReadA::rows_in_place for a row-major A that meets few columns of B; decided by the shape alone, as
@@ -219,11 +218,8 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
       if (c1 <= c0) return;
       const int64_t i0 = c0 * row_chunk, i1 = std::min(M, c1 * row_chunk);
       const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
-      if (in_place.a)
-        gemm_a_in_place_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), in_place.rows_from(i0), b, 0, C + i0 * ldc, ldc,
-                              accumulate, shared_b);
-      else
-        gemm_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), nullptr, b, 0, C + i0 * ldc, ldc, accumulate, shared_b);
+      gemm_a_in_place_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), in_place.rows_from(i0), b, 0, C + i0 * ldc, ldc,
+                            accumulate, shared_b);
     });
   }
   errors.rethrow();
