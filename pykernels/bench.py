@@ -586,11 +586,11 @@ def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float
         results.append((row, result))
     _note_differences(results, dtype)
     watch = OthersWatch() if device == "cpu" else None
-    trip_before = openmp_round_trip_ns() if device == "cpu" else None
+    trips = [openmp_round_trip_ns()] if device == "cpu" else []
     for (row, _), times in zip(results, time_interleaved(entries, repeat, min_time)):
         row.times = times
     others = watch.share() if watch else None
-    trips = [t for t in (trip_before, openmp_round_trip_ns() if device == "cpu" else None) if t is not None]
+    trips = [t for t in trips + ([openmp_round_trip_ns()] if device == "cpu" else []) if t is not None]
     for row in rows:
         row.others = others if row.times else None
         row.round_trip = max(trips) if row.times and trips else None
@@ -679,11 +679,11 @@ class Table:
         c = row.case
         if row.median is None:
             return (c.op, c.shape.name, c.pass_, row.impl, "-", "-", "-", "-")
-        busy = "*" if row.others is not None and row.others > BUSY_LIMIT else ""
-        busy += "~" if row.round_trip is not None and row.round_trip > SPLIT_CACHE_NS else ""
+        marks = "*" if row.others is not None and row.others > BUSY_LIMIT else ""
+        marks += "~" if row.round_trip is not None and row.round_trip > SPLIT_CACHE_NS else ""
         _, unit = c.work(self.dtype)
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x" + ("!" if row.differs else "")
-        return (c.op, c.shape.name, c.pass_, row.impl, f"{row.median * 1e3:.3f}{busy}",
+        return (c.op, c.shape.name, c.pass_, row.impl, f"{row.median * 1e3:.3f}{marks}",
                 f"{_three_digits(row.rate(self.dtype))} {unit}", ratio, str(len(row.times)))
 
     def footer(self, all_rows: List[Row], elapsed: float, meta: Optional[dict] = None) -> None:
