@@ -239,6 +239,22 @@ CONV_CASES = {
     "depthwise_multiplier2": conv_case((1, 5, 8, 8), (10, 1, 3, 3), padding="same", groups=5),
     "depthwise_many_channels": conv_case((1, 33, 10, 10), (33, 1, 5, 5), padding=2, groups=33),
     "grouped_pointwise": conv_case((2, 8, 5, 5), (12, 2, 1, 1), groups=4),
+    # few weights per group (direct_conv_impl.inc): x split into stride phases, sums over "wide" rows
+    "depthwise_stride2_dilated": conv_case((2, 6, 13, 12), (6, 1, 3, 3), stride=2, padding=2, dilation=2, groups=6),
+    "depthwise_stride3_2_asym": conv_case((1, 4, 11, 14), (8, 1, 3, 3), stride=(3, 2), padding=((1, 2), (0, 1)),
+                                          groups=4),
+    # stride 3 past a 1x1 kernel: phases that no tap reads (backward-input leaves them zero)
+    "few_weights_stride_past_kernel": conv_case((2, 3, 10, 11), (3, 1, 1, 1), stride=3, groups=3),
+    # padding wider than the kernel, stride 4 (a phase of padding only), 2x2 kernel
+    "few_weights_wide_padding": conv_case((1, 2, 6, 7), (4, 1, 2, 2), stride=(4, 1), padding=3, groups=2),
+    # 12 input channels per group (backward-input in blocks of 8 + 4), 9 output channels per group
+    # (forward in blocks of 8 + 1), 108 and 81 weights per group
+    "few_weights_channel_blocks": conv_case((2, 24, 9, 10), (2, 12, 3, 3), padding=1, groups=2),
+    "few_weights_nine_outputs": conv_case((1, 2, 8, 9), (18, 1, 3, 3), stride=(1, 2), padding="same", groups=2),
+    # a LeNet-like 5x5 with stride and dilation: 25 taps in blocks 6 + 6 + 6 + 7 (backward-weight)
+    "few_weights_lenet_strided": conv_case((3, 1, 17, 19), (6, 1, 5, 5), stride=(2, 3), dilation=(1, 2)),
+    # wider than a span of any build (128 floats on AVX-512), one channel
+    "depthwise_wide_rows": conv_case((1, 3, 5, 150), (3, 1, 3, 5), stride=(1, 2), padding=(1, 2), groups=3),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
@@ -258,7 +274,9 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "wide_strided_strips_unpadded", "wide_stride1_strips", "rows_per_image_deep",
                 "rows_batch1_strided_dilated", "rows_grouped", "narrow_columns_1", "narrow_columns_2",
                 "narrow_columns_3", "rows_narrow_tail", "shared_columns_batch1", "grouped_pointwise_gemm",
-                "col2im_channel_bands"]
+                "col2im_channel_bands", "depthwise_stride2_dilated", "depthwise_stride3_2_asym",
+                "few_weights_stride_past_kernel", "few_weights_wide_padding", "few_weights_channel_blocks",
+                "few_weights_nine_outputs", "few_weights_lenet_strided", "depthwise_wide_rows"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]
@@ -322,6 +340,40 @@ def test_isas_agree_with_each_other(request):
     _pykernels_cpu.set_isa("portable")
     y_portable = pk.conv2d(x, w, b, **conv_kwargs(cfg))
     assert_close(y_portable, y_avx2.astype(np.float64), np.float32, 333)
+
+
+# Few-weight layers' sums run over whole padded rows, their dropped columns meeting real values of the next
+# row (direct_conv_impl.inc); a NaN or inf must still reach exactly the outputs and gradients whose sums
+# include it, as in the reference: first cell, one inside, the end of the first row (read by the dropped
+# columns of other taps), the last.
+DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "few_weights_channel_blocks",
+                           "few_weights_lenet_strided"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("operand", ["x", "weight", "grad_out"])
+@pytest.mark.parametrize("at", ["first", "inside", "row_end", "last"])
+@pytest.mark.parametrize("name", DIRECT_NON_FINITE_CASES)
+def test_direct_convolution_non_finite_values_reach_exactly_their_sums(name, at, operand, bad):
+    cfg = CONV_CASES[name]
+    x, w, _ = make_conv_inputs(cfg, np.float64, False, 13)
+    p, q = conv_out_hw(cfg)
+    g = np.random.default_rng(14).standard_normal((cfg["x_shape"][0], cfg["w_shape"][0], p, q))
+    target = {"x": x, "weight": w, "grad_out": g}[operand]
+    index = {"first": (0, 0, 0, 0), "inside": tuple(d // 2 for d in target.shape), "row_end": (0, 0, 0, -1),
+             "last": (-1, -1, -1, -1)}[at]
+    target[index] = bad
+    with np.errstate(invalid="ignore", over="ignore"):
+        got = [pk.conv2d(x, w, **conv_kwargs(cfg)), *pk.conv2d_backward(g, x, w, **conv_kwargs(cfg), need_bias=False)[:2]]
+        want = [ref.conv2d(x, w, **conv_kwargs(cfg)), *ref.conv2d_backward(g, x, w, **conv_kwargs(cfg))[:2]]
+    for what, a, b in zip(["y", "grad_x", "grad_w"], got, want):
+        assert np.array_equal(np.isnan(a), np.isnan(b)), what
+        assert np.array_equal(np.isinf(a), np.isinf(b)), what
+        finite = np.isfinite(b)
+        np.testing.assert_allclose(np.where(finite, a, 0), np.where(finite, b, 0), rtol=1e-10, atol=1e-10,
+                                   err_msg=what)
+    if at in ("first", "inside"):  # read by some window in every case (the others may not be, with strides)
+        assert not all(np.isfinite(b).all() for b in want)
 
 
 def test_conv2d_backward_need_flags():

@@ -19,8 +19,8 @@
 // - Layers with overlapping windows and output rows shorter than 32 (resnet_3x3_512's 7): forward's col
 //   and backward-weight's COL^T gathered value by value from such copies through tables of offsets
 //   (GatheredColumns), where im2col's packing went a few values at a time.
-// - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly
-//   (direct_conv_impl.inc, and backward_weight_direct here for strided ones).
+// - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
+//   three passes (direct_conv_impl.inc).
 // - Few output positions and many weights (resnet_3x3_512 at batch 2 or 3, or under "gemm"): forward and
 //   backward-input as one GEMM per group over the whole batch, so the weights are packed once per thread
 //   instead of once per image.
@@ -59,7 +59,8 @@ std::atomic<bool> winograd_enabled{winograd_by_default()};
 // value, and inf or NaN times or plus anything is not finite), and then the GEMM path recomputes the
 // pass, with exactly the outputs direct summation reaches; an overflow inside the transforms goes the
 // same way. Checking the output reads it once; checking the inputs first read all of them on every call
-// (9.4 MB of weights on resnet_3x3_512).
+// (9.4 MB of weights on resnet_3x3_512). The direct backward-weight of few-weight layers is checked
+// likewise: its zero-filled columns meet real values of x, and 0 * inf is NaN (direct_conv_impl.inc).
 template <typename T>
 bool all_finite(const T* v, int64_t count) {
   int finite = 1;  // an integer AND reduction, which the compiler vectorises (a float sum it may not)
@@ -305,6 +306,8 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
+  // The direct sums' zero-filled columns of grad_y meet only weights: finite weights, exact result.
+  if (has_few_weights(s) && all_finite(w, s.w_numel())) return conv2d_backward_input_direct(s, grad_y, w, grad_x);
   // One GEMM over the batch when packing the weights for every image would cost more than it saves:
   // many weights, few output positions (resnet_3x3_512; not LeNet, 150 weights for 576 positions).
   const int64_t weights = s.K_per_group() * s.C_per_group() * s.R * s.S;
@@ -369,76 +372,11 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   errors.rethrow();
 }
 
-namespace {
-
-// Few weights per group (LeNet's 6 x 25, depthwise 3x3's 1 x 9), strided: a GEMM that small spends its
-// time packing, so the weights are summed directly (stride 1 has a faster, vectorised version in
-// direct_conv_impl.inc). One output channel per task; for each image its
-// grad_y plane and the x planes it reads stay in L1 while all C/g*R*S weights of that channel are
-// accumulated, each in eight running sums over q (so the loop vectorises) added in a fixed order at
-// the end: reproducible whatever the thread count.
-
-template <typename T>
-void backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  const Window2d& win = s.win;
-  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), RS = s.R * s.S, CRS = Cg * RS;
-  const int64_t sh = win.stride_h, sw = win.stride_w;
-  constexpr int kLanes = 8;
-  ParallelErrors errors;
-#pragma omp parallel for schedule(static) if (s.K > 1 && double(s.N) * double(s.K * CRS) * double(s.P * s.Q) >= kMinParallelWork)
-  for (int64_t k = 0; k < s.K; ++k) {
-    errors.run([&] {
-      const int64_t g = k / Kg;
-      std::vector<T> lanes(static_cast<size_t>(CRS * kLanes), T(0));
-      std::vector<Range> ps(static_cast<size_t>(CRS)), qs(static_cast<size_t>(CRS));
-      std::vector<int64_t> x_offset(static_cast<size_t>(CRS));  // of tap (c, r, kw) at output (0, 0)
-      for (int64_t crs = 0; crs < CRS; ++crs) {
-        const int64_t c = crs / RS, r = (crs / s.S) % s.R, kw = crs % s.S;
-        const int64_t h_off = r * win.dilation_h - win.pad_top, w_off = kw * win.dilation_w - win.pad_left;
-        ps[crs] = valid_outputs(h_off, sh, s.H, s.P);
-        qs[crs] = valid_outputs(w_off, sw, s.W, s.Q);
-        x_offset[crs] = c * s.H * s.W + h_off * s.W + w_off;
-      }
-      for (int64_t n = 0; n < s.N; ++n) {
-        const T* gy_plane = grad_y + (n * s.K + k) * s.P * s.Q;
-        const T* x_group = x + (n * s.C + g * Cg) * s.H * s.W;
-        for (int64_t crs = 0; crs < CRS; ++crs) {
-          T acc[kLanes];  // in registers for the whole plane (a pointer into `lanes` could alias gy, x)
-          std::copy(lanes.begin() + crs * kLanes, lanes.begin() + (crs + 1) * kLanes, acc);
-          const int64_t q0 = qs[crs].begin, len = qs[crs].end - q0, full = len / kLanes * kLanes;
-          for (int64_t p = ps[crs].begin; p < ps[crs].end; ++p) {
-            const T* gy = gy_plane + p * s.Q + q0;
-            const T* xr = x_group + x_offset[crs] + p * sh * s.W + q0 * sw;
-            int64_t i = 0;
-            if (sw == 1)  // contiguous x: the common case, and the one the compiler vectorises
-              for (; i < full; i += kLanes)
-                for (int j = 0; j < kLanes; ++j) acc[j] += gy[i + j] * xr[i + j];
-            else
-              for (; i < full; i += kLanes)
-                for (int j = 0; j < kLanes; ++j) acc[j] += gy[i + j] * xr[(i + j) * sw];
-            for (int j = 0; i < len; ++i, ++j) acc[j] += gy[i] * xr[i * sw];
-          }
-          std::copy(acc, acc + kLanes, lanes.begin() + crs * kLanes);
-        }
-      }
-      for (int64_t crs = 0; crs < CRS; ++crs) {
-        T sum = T(0);
-        for (int j = 0; j < kLanes; ++j) sum += lanes[static_cast<size_t>(crs * kLanes + j)];
-        grad_w[k * CRS + crs] = sum;
-      }
-    });
-  }
-  errors.rethrow();
-}
-
-}  // namespace
-
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (has_few_weights(s)) {
-    if (s.win.stride_h == 1 && s.win.stride_w == 1)
-      return conv2d_backward_weight_direct_stride1(s, grad_y, x, grad_w);
-    return backward_weight_direct(s, grad_y, x, grad_w);
+    conv2d_backward_weight_direct(s, grad_y, x, grad_w);
+    if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   }
   if (conv2d_backward_weight_winograd_chosen(s)) {
     conv2d_backward_weight_winograd(s, grad_y, x, grad_w);

@@ -10,7 +10,9 @@ namespace pykernels::cpu {
   template <typename T>                                                                      \
   void conv2d_forward_direct(const Conv2dShape&, const T*, const T*, const T*, T*);          \
   template <typename T>                                                                      \
-  void conv2d_backward_weight_direct_stride1(const Conv2dShape&, const T*, const T*, T*);    \
+  void conv2d_backward_input_direct(const Conv2dShape&, const T*, const T*, T*);             \
+  template <typename T>                                                                      \
+  void conv2d_backward_weight_direct(const Conv2dShape&, const T*, const T*, T*);            \
   }
 PYKERNELS_DECLARE_DIRECT(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -25,14 +27,21 @@ void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T
 }
 
 template <typename T>
-void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_direct_stride1<T>(s, grad_y, x, grad_w))
+void conv2d_backward_input_direct(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_input_direct<T>(s, grad_y, w, grad_x))
 }
 
-template void conv2d_backward_weight_direct_stride1<float>(const Conv2dShape&, const float*, const float*, float*);
-template void conv2d_backward_weight_direct_stride1<double>(const Conv2dShape&, const double*, const double*,
-                                                            double*);
-template void conv2d_forward_direct<float>(const Conv2dShape&, const float*, const float*, const float*, float*);
-template void conv2d_forward_direct<double>(const Conv2dShape&, const double*, const double*, const double*, double*);
+template <typename T>
+void conv2d_backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_direct<T>(s, grad_y, x, grad_w))
+}
+
+#define PYKERNELS_INSTANTIATE(T)                                                                  \
+  template void conv2d_forward_direct<T>(const Conv2dShape&, const T*, const T*, const T*, T*); \
+  template void conv2d_backward_input_direct<T>(const Conv2dShape&, const T*, const T*, T*);    \
+  template void conv2d_backward_weight_direct<T>(const Conv2dShape&, const T*, const T*, T*);
+PYKERNELS_INSTANTIATE(float)
+PYKERNELS_INSTANTIATE(double)
+#undef PYKERNELS_INSTANTIATE
 
 }  // namespace pykernels::cpu

@@ -22,12 +22,15 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
 
-// direct_conv.cpp -- forward for layers with few weights per group (has_few_weights); same contract.
+// direct_conv.cpp -- the three passes of layers with few weights per group (has_few_weights); same
+// contracts, except that a NaN or inf in x (backward-weight) or w (backward-input) may reach sums it does
+// not belong to (see direct_conv_impl.inc); conv2d.cpp checks for that.
 template <typename T>
 void conv2d_forward_direct(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
-// grad_w of such a layer with stride 1.
 template <typename T>
-void conv2d_backward_weight_direct_stride1(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+void conv2d_backward_input_direct(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
+template <typename T>
+void conv2d_backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
 // conv_rows.cpp -- forward as one GEMM per output row, reading x from a padded copy split into its
 // stride phases instead of packing im2col columns; for the layers conv2d_forward_by_rows_applies to (at
