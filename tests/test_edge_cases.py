@@ -376,8 +376,18 @@ def _copy_and_shared_paths(dtype):
     gt = rng.standard_normal((1, 100, 7, 7)).astype(dtype)
     wc = rng.standard_normal((100, 37, 3, 3)).astype(dtype)
     gxc = pk.conv2d_backward(gt, xt[:, :37], wc, padding=1, need_weight=False, need_bias=False)[0]
+    # a depthwise layer with stride 2 (direct sums, all three passes: a task per image and channel, or per
+    # output channel), and a 5x5 layer whose backward-input runs as the transposed forward
+    xd = rng.standard_normal((2, 24, 19, 17)).astype(dtype)
+    wd = rng.standard_normal((24, 1, 3, 3)).astype(dtype)
+    yd = pk.conv2d(xd, wd, stride=2, padding=1, groups=24)
+    depthwise = (yd, *pk.conv2d_backward(yd, xd, wd, stride=2, padding=1, groups=24, need_bias=False)[:2])
+    w5 = rng.standard_normal((20, 24, 5, 5)).astype(dtype)
+    assert _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(xd.shape, w5.shape, (1, 1), (2, 2, 2, 2),
+                                                                        (1, 1), 1)
+    g5 = pk.conv2d_backward(pk.conv2d(xd, w5, padding=2), xd, w5, padding=2, need_weight=False, need_bias=False)[0]
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc)
+            gxc, *depthwise, g5)
 
 
 def _run_all(x, w, b, go):

@@ -253,6 +253,13 @@ CONV_CASES = {
     "few_weights_nine_outputs": conv_case((1, 2, 8, 9), (18, 1, 3, 3), stride=(1, 2), padding="same", groups=2),
     # a LeNet-like 5x5 with stride and dilation: 25 taps in blocks 6 + 6 + 6 + 7 (backward-weight)
     "few_weights_lenet_strided": conv_case((3, 1, 17, 19), (6, 1, 5, 5), stride=(2, 3), dilation=(1, 2)),
+    # backward-input as the transposed convolution through the forward's paths (conv2d.cpp): 25+ taps or
+    # dilated, 'same'-like padding, at least two images or groups
+    "transposed_5x5_same": conv_case((2, 5, 9, 8), (12, 5, 5, 5), padding=2),
+    "transposed_dilated": conv_case((2, 12, 10, 9), (20, 12, 3, 3), padding=2, dilation=2),
+    "transposed_grouped_even_kernel": conv_case((1, 8, 9, 11), (12, 4, 6, 5), padding="same", groups=2),
+    "transposed_asym_dilated_wide": conv_case((3, 9, 6, 40), (10, 9, 3, 5), padding=((2, 1), (4, 3)),
+                                              dilation=(1, 2)),
     # wider than a span of any build (128 floats on AVX-512), one channel
     "depthwise_wide_rows": conv_case((1, 3, 5, 150), (3, 1, 3, 5), stride=(1, 2), padding=(1, 2), groups=3),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
@@ -276,7 +283,9 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "narrow_columns_3", "rows_narrow_tail", "shared_columns_batch1", "grouped_pointwise_gemm",
                 "col2im_channel_bands", "depthwise_stride2_dilated", "depthwise_stride3_2_asym",
                 "few_weights_stride_past_kernel", "few_weights_wide_padding", "few_weights_channel_blocks",
-                "few_weights_nine_outputs", "few_weights_lenet_strided", "depthwise_wide_rows"]
+                "few_weights_nine_outputs", "few_weights_lenet_strided", "depthwise_wide_rows",
+                "transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
+                "transposed_asym_dilated_wide"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]
@@ -303,6 +312,31 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
     assert not reads_rows_in_place(conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1), dtype)  # Winograd
     # 256 channels of 5 dilated rows: 225 KB of inputs per output row in float32, past the L2 budget
     assert not reads_rows_in_place(conv_case((2, 256, 40, 40), (256, 256, 3, 3), padding=2, dilation=2), dtype)
+
+
+def conv_pads(cfg):
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], cfg["x_shape"][2:], cfg["w_shape"][2:], (sh, sw),
+                                               (dh, dw))
+    return (sh, sw), (pt, pb, pl, pr), (dh, dw)
+
+
+def test_backward_input_runs_as_transposed_forward_where_meant_to():
+    """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group,
+    'valid' padding, undilated 3x3 and 1x7 layers, few-weight and Winograd layers do not."""
+    def chosen(cfg):
+        stride, pads, dilation = conv_pads(cfg)
+        return _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(cfg["x_shape"], cfg["w_shape"], stride,
+                                                                            pads, dilation, cfg["groups"])
+    for name in ["transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
+                 "transposed_asym_dilated_wide"]:
+        assert chosen(CONV_CASES[name]), name
+    for cfg in [conv_case((1, 5, 9, 8), (12, 5, 5, 5), padding=2), conv_case((2, 5, 9, 8), (12, 5, 5, 5)),
+                conv_case((2, 8, 9, 9), (12, 8, 3, 3), padding=1), conv_case((2, 8, 9, 9), (12, 8, 1, 7), padding=(0, 3)),
+                conv_case((2, 8, 9, 9), (12, 8, 5, 5), padding=2, stride=2), CONV_CASES["lenet_5x5"],
+                conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1)]:
+        assert not chosen(cfg), cfg
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

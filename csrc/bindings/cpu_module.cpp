@@ -436,6 +436,16 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         py::arg("groups"),
         (std::string("Whether conv2d ") + pass + " on these shapes takes the Winograd path (for tests).").c_str());
   m.def(
+      "conv2d_backward_input_uses_transposed_forward",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        return pykernels::cpu::conv2d_backward_input_transposed_chosen(
+            conv_shape_of_dims(x, w, stride, pad, dilation, groups));
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"),
+      "Whether conv2d backward-input on these shapes, with finite weights, runs as the transposed "
+      "convolution through the forward's paths instead of adding im2col columns back (for tests).");
+  m.def(
       "conv2d_forward_reads_rows_in_place",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);

@@ -50,6 +50,9 @@ const char* conv_algorithm();
 bool conv2d_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
+// Whether backward-input runs as the transposed convolution through conv2d_forward (conv2d.cpp), given
+// finite weights; else col2im.
+bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s);
 // Whether forward takes conv_rows.cpp's path (at element_bytes per value) where Winograd is not chosen,
 // or its result was not finite.
 bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
