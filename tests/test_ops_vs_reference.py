@@ -213,12 +213,12 @@ CONV_CASES = {
     "wide_stride1_strips": conv_case((2, 5, 4, 150), (9, 5, 3, 3), padding=(1, 0)),
     # forward from the padded, stride-phase-split copy of x (conv_rows.cpp): the per-image path (P*Q >=
     # 1024), the batch-1 path (threads share the copy and split the rows), stride 3 with dilation and
-    # asymmetric padding, groups, and a depth past one GEMM block (C/g*R*S = 279 > 256) with 37 output
-    # channels (a part-empty register strip)
+    # asymmetric padding, groups (more output channels per group than the direct sums take), and a depth
+    # past one GEMM block (C/g*R*S = 279 > 256) with 37 output channels (a part-empty register strip)
     "rows_per_image_deep": conv_case((3, 31, 66, 71), (37, 31, 3, 3), stride=2, padding=1),
     "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
                                              padding=((1, 2), (3, 0))),
-    "rows_grouped": conv_case((3, 6, 36, 66), (24, 3, 3, 3), padding=1, groups=2),
+    "rows_grouped": conv_case((3, 6, 36, 66), (80, 3, 3, 3), padding=1, groups=2),  # 40 > 32 per group
     # 49 output columns: a last register strip of 1 column on every build (strips of 4 to 48), which
     # narrow_columns in gemm_impl.inc takes, as it takes 2 and 3 (50, 51 columns); over two depth blocks
     # (300 channels) and 70 rows (strips of 6 or 8 in groups of 4, then one at a time); batch 1 splits
@@ -253,11 +253,18 @@ CONV_CASES = {
     "few_weights_nine_outputs": conv_case((1, 2, 8, 9), (18, 1, 3, 3), stride=(1, 2), padding="same", groups=2),
     # a LeNet-like 5x5 with stride and dilation: 25 taps in blocks 6 + 6 + 6 + 7 (backward-weight)
     "few_weights_lenet_strided": conv_case((3, 1, 17, 19), (6, 1, 5, 5), stride=(2, 3), dilation=(1, 2)),
+    # grouped layers with few output channels per group, summed directly (forward and backward-input up to
+    # 32 per group; backward-weight up to 8, else the GEMM)
+    "grouped_direct_8": conv_case((2, 32, 9, 10), (32, 8, 3, 3), padding=1, groups=4),
+    "grouped_direct_24_batch1": conv_case((1, 32, 7, 9), (48, 16, 3, 3), padding=(1, 0), groups=2),
+    "grouped_direct_strided": conv_case((2, 40, 11, 12), (40, 10, 3, 3), stride=2, padding=1, groups=4),
+    "grouped_direct_dilated_5x3": conv_case((2, 18, 12, 9), (27, 6, 5, 3), padding="same", dilation=(2, 1),
+                                            groups=3),
     # backward-input as the transposed convolution through the forward's paths (conv2d.cpp): 25+ taps or
     # dilated, 'same'-like padding, at least two images or groups
     "transposed_5x5_same": conv_case((2, 5, 9, 8), (12, 5, 5, 5), padding=2),
     "transposed_dilated": conv_case((2, 12, 10, 9), (20, 12, 3, 3), padding=2, dilation=2),
-    "transposed_grouped_even_kernel": conv_case((1, 8, 9, 11), (12, 4, 6, 5), padding="same", groups=2),
+    "transposed_grouped_even_kernel": conv_case((1, 8, 9, 11), (68, 4, 6, 5), padding="same", groups=2),
     "transposed_asym_dilated_wide": conv_case((3, 9, 6, 40), (10, 9, 3, 5), padding=((2, 1), (4, 3)),
                                               dilation=(1, 2)),
     # wider than a span of any build (128 floats on AVX-512), one channel
@@ -265,8 +272,9 @@ CONV_CASES = {
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
-    # over the whole batch (1152 weights per group, 9 positions per image)
-    "grouped_batch_gemm": conv_case((3, 8, 6, 6), (64, 4, 3, 3), stride=2, padding=1, groups=2),
+    # over the whole batch (1440 weights per group, 9 positions per image; 40 output channels per group,
+    # more than the direct sums take)
+    "grouped_batch_gemm": conv_case((3, 8, 6, 6), (80, 4, 3, 3), stride=2, padding=1, groups=2),
 }
 
 CONV_CASE_IDS = list(CONV_CASES)
@@ -285,7 +293,8 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "few_weights_stride_past_kernel", "few_weights_wide_padding", "few_weights_channel_blocks",
                 "few_weights_nine_outputs", "few_weights_lenet_strided", "depthwise_wide_rows",
                 "transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
-                "transposed_asym_dilated_wide"]
+                "transposed_asym_dilated_wide", "grouped_direct_8", "grouped_direct_24_batch1",
+                "grouped_direct_strided", "grouped_direct_dilated_5x3"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]
@@ -322,6 +331,21 @@ def conv_pads(cfg):
     return (sh, sw), (pt, pb, pl, pr), (dh, dw)
 
 
+def test_grouped_layers_sum_directly_where_meant_to():
+    """Which named cases sum directly: (forward and backward-input, backward-weight)."""
+    def paths(cfg):
+        stride, pads, dilation = conv_pads(cfg)
+        return _pykernels_cpu.conv2d_sums_directly(cfg["x_shape"], cfg["w_shape"], stride, pads, dilation,
+                                                   cfg["groups"])
+    assert paths(CONV_CASES["grouped_direct_8"]) == (True, True)
+    for name in ["grouped_direct_24_batch1", "grouped_direct_strided", "grouped_direct_dilated_5x3"]:
+        assert paths(CONV_CASES[name]) == (True, False), name
+    for name in ["depthwise", "lenet_5x5", "few_weights_channel_blocks"]:
+        assert paths(CONV_CASES[name]) == (True, True), name
+    for name in ["grouped_pointwise_gemm", "grouped_batch_gemm", "transposed_5x5_same", "gemm_k70_c37_n1"]:
+        assert paths(CONV_CASES[name]) == (False, False), name
+
+
 def test_backward_input_runs_as_transposed_forward_where_meant_to():
     """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group,
     'valid' padding, undilated 3x3 and 1x7 layers, few-weight and Winograd layers do not."""
@@ -333,7 +357,8 @@ def test_backward_input_runs_as_transposed_forward_where_meant_to():
                  "transposed_asym_dilated_wide"]:
         assert chosen(CONV_CASES[name]), name
     for cfg in [conv_case((1, 5, 9, 8), (12, 5, 5, 5), padding=2), conv_case((2, 5, 9, 8), (12, 5, 5, 5)),
-                conv_case((2, 8, 9, 9), (12, 8, 3, 3), padding=1), conv_case((2, 8, 9, 9), (12, 8, 1, 7), padding=(0, 3)),
+                conv_case((2, 8, 9, 9), (12, 8, 3, 3), padding=1),
+                conv_case((2, 8, 9, 9), (12, 8, 1, 7), padding=(0, 3)),
                 conv_case((2, 8, 9, 9), (12, 8, 5, 5), padding=2, stride=2), CONV_CASES["lenet_5x5"],
                 conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1)]:
         assert not chosen(cfg), cfg

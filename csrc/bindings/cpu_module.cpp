@@ -15,6 +15,7 @@
 
 #include "common/shapes.hpp"
 #include "cpu/block_cache.hpp"
+#include "cpu/conv_ranges.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
@@ -435,6 +436,17 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"),
         (std::string("Whether conv2d ") + pass + " on these shapes takes the Winograd path (for tests).").c_str());
+  m.def(
+      "conv2d_sums_directly",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return std::pair<bool, bool>(pykernels::cpu::sums_directly(s),
+                                     pykernels::cpu::sums_weight_gradient_directly(s));
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"),
+      "Whether conv2d on these shapes sums directly (direct_conv_impl.inc): (forward and backward-input, "
+      "backward-weight) (for tests).");
   m.def(
       "conv2d_backward_input_uses_transposed_forward",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {

@@ -20,7 +20,8 @@
 //   and backward-weight's COL^T gathered value by value from such copies through tables of offsets
 //   (GatheredColumns), where im2col's packing went a few values at a time.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
-//   three passes (direct_conv_impl.inc).
+//   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
+//   (sums_directly: forward and backward-input up to 32, backward-weight up to 8).
 // - Backward-input of stride-1 layers with large (25+ taps) or dilated windows and 'same'-like padding
 //   runs as the transposed convolution through the forward's paths, instead of col2im's scattered adds
 //   (transposed_shape).
@@ -220,7 +221,7 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
 }  // namespace
 
 bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  return !has_few_weights(s) && !(s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) && !is_pointwise(s) &&
+  return !sums_directly(s) && !(s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) && !is_pointwise(s) &&
          conv2d_forward_by_rows_applies(s, element_bytes);
 }
 
@@ -230,7 +231,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
     conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
     if (all_finite(y, s.y_numel())) return;  // else the GEMM below recomputes y (see all_finite)
   }
-  if (has_few_weights(s)) return conv2d_forward_direct(s, x, w, bias, y);
+  if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
@@ -345,7 +346,7 @@ std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s) {
 }  // namespace
 
 bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s) {
-  return !conv2d_backward_input_winograd_chosen(s) && !has_few_weights(s) && transposed_shape(s).has_value();
+  return !conv2d_backward_input_winograd_chosen(s) && !sums_directly(s) && transposed_shape(s).has_value();
 }
 
 namespace {
@@ -373,7 +374,7 @@ template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   // The direct sums' zero-filled columns of grad_y meet only weights: finite weights, exact result.
-  if (has_few_weights(s) && all_finite(w, s.w_numel())) return conv2d_backward_input_direct(s, grad_y, w, grad_x);
+  if (sums_directly(s) && all_finite(w, s.w_numel())) return conv2d_backward_input_direct(s, grad_y, w, grad_x);
   if (backward_input_as_transposed_forward(s, grad_y, w, grad_x)) return;
   // One GEMM over the batch when packing the weights for every image would cost more than it saves:
   // many weights, few output positions (resnet_3x3_512; not LeNet, 150 weights for 576 positions).
@@ -441,7 +442,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  if (has_few_weights(s)) {
+  if (sums_weight_gradient_directly(s)) {
     conv2d_backward_weight_direct(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   }

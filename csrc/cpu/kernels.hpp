@@ -22,7 +22,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
 template <typename T>
 void conv2d_backward_bias(const Conv2dShape& s, const T* grad_y, T* grad_b);
 
-// direct_conv.cpp -- the three passes of layers with few weights per group (has_few_weights); same
+// direct_conv.cpp -- the three passes of layers summed directly (conv_ranges.hpp's sums_directly); same
 // contracts, except that a NaN or inf in x (backward-weight) or w (backward-input) may reach sums it does
 // not belong to (see direct_conv_impl.inc); conv2d.cpp checks for that.
 template <typename T>
