@@ -253,12 +253,13 @@ CONV_CASES = {
     "few_weights_nine_outputs": conv_case((1, 2, 8, 9), (18, 1, 3, 3), stride=(1, 2), padding="same", groups=2),
     # a LeNet-like 5x5 with stride and dilation: 25 taps in blocks 6 + 6 + 6 + 7 (backward-weight)
     "few_weights_lenet_strided": conv_case((3, 1, 17, 19), (6, 1, 5, 5), stride=(2, 3), dilation=(1, 2)),
-    # grouped layers with few output channels per group, summed directly (forward and backward-input up to
-    # 32 per group; backward-weight up to 16, else the GEMM)
+    # grouped layers with few output channels per group, summed directly (up to 32 per group, in register
+    # blocks of 4 channels from 8 on; backward-weight on the GEMM for 17-32 on fewer than 100 positions)
     "grouped_direct_8": conv_case((2, 32, 9, 10), (32, 8, 3, 3), padding=1, groups=4),
     "grouped_direct_24_batch1": conv_case((1, 32, 7, 9), (48, 16, 3, 3), padding=(1, 0), groups=2),
     "grouped_direct_strided": conv_case((2, 40, 11, 12), (40, 10, 3, 3), stride=2, padding=1, groups=4),
     "grouped_direct_20": conv_case((2, 40, 8, 9), (40, 20, 3, 3), padding=1, groups=2),
+    "grouped_direct_18_wide": conv_case((2, 36, 11, 10), (54, 18, 3, 3), padding=1, groups=2),
     "grouped_direct_dilated_5x3": conv_case((2, 18, 12, 9), (27, 6, 5, 3), padding="same", dilation=(2, 1),
                                             groups=3),
     # backward-input as the transposed convolution through the forward's paths (conv2d.cpp): 25+ taps or
@@ -295,7 +296,8 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "few_weights_nine_outputs", "few_weights_lenet_strided", "depthwise_wide_rows",
                 "transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
                 "transposed_asym_dilated_wide", "grouped_direct_8", "grouped_direct_24_batch1",
-                "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20"]
+                "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20",
+                "grouped_direct_18_wide"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]
@@ -338,7 +340,7 @@ def test_grouped_layers_sum_directly_where_meant_to():
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_sums_directly(cfg["x_shape"], cfg["w_shape"], stride, pads, dilation,
                                                    cfg["groups"])
-    for name in ["grouped_direct_8", "grouped_direct_strided", "grouped_direct_dilated_5x3"]:
+    for name in ["grouped_direct_8", "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_18_wide"]:
         assert paths(CONV_CASES[name]) == (True, True), name
     for name in ["grouped_direct_24_batch1", "grouped_direct_20"]:
         assert paths(CONV_CASES[name]) == (True, False), name

@@ -21,7 +21,7 @@
 //   (GatheredColumns), where im2col's packing went a few values at a time.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
-//   (sums_directly: forward and backward-input up to 32, backward-weight up to 16).
+//   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
 // - Backward-input of stride-1 layers with large (25+ taps) or dilated windows and 'same'-like padding
 //   runs as the transposed convolution through the forward's paths, instead of col2im's scattered adds
 //   (transposed_shape).

@@ -59,11 +59,13 @@ inline bool sums_directly(const Conv2dShape& s) {
   return has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !pointwise);
 }
 
-// Backward-weight's direct sums take up to 16 output channels per group: against the GEMM (float32, batch
-// 8), 256 channels in groups of 8 on 28x28 3.1 -> 1.5 ms, 224 in groups of 16 2.9 -> 2.7, 512 in groups of
-// 16 on 14x14 1.8 -> 1.8; but 1024 in groups of 32 on 7x7 1.2 -> 3.1, 64 in groups of 32 1.1 -> 1.5.
+// Backward-weight's direct sums take the same layers but those with more than 16 output channels per
+// group on fewer than 100 output positions. Against the GEMM (float32, batch 8): 256 channels in groups
+// of 8 on 28x28 1.55 -> 0.92 ms, 224 in groups of 16 2.8 -> 1.5, 64 in 2 groups of 32 1.12 -> 0.84,
+// 1024 in groups of 32 on 14x14 4.8 -> 4.2, 512 in groups of 16 on 7x7 0.76 -> 0.48; but 1024 in groups of
+// 32 on 7x7 1.22 -> 1.73 (their planes of 9x9, 63 wide-row positions for 49).
 inline bool sums_weight_gradient_directly(const Conv2dShape& s) {
-  return has_few_weights(s) || (sums_directly(s) && s.K_per_group() <= 16);
+  return has_few_weights(s) || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100));
 }
 
 }  // namespace pykernels::cpu
