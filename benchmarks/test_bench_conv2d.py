@@ -1,17 +1,16 @@
-"""conv2d forward, backward-data and backward-weight on every shape of design.md's table."""
+"""conv2d forward, backward-data and backward-weight on every shape of design.md's table, and on the layers
+beyond it (pykernels/shapes.py MORE_CONV_SHAPES: depthwise and grouped layers, summed directly, and a 5x5
+layer whose backward-data runs as the transposed convolution)."""
 
 import pytest
 
-from pykernels.shapes import CONV_SHAPES
+from pykernels.shapes import CONV_SHAPES, MORE_CONV_SHAPES
 
 IMPLS = ["pykernels", "torch", "numpy_im2col"]
 PASSES = ["fwd", "bwd_data", "bwd_weight"]
 
 
-@pytest.mark.parametrize("impl", IMPLS, indirect=True)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: s.name)
-def test_conv2d(bench, impl, shape, pass_):
+def _time_pass(bench, impl, shape, pass_):
     op = "conv2d" if pass_ == "fwd" else "conv2d_backward"
     bench.require(impl, op)
     x, w, _, g = (impl.asarray(a) for a in bench.inputs(shape.name))
@@ -30,3 +29,18 @@ def test_conv2d(bench, impl, shape, pass_):
         expected = shape.weight
     result = bench.run(impl, fn, group=f"conv2d-{pass_}-{shape.name}", flops=shape.flops(), shape=shape)
     bench.check_shape(impl, result, expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: s.name)
+def test_conv2d(bench, impl, shape, pass_):
+    _time_pass(bench, impl, shape, pass_)
+
+
+# numpy_im2col loops over the groups in Python (128 for the depthwise layers): not a peer worth its time here
+@pytest.mark.parametrize("impl", ["pykernels", "torch"], indirect=True)
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("shape", MORE_CONV_SHAPES, ids=lambda s: s.name)
+def test_conv2d_beyond_the_table(bench, impl, shape, pass_):
+    _time_pass(bench, impl, shape, pass_)

@@ -93,7 +93,9 @@ def add_arguments(parser) -> None:
                         help=f"{'|'.join(OPS)}; repeat or comma-separate (default: all)")
     parser.add_argument("--shape", dest="shapes", action="extend", type=_shape_list, metavar="NAME",
                         help="a design.md shape name; repeat or comma-separate (default: all of the ops': "
-                             f"{', '.join(s.name for s in shapes.ALL_SHAPES)})")
+                             f"{', '.join(s.name for s in shapes.ALL_SHAPES)}); or, only when named, one of "
+                             f"the conv2d layers beyond the table: "
+                             f"{', '.join(s.name for s in shapes.MORE_CONV_SHAPES)}")
     parser.add_argument("--pass", dest="passes", action="extend", type=_pass_list, metavar="PASS",
                         help=f"{'|'.join(ALL_PASSES)}; repeat or comma-separate (default: all that apply; "
                              "for conv2d, bwd means bwd_data and bwd_weight)")
@@ -129,7 +131,7 @@ def _op_list(text: str) -> List[str]:
 
 
 def _shape_list(text: str) -> List[str]:
-    return _comma_list(text, [s.name for s in shapes.ALL_SHAPES], "shape")
+    return _comma_list(text, [s.name for s in shapes.ALL_SHAPES + shapes.MORE_CONV_SHAPES], "shape")
 
 
 def _pass_list(text: str) -> List[str]:
@@ -157,9 +159,13 @@ class Case:
         return self.shape.bytes_moved(self.pass_, dtype), "GB/s"
 
 
+#: Shapes timed only when named (--shape), after the table's, per op.
+NAMED_ONLY_BY_OP = {"conv2d": shapes.MORE_CONV_SHAPES, "relu": (), "max_pool2d": ()}
+
+
 def op_of_shape(name: str) -> str:
-    for op, table in SHAPES_BY_OP.items():
-        if any(s.name == name for s in table):
+    for op in OPS:
+        if any(s.name == name for s in SHAPES_BY_OP[op] + NAMED_ONLY_BY_OP[op]):
             return op
     raise KeyError(name)
 
@@ -174,7 +180,7 @@ def select_cases(ops, shape_names, passes, device: str, batch: Optional[int]) ->
     for op in OPS:
         if op not in wanted_ops:
             continue
-        for shape in SHAPES_BY_OP[op]:
+        for shape in SHAPES_BY_OP[op] + (NAMED_ONLY_BY_OP[op] if shape_names else ()):
             if shape_names and shape.name not in shape_names:
                 continue
             shape = _sized(shape, device, batch)

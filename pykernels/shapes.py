@@ -274,10 +274,21 @@ POOL_SHAPES: Tuple[PoolShape, ...] = (
 
 ALL_SHAPES = CONV_SHAPES + RELU_SHAPES + POOL_SHAPES
 
+#: Beyond design.md's table: conv2d layers whose paths the table does not reach (depthwise and grouped
+#: layers summed directly, a 5x5 layer whose backward-data runs as the transposed convolution). Timed by
+#: benchmarks/test_bench_conv2d_more.py, and by ``bench --shape NAME`` when named.
+MORE_CONV_SHAPES: Tuple[ConvShape, ...] = (
+    ConvShape("depthwise_3x3_128", (8, 128, 56, 56), (128, 1, 3, 3), stride=1, padding=1, groups=128),
+    ConvShape("depthwise_3x3_s2_128", (8, 128, 56, 56), (128, 1, 3, 3), stride=2, padding=1, groups=128),
+    ConvShape("resnext_3x3_256_g32", (8, 256, 28, 28), (256, 8, 3, 3), stride=1, padding=1, groups=32),
+    ConvShape("conv_5x5_64", (8, 64, 28, 28), (64, 64, 5, 5), stride=1, padding=2),
+)
+
 
 def get_shape(name: str):
-    """The shape called ``name`` (any table); KeyError listing the names otherwise."""
-    for s in ALL_SHAPES:
+    """The shape called ``name`` (any table, or MORE_CONV_SHAPES); KeyError listing the names otherwise."""
+    for s in ALL_SHAPES + MORE_CONV_SHAPES:
         if s.name == name:
             return s
-    raise KeyError(f"no benchmark shape {name!r}; known: {', '.join(s.name for s in ALL_SHAPES)}")
+    known = ", ".join(s.name for s in ALL_SHAPES + MORE_CONV_SHAPES)
+    raise KeyError(f"no benchmark shape {name!r}; known: {known}")

@@ -245,6 +245,16 @@ def test_select_cases_orders_and_sizes_the_shapes():
     assert len(bench.select_cases(None, None, None, "cpu", None)) == 7 * 3 + 1 * 2 + 2 * 2
 
 
+def test_layers_beyond_the_table_run_only_when_named():
+    names = [s.name for s in shapes.MORE_CONV_SHAPES]
+    assert not {c.shape.name for c in bench.select_cases(None, None, None, "cpu", None)} & set(names)
+    cases = bench.select_cases(None, ["resnext_3x3_256_g32", "vgg_3x3_64"], ["fwd"], "cpu", None)
+    assert [c.shape.name for c in cases] == ["vgg_3x3_64", "resnext_3x3_256_g32"]  # the table's first
+    assert cases[1].shape.groups == 32 and bench.op_of_shape("depthwise_3x3_128") == "conv2d"
+    with pytest.raises(bench.BenchError, match="is a conv2d shape"):
+        bench.select_cases(["relu"], ["conv_5x5_64"], None, "cpu", None)
+
+
 class _FakeTimer:
     def __init__(self, name, log, seconds):
         self.name, self.log, self.s = name, log, seconds
