@@ -269,11 +269,11 @@ CONV_CASES = {
     "transposed_grouped_even_kernel": conv_case((1, 8, 9, 11), (68, 4, 6, 5), padding="same", groups=2),
     "transposed_asym_dilated_wide": conv_case((3, 9, 6, 40), (10, 9, 3, 5), padding=((2, 1), (4, 3)),
                                               dilation=(1, 2)),
-    # depthwise with stride_h 1 and R = 3, 5, 7: blocks of output rows sharing each input row's loads
+    # depthwise with stride_h 1 and R = 5, 7: blocks of output rows sharing each input row's loads
     # (rows not a multiple of the block; narrow planes: one vector per row, 8 rows)
     "depthwise_rows_7x3_dilated": conv_case((2, 3, 23, 20), (3, 1, 7, 3), padding=(5, 2), dilation=(1, 2),
                                             groups=3),
-    "depthwise_rows_3x3_wide": conv_case((1, 2, 9, 70), (2, 1, 3, 3), padding=1, groups=2),
+    "depthwise_rows_5x5_wide": conv_case((1, 2, 9, 70), (2, 1, 5, 5), padding=2, groups=2),
     # vertical dilation: not those blocks (their output rows and tap rows must both be one plane row apart)
     "depthwise_dilated_rows": conv_case((1, 2, 12, 11), (2, 1, 3, 3), padding=2, dilation=2, groups=2),
     # wider than a span of any build (128 floats on AVX-512), one channel
@@ -304,7 +304,7 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
                 "transposed_asym_dilated_wide", "grouped_direct_8", "grouped_direct_24_batch1",
                 "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20",
-                "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_3x3_wide",
+                "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
@@ -417,8 +417,8 @@ def test_isas_agree_with_each_other(request):
 # row (direct_conv_impl.inc); a NaN or inf must still reach exactly the outputs and gradients whose sums
 # include it, as in the reference: first cell, one inside, the end of the first row (read by the dropped
 # columns of other taps), the last.
-DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "few_weights_channel_blocks",
-                           "few_weights_lenet_strided"]
+DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "depthwise_rows_7x3_dilated",
+                           "few_weights_channel_blocks", "few_weights_lenet_strided"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
