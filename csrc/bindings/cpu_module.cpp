@@ -421,21 +421,25 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
           throw ShapeError("isa must be 'portable', or 'avx2' / 'avx512' on a CPU that has them; got '" + name + "'");
       },
       py::arg("name"), "Force the hot loops' instruction set (for tests).");
-  // Whether a pass takes the Winograd path on these shapes (for tests), one binding per pass.
-  for (const auto& [name, chosen, pass] :
-       {std::tuple{"conv2d_uses_winograd", &pykernels::cpu::conv2d_winograd_chosen, "forward"},
+  // Which path a pass takes on these shapes (for tests), one binding each.
+  for (const auto& [name, chosen, doc] :
+       {std::tuple{"conv2d_uses_winograd", &pykernels::cpu::conv2d_winograd_chosen,
+                   "Whether conv2d forward on these shapes takes the Winograd path (for tests)."},
         std::tuple{"conv2d_backward_input_uses_winograd", &pykernels::cpu::conv2d_backward_input_winograd_chosen,
-                   "backward-input"},
+                   "Whether conv2d backward-input on these shapes takes the Winograd path (for tests)."},
         std::tuple{"conv2d_backward_weight_uses_winograd", &pykernels::cpu::conv2d_backward_weight_winograd_chosen,
-                   "backward-weight"}})
+                   "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests)."},
+        std::tuple{"conv2d_backward_input_uses_transposed_forward",
+                   &pykernels::cpu::conv2d_backward_input_transposed_chosen,
+                   "Whether conv2d backward-input on these shapes, with finite weights, runs as the transposed "
+                   "convolution through the forward's paths instead of adding im2col columns back (for tests)."}})
     m.def(
         name,
         [chosen = chosen](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
           return chosen(conv_shape_of_dims(x, w, stride, pad, dilation, groups));
         },
         py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        py::arg("groups"),
-        (std::string("Whether conv2d ") + pass + " on these shapes takes the Winograd path (for tests).").c_str());
+        py::arg("groups"), doc);
   m.def(
       "conv2d_sums_directly",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
@@ -447,16 +451,6 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("groups"),
       "Whether conv2d on these shapes sums directly (direct_conv_impl.inc): (forward and backward-input, "
       "backward-weight) (for tests).");
-  m.def(
-      "conv2d_backward_input_uses_transposed_forward",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-        return pykernels::cpu::conv2d_backward_input_transposed_chosen(
-            conv_shape_of_dims(x, w, stride, pad, dilation, groups));
-      },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"),
-      "Whether conv2d backward-input on these shapes, with finite weights, runs as the transposed "
-      "convolution through the forward's paths instead of adding im2col columns back (for tests).");
   m.def(
       "conv2d_forward_reads_rows_in_place",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {

@@ -63,8 +63,8 @@ std::atomic<bool> winograd_enabled{winograd_by_default()};
 // value, and inf or NaN times or plus anything is not finite), and then the GEMM path recomputes the
 // pass, with exactly the outputs direct summation reaches; an overflow inside the transforms goes the
 // same way. Checking the output reads it once; checking the inputs first read all of them on every call
-// (9.4 MB of weights on resnet_3x3_512). The direct backward-weight of few-weight layers is checked
-// likewise: its zero-filled columns meet real values of x, and 0 * inf is NaN (direct_conv_impl.inc).
+// (9.4 MB of weights on resnet_3x3_512). The direct backward-weight (sums_weight_gradient_directly) is
+// checked likewise: its zero-filled columns meet real values of x, and 0 * inf is NaN (direct_conv_impl.inc).
 template <typename T>
 bool all_finite(const T* v, int64_t count) {
   int finite = 1;  // an integer AND reduction, which the compiler vectorises (a float sum it may not)
@@ -73,25 +73,30 @@ bool all_finite(const T* v, int64_t count) {
 }
 
 // Backward-input of a stride-1 convolution is a forward convolution of grad_y with the kernel flipped
-// and its channel axes swapped, padded by R-1-pad: the transposed convolution. For 3x3 layers with
-// padding <= 2 that can run on the Winograd path; this is its shape, or nothing when it does not.
-std::optional<Conv2dShape> winograd_transposed_shape(const Conv2dShape& s) {
+// and its channel axes swapped, padded by (R-1)*dilation - pad: the transposed convolution. Its shape,
+// or nothing where that padding would be negative.
+std::optional<Conv2dShape> transposed_convolution_shape(const Conv2dShape& s) {
   const Window2d& win = s.win;
-  if (std::max({win.pad_top, win.pad_bottom, win.pad_left, win.pad_right}) > 2) return std::nullopt;
-  if (!conv2d_winograd_chosen(s)) return std::nullopt;
+  if (win.stride_h != 1 || win.stride_w != 1) return std::nullopt;
+  const int64_t extent_h = (s.R - 1) * win.dilation_h, extent_w = (s.S - 1) * win.dilation_w;
+  if (std::max(win.pad_top, win.pad_bottom) > extent_h || std::max(win.pad_left, win.pad_right) > extent_w)
+    return std::nullopt;
   Conv2dShape t;
-  t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = 3, t.S = 3, t.groups = 1;
-  t.win.pad_top = 2 - win.pad_top, t.win.pad_bottom = 2 - win.pad_bottom;
-  t.win.pad_left = 2 - win.pad_left, t.win.pad_right = 2 - win.pad_right;
-  t.validate();  // t.P, t.Q == s.H, s.W
-  if (t.P != s.H || t.Q != s.W || !winograd_applies(t)) return std::nullopt;
+  t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = s.R, t.S = s.S, t.groups = s.groups;
+  t.win.dilation_h = win.dilation_h, t.win.dilation_w = win.dilation_w;
+  t.win.pad_top = extent_h - win.pad_top, t.win.pad_bottom = extent_h - win.pad_bottom;
+  t.win.pad_left = extent_w - win.pad_left, t.win.pad_right = extent_w - win.pad_right;
+  t.validate();
+  if (t.P != s.H || t.Q != s.W) return std::nullopt;  // cannot happen at stride 1; never a wrong shape
   return t;
 }
 
-bool is_pointwise(const Conv2dShape& s) {
-  const Window2d& w = s.win;
-  return s.R == 1 && s.S == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_top == 0 && w.pad_bottom == 0 &&
-         w.pad_left == 0 && w.pad_right == 0;
+// For 3x3 layers that take the Winograd path, the transposed convolution can too; its shape, or nothing.
+std::optional<Conv2dShape> winograd_transposed_shape(const Conv2dShape& s) {
+  if (!conv2d_winograd_chosen(s)) return std::nullopt;
+  const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
+  if (!t || !winograd_applies(*t)) return std::nullopt;
+  return t;
 }
 
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x, for output rows
@@ -318,29 +323,19 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // Measured against col2im (float32, batch 8): 7x7 32 channels 56x56 14.7 -> 6.2 ms, 5x5 64 channels
 // 28x28 6.0 -> 4.1, 5x5 128 channels 17.7 -> 13.3, 3x3 dilation 4 3.35 -> 2.72, dilation 2 5.3 -> 4.9;
 // not taken: 1x7 and 7x1 (no faster), 3x3 undilated (col2im cheap), resnet_3x3_512 at batch 1 (3x slower:
-// 9.4 MB of weights to flip). The rule is the shape's alone, whatever the thread count. The forward multiplies grad_y's zero padding by the weights, so they must be
-// finite (else NaN where col2im's sums have no such term); grad_y's values reach only their own sums.
+// 9.4 MB of weights to flip). The rule is the shape's alone, whatever the thread count. The forward
+// multiplies grad_y's zero padding by the weights, so they must be finite (else NaN where col2im's sums
+// have no such term); grad_y's values reach only their own sums.
 namespace {
 
 std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s) {
-  const Window2d& win = s.win;
-  if (win.stride_h != 1 || win.stride_w != 1 || is_pointwise(s)) return std::nullopt;
-  const bool dilated = win.dilation_h > 1 || win.dilation_w > 1;
+  const bool dilated = s.win.dilation_h > 1 || s.win.dilation_w > 1;
   // Whole images per thread means at least 2 (a rule that must not depend on the thread count, or
   // the bits of grad_x would).
-  if (!(s.R * s.S >= 25 || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q) || s.N * s.groups < 2)
+  if (is_pointwise(s) || !(s.R * s.S >= 25 || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q) ||
+      s.N * s.groups < 2)
     return std::nullopt;
-  const int64_t extent_h = (s.R - 1) * win.dilation_h, extent_w = (s.S - 1) * win.dilation_w;
-  if (std::max(win.pad_top, win.pad_bottom) > extent_h || std::max(win.pad_left, win.pad_right) > extent_w)
-    return std::nullopt;
-  Conv2dShape t;
-  t.N = s.N, t.C = s.K, t.H = s.P, t.W = s.Q, t.K = s.C, t.R = s.R, t.S = s.S, t.groups = s.groups;
-  t.win.dilation_h = win.dilation_h, t.win.dilation_w = win.dilation_w;
-  t.win.pad_top = extent_h - win.pad_top, t.win.pad_bottom = extent_h - win.pad_bottom;
-  t.win.pad_left = extent_w - win.pad_left, t.win.pad_right = extent_w - win.pad_right;
-  t.validate();
-  if (t.P != s.H || t.Q != s.W) return std::nullopt;  // cannot happen at stride 1; never a wrong shape
-  return t;
+  return transposed_convolution_shape(s);
 }
 
 }  // namespace

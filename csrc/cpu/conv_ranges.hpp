@@ -38,6 +38,13 @@ void for_each_col_segment(const Conv2dShape& s, int64_t row0, int64_t row1, Visi
   }
 }
 
+// 1x1, stride 1, unpadded: im2col's col is x itself.
+inline bool is_pointwise(const Conv2dShape& s) {
+  const Window2d& w = s.win;
+  return s.R == 1 && s.S == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_top == 0 && w.pad_bottom == 0 &&
+         w.pad_left == 0 && w.pad_right == 0;
+}
+
 // At most this many weights per group (K/g * C/g * R * S) and the convolution sums them directly
 // (LeNet's 6 x 25, depthwise 3x3's 9): a GEMM that small spends its time packing.
 constexpr int64_t kDirectWeightLimit = 256;
@@ -53,10 +60,7 @@ inline bool has_few_weights(const Conv2dShape& s) {
 // 1.8 -> 0.74; groups of 32 on 7x7 1.34 -> 1.22 and 1.69 -> 1.45; 64 channels in 2 groups 1.11 -> 0.63
 // and 0.83 -> 0.62. Not pointwise layers, whose GEMM reads x without im2col.
 inline bool sums_directly(const Conv2dShape& s) {
-  const Window2d& w = s.win;
-  const bool pointwise = s.R == 1 && s.S == 1 && w.stride_h == 1 && w.stride_w == 1 && w.pad_top == 0 &&
-                         w.pad_bottom == 0 && w.pad_left == 0 && w.pad_right == 0;
-  return has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !pointwise);
+  return has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !is_pointwise(s));
 }
 
 // Backward-weight's direct sums take the same layers but those with more than 16 output channels per
