@@ -435,7 +435,8 @@ def test_direct_convolution_non_finite_values_reach_exactly_their_sums(name, at,
              "last": (-1, -1, -1, -1)}[at]
     target[index] = bad
     with np.errstate(invalid="ignore", over="ignore"):
-        got = [pk.conv2d(x, w, **conv_kwargs(cfg)), *pk.conv2d_backward(g, x, w, **conv_kwargs(cfg), need_bias=False)[:2]]
+        got = [pk.conv2d(x, w, **conv_kwargs(cfg)),
+               *pk.conv2d_backward(g, x, w, **conv_kwargs(cfg), need_bias=False)[:2]]
         want = [ref.conv2d(x, w, **conv_kwargs(cfg)), *ref.conv2d_backward(g, x, w, **conv_kwargs(cfg))[:2]]
     for what, a, b in zip(["y", "grad_x", "grad_w"], got, want):
         assert np.array_equal(np.isnan(a), np.isnan(b)), what
