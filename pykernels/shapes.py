@@ -276,7 +276,7 @@ ALL_SHAPES = CONV_SHAPES + RELU_SHAPES + POOL_SHAPES
 
 #: Beyond design.md's table: conv2d layers whose paths the table does not reach (depthwise and grouped
 #: layers summed directly, a 5x5 layer whose backward-data runs as the transposed convolution). Timed by
-#: benchmarks/test_bench_conv2d_more.py, and by ``bench --shape NAME`` when named.
+#: benchmarks/test_bench_conv2d.py (test_conv2d_beyond_the_table), and by ``bench --shape NAME`` when named.
 MORE_CONV_SHAPES: Tuple[ConvShape, ...] = (
     ConvShape("depthwise_3x3_128", (8, 128, 56, 56), (128, 1, 3, 3), stride=1, padding=1, groups=128),
     ConvShape("depthwise_3x3_s2_128", (8, 128, 56, 56), (128, 1, 3, 3), stride=2, padding=1, groups=128),

@@ -386,8 +386,14 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(xd.shape, w5.shape, (1, 1), (2, 2, 2, 2),
                                                                         (1, 1), 1)
     g5 = pk.conv2d_backward(pk.conv2d(xd, w5, padding=2), xd, w5, padding=2, need_weight=False, need_bias=False)[0]
+    # a grouped layer of 8 output channels per group summed directly: backward-weight's blocks of output
+    # channels are 8, 4 and 1 channels at 1, 2 and 5 threads (register blocks of 4 or 2, and 1)
+    wg = rng.standard_normal((32, 6, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_sums_directly(xd.shape, wg.shape, (1, 1), (1, 1, 1, 1), (1, 1), 4) == (True, True)
+    yg = pk.conv2d(xd, wg, padding=1, groups=4)
+    grouped = (yg, *pk.conv2d_backward(yg, xd, wg, padding=1, groups=4, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5)
+            gxc, *depthwise, g5, *grouped)
 
 
 def _run_all(x, w, b, go):
