@@ -247,9 +247,12 @@ CONV_CASES = {
     "few_weights_stride_past_kernel": conv_case((2, 3, 10, 11), (3, 1, 1, 1), stride=3, groups=3),
     # padding wider than the kernel, stride 4 (a phase of padding only), 2x2 kernel
     "few_weights_wide_padding": conv_case((1, 2, 6, 7), (4, 1, 2, 2), stride=(4, 1), padding=3, groups=2),
-    # 12 input channels per group (backward-input in blocks of 8 + 4), 9 output channels per group
-    # (forward in blocks of 8 + 1), 108 and 81 weights per group
+    # 12 input channels per group (backward-input as the transposed forward: 12 output channels in blocks
+    # of 8 + 4; strided, the direct backward-input's blocks of 8 + 4 input channels), 9 output channels
+    # per group (forward in blocks of 8 + 1), 108 and 81 weights per group
     "few_weights_channel_blocks": conv_case((2, 24, 9, 10), (2, 12, 3, 3), padding=1, groups=2),
+    "few_weights_channel_blocks_strided": conv_case((2, 24, 9, 10), (2, 12, 3, 3), stride=2, padding=1,
+                                                    groups=2),
     "few_weights_nine_outputs": conv_case((1, 2, 8, 9), (18, 1, 3, 3), stride=(1, 2), padding="same", groups=2),
     # a LeNet-like 5x5 with stride and dilation: 25 taps in blocks 6 + 6 + 6 + 7 (backward-weight)
     "few_weights_lenet_strided": conv_case((3, 1, 17, 19), (6, 1, 5, 5), stride=(2, 3), dilation=(1, 2)),
@@ -305,7 +308,7 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "transposed_asym_dilated_wide", "grouped_direct_8", "grouped_direct_24_batch1",
                 "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20",
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
-                "depthwise_dilated_rows"]
+                "depthwise_dilated_rows", "few_weights_channel_blocks_strided"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
                  "resnet_stem_n2", "resnet_stem_same_n1"]
