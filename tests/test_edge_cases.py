@@ -360,7 +360,7 @@ def _copy_and_shared_paths(dtype):
     x = rng.standard_normal((2, 3, 70, 90)).astype(dtype)
     w = rng.standard_normal((16, 3, 5, 5)).astype(dtype)
     assert _pykernels_cpu.conv2d_forward_reads_rows_in_place(x.shape, w.shape, (2, 2), (2, 2, 2, 2), (1, 1), 1,
-                                                             x.itemsize)
+                                                             x.itemsize) == "per_row"
     y = pk.conv2d(x, w, stride=2, padding=2)
     y1 = pk.conv2d(x[:1], w, stride=2, padding=2)
     gw = pk.conv2d_backward(y, x, w, stride=2, padding=2, need_input=False, need_bias=False)[1]
@@ -384,8 +384,16 @@ def _copy_and_shared_paths(dtype):
     depthwise = (yd, *pk.conv2d_backward(yd, xd, wd, stride=2, padding=1, groups=24, need_bias=False)[:2])
     w5 = rng.standard_normal((20, 24, 5, 5)).astype(dtype)
     assert _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(xd.shape, w5.shape, (1, 1), (2, 2, 2, 2),
-                                                                        (1, 1), 1)
+                                                                        (1, 1), 1, xd.itemsize)
     g5 = pk.conv2d_backward(pk.conv2d(xd, w5, padding=2), xd, w5, padding=2, need_weight=False, need_bias=False)[0]
+    # wide rows at batch 1: the threads split the image's rows into blocks, at least one each (forward, and
+    # backward-input as the transposed forward)
+    xw = rng.standard_normal((1, 6, 30, 38)).astype(dtype)
+    ww = rng.standard_normal((10, 6, 5, 5)).astype(dtype)
+    assert _pykernels_cpu.conv2d_forward_reads_rows_in_place(xw.shape, ww.shape, (1, 1), (2, 2, 2, 2), (1, 1), 1,
+                                                             xw.itemsize) == "wide"
+    yw = pk.conv2d(xw, ww, padding=2)
+    wide = (yw, pk.conv2d_backward(yw, xw, ww, padding=2, need_weight=False, need_bias=False)[0])
     # a grouped layer of 8 output channels per group summed directly: backward-weight's blocks of output
     # channels are 8, 4 and 1 channels at 1, 2 and 5 threads (register blocks of 4 or 2, and 1)
     wg = rng.standard_normal((32, 6, 3, 3)).astype(dtype)
@@ -393,7 +401,7 @@ def _copy_and_shared_paths(dtype):
     yg = pk.conv2d(xd, wg, padding=1, groups=4)
     grouped = (yg, *pk.conv2d_backward(yg, xd, wg, padding=1, groups=4, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped)
+            gxc, *depthwise, g5, *grouped, *wide)
 
 
 def _run_all(x, w, b, go):

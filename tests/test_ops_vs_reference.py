@@ -219,6 +219,17 @@ CONV_CASES = {
     "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
                                              padding=((1, 2), (3, 0))),
     "rows_grouped": conv_case((3, 6, 36, 66), (80, 3, 3, 3), padding=1, groups=2),  # 40 > 32 per group
+    # stride 1, per row: 32 columns, whole vectors, where wide rows would drop 8 of every 40 computed
+    "rows_stride1_dilated": conv_case((2, 5, 40, 32), (24, 5, 3, 3), padding=(1, 4), dilation=4),
+    # stride 1, wide rows (a block of output rows as one GEMM over the copy's rows, the columns past each
+    # output row computed and dropped): an image per thread; batch 1, threads sharing the copy in blocks
+    # of rows (backward-input too, as the transposed forward); 60 rows of 98 columns in 2 blocks (float32)
+    # or 4 (float64) per image; groups of 36 output channels (more than the direct sums take)
+    "wide_rows_batch2": conv_case((2, 9, 13, 11), (21, 9, 5, 5), padding=2),
+    "wide_rows_batch1": conv_case((1, 6, 20, 38), (10, 6, 3, 5), padding=2, dilation=(2, 1)),
+    "wide_rows_blocks": conv_case((2, 18, 60, 96), (8, 18, 5, 3), padding=(2, 1)),
+    "wide_rows_grouped": conv_case((2, 12, 10, 14), (108, 4, 3, 5), padding=(1, 2), groups=3),
+    "transposed_wide_batch1": conv_case((1, 6, 12, 38), (9, 6, 5, 5), padding=2),
     # 49 output columns: a last register strip of 1 column on every build (strips of 4 to 48), which
     # narrow_columns in gemm_impl.inc takes, as it takes 2 and 3 (50, 51 columns); over two depth blocks
     # (300 channels) and 70 rows (strips of 6 or 8 in groups of 4, then one at a time); batch 1 splits
@@ -308,13 +319,17 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "transposed_asym_dilated_wide", "grouped_direct_8", "grouped_direct_24_batch1",
                 "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20",
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
-                "depthwise_dilated_rows", "few_weights_channel_blocks_strided"]
+                "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
+                "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped"]
 
-ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_grouped", "rows_narrow_tail",
-                 "resnet_stem_n2", "resnet_stem_same_n1"]
+ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
+                 "resnet_stem_same_n1", "rows_stride1_dilated"]
+WIDE_ROWS_CASE_IDS = ["wide_rows_batch2", "wide_rows_batch1", "wide_rows_blocks", "wide_rows_grouped",
+                      "transposed_wide_batch1", "rows_grouped"]
 
 
-def reads_rows_in_place(cfg, dtype) -> bool:
+def reads_rows_in_place(cfg, dtype):
+    """'per_row', 'wide', or None (im2col columns packed)."""
     x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
     sh, sw = ref._pair(cfg["stride"])
     dh, dw = ref._pair(cfg["dilation"])
@@ -325,16 +340,22 @@ def reads_rows_in_place(cfg, dtype) -> bool:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_forward_reads_rows_in_place_where_meant_to(dtype):
-    """The named cases meant for conv_rows.cpp's path take it (so the tests above cover it); layers whose
-    im2col is smaller than the copy (1x1 strided), narrow rows and Winograd's layers do not."""
+    """The named cases meant for conv_rows.cpp's plans take them (so the tests above cover both); layers
+    whose im2col is smaller than the copy (1x1 strided), narrow rows and Winograd's layers do not."""
     for name in ROWS_CASE_IDS:
-        assert reads_rows_in_place(CONV_CASES[name], dtype), name
+        assert reads_rows_in_place(CONV_CASES[name], dtype) == "per_row", name
+    for name in WIDE_ROWS_CASE_IDS:
+        assert reads_rows_in_place(CONV_CASES[name], dtype) == "wide", name
     for name in ["one_by_one_stride2", "gemm_k70_c37_strided", "pointwise_odd", "lenet_5x5"]:
-        assert not reads_rows_in_place(CONV_CASES[name], dtype), name
-    assert not reads_rows_in_place(conv_case((2, 256, 56, 56), (512, 256, 1, 1), stride=2), dtype)
-    assert not reads_rows_in_place(conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1), dtype)  # Winograd
-    # 256 channels of 5 dilated rows: 225 KB of inputs per output row in float32, past the L2 budget
-    assert not reads_rows_in_place(conv_case((2, 256, 40, 40), (256, 256, 3, 3), padding=2, dilation=2), dtype)
+        assert reads_rows_in_place(CONV_CASES[name], dtype) is None, name
+    assert reads_rows_in_place(conv_case((2, 256, 56, 56), (512, 256, 1, 1), stride=2), dtype) is None
+    assert reads_rows_in_place(conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1), dtype) is None  # Winograd
+    # 256 channels of 5 dilated rows: 225 KB of inputs per output row in float32, past the per-row plan's L2
+    # budget; wide rows read one depth block of them at a time
+    assert reads_rows_in_place(conv_case((2, 256, 40, 40), (256, 256, 3, 3), padding=2, dilation=2),
+                               np.float32) == "wide"
+    # short rows and many output channels: packing im2col costs less than dropping 2 columns of every 9
+    assert reads_rows_in_place(conv_case((8, 512, 7, 7), (512, 512, 3, 3), padding=2, dilation=2), dtype) is None
 
 
 def conv_pads(cfg):
@@ -362,15 +383,16 @@ def test_grouped_layers_sum_directly_where_meant_to():
 
 
 def test_backward_input_runs_as_transposed_forward_where_meant_to():
-    """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group,
-    'valid' padding, undilated 3x3 and 1x7 layers, few-weight and Winograd layers do not."""
-    def chosen(cfg):
+    """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group
+    (unless the transposed forward reads wide rows), 'valid' padding, undilated 3x3 and 1x7 layers,
+    few-weight and Winograd layers do not."""
+    def chosen(cfg, dtype=np.float32):
         stride, pads, dilation = conv_pads(cfg)
-        return _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(cfg["x_shape"], cfg["w_shape"], stride,
-                                                                            pads, dilation, cfg["groups"])
+        return _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(
+            cfg["x_shape"], cfg["w_shape"], stride, pads, dilation, cfg["groups"], np.dtype(dtype).itemsize)
     for name in ["transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
-                 "transposed_asym_dilated_wide"]:
-        assert chosen(CONV_CASES[name]), name
+                 "transposed_asym_dilated_wide", "transposed_wide_batch1", "wide_rows_batch1"]:
+        assert chosen(CONV_CASES[name]) and chosen(CONV_CASES[name], np.float64), name
     for cfg in [conv_case((1, 5, 9, 8), (12, 5, 5, 5), padding=2), conv_case((2, 5, 9, 8), (12, 5, 5, 5)),
                 conv_case((2, 8, 9, 9), (12, 8, 3, 3), padding=1),
                 conv_case((2, 8, 9, 9), (12, 8, 1, 7), padding=(0, 3)),

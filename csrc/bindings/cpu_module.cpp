@@ -428,11 +428,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         std::tuple{"conv2d_backward_input_uses_winograd", &pykernels::cpu::conv2d_backward_input_winograd_chosen,
                    "Whether conv2d backward-input on these shapes takes the Winograd path (for tests)."},
         std::tuple{"conv2d_backward_weight_uses_winograd", &pykernels::cpu::conv2d_backward_weight_winograd_chosen,
-                   "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests)."},
-        std::tuple{"conv2d_backward_input_uses_transposed_forward",
-                   &pykernels::cpu::conv2d_backward_input_transposed_chosen,
-                   "Whether conv2d backward-input on these shapes, with finite weights, runs as the transposed "
-                   "convolution through the forward's paths instead of adding im2col columns back (for tests)."}})
+                   "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests)."}})
     m.def(
         name,
         [chosen = chosen](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
@@ -440,6 +436,17 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         },
         py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), doc);
+  m.def(
+      "conv2d_backward_input_uses_transposed_forward",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        return pykernels::cpu::conv2d_backward_input_transposed_chosen(
+            conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize"),
+      "Whether conv2d backward-input on these shapes, with finite weights at itemsize bytes per value, runs "
+      "as the transposed convolution through the forward's paths instead of adding im2col columns back "
+      "(for tests).");
   m.def(
       "conv2d_sums_directly",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
@@ -453,14 +460,16 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "backward-weight) (for tests).");
   m.def(
       "conv2d_forward_reads_rows_in_place",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) -> py::object {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return !pykernels::cpu::conv2d_winograd_chosen(s) && pykernels::cpu::conv2d_forward_by_rows_chosen(s, itemsize);
+        if (pykernels::cpu::conv2d_winograd_chosen(s) || !pykernels::cpu::conv2d_forward_by_rows_chosen(s, itemsize))
+          return py::none();
+        return py::str(pykernels::cpu::conv2d_forward_reads_wide_rows(s, itemsize) ? "wide" : "per_row");
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::arg("itemsize"),
-      "Whether conv2d forward on these shapes, at itemsize bytes per value, reads x in place from a "
-      "phase-split copy (conv_rows.cpp) instead of packing im2col columns (for tests).");
+      "How conv2d forward on these shapes, at itemsize bytes per value, reads x in place from a phase-split "
+      "copy (conv_rows.cpp): 'per_row', 'wide', or None where it packs im2col columns instead (for tests).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(

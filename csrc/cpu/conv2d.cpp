@@ -226,8 +226,9 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
 }  // namespace
 
 bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  return !sums_directly(s) && !(s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) && !is_pointwise(s) &&
-         conv2d_forward_by_rows_applies(s, element_bytes);
+  if (sums_directly(s) || is_pointwise(s)) return false;
+  return conv2d_forward_reads_wide_rows(s, element_bytes) ||
+         (!(s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) && conv2d_forward_by_rows_applies(s, element_bytes));
 }
 
 template <typename T>
@@ -237,8 +238,8 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
     if (all_finite(y, s.y_numel())) return;  // else the GEMM below recomputes y (see all_finite)
   }
   if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
-  if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
+  if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);
@@ -318,8 +319,9 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // R x S scattered adds per value: 45 % of a 5x5 64-channel layer's backward-input. Taken where that
 // costs most (at least 25 taps, or dilated windows) and the transposed pass does no more work: padding
 // close to 'same' (H*W at most 1.15 P*Q; a 'valid' 5x5 layer's transposed pass sums the full
-// correlation, 36 % more products), whole images per thread (a 5x5 64-channel image at batch 1, split
-// among the threads, ran 20 % slower than col2im), the transposed padding (R-1)*dh - pad not negative.
+// correlation, 36 % more products), whole images per thread or wide rows (a 5x5 64-channel image at
+// batch 1, its rows split among the threads one GEMM per row, ran 20 % slower than col2im), the
+// transposed padding (R-1)*dh - pad not negative.
 // Measured against col2im (float32, batch 8): 7x7 32 channels 56x56 14.7 -> 6.2 ms, 5x5 64 channels
 // 28x28 6.0 -> 4.1, 5x5 128 channels 17.7 -> 13.3, 3x3 dilation 4 3.35 -> 2.72, dilation 2 5.3 -> 4.9;
 // not taken: 1x7 and 7x1 (no faster), 3x3 undilated (col2im cheap), resnet_3x3_512 at batch 1 (3x slower:
@@ -328,20 +330,24 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // have no such term); grad_y's values reach only their own sums.
 namespace {
 
-std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s) {
+std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s, int64_t element_bytes) {
   const bool dilated = s.win.dilation_h > 1 || s.win.dilation_w > 1;
-  // Whole images per thread means at least 2 (a rule that must not depend on the thread count, or
-  // the bits of grad_x would).
-  if (is_pointwise(s) || !(s.R * s.S >= 25 || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q) ||
-      s.N * s.groups < 2)
+  if (is_pointwise(s) || !(s.R * s.S >= 25 || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q))
     return std::nullopt;
-  return transposed_convolution_shape(s);
+  const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
+  // Whole images per thread means at least 2 (a rule that must not depend on the thread count, or the
+  // bits of grad_x would); at batch 1, where the threads split the image's rows, only on conv_rows.cpp's
+  // wide rows (7x7 32 channels 56x56 at batch 1: 0.55 -> 0.89 of torch's speed; 5x5 128 channels 64x64
+  // 0.63 -> 0.93; a 4-dilated 3x3 on 32x32, per row, 0.85 -> 0.81 stays on col2im).
+  if (t && s.N * s.groups < 2 && !conv2d_forward_reads_wide_rows(*t, element_bytes)) return std::nullopt;
+  return t;
 }
 
 }  // namespace
 
-bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s) {
-  return !conv2d_backward_input_winograd_chosen(s) && !sums_directly(s) && transposed_shape(s).has_value();
+bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  return !conv2d_backward_input_winograd_chosen(s) && !sums_directly(s) &&
+         transposed_shape(s, element_bytes).has_value();
 }
 
 namespace {
@@ -363,7 +369,7 @@ std::vector<T> transposed_weights(const Conv2dShape& s, const T* w) {
 
 template <typename T>
 bool backward_input_as_transposed_forward(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
-  const std::optional<Conv2dShape> t = transposed_shape(s);
+  const std::optional<Conv2dShape> t = transposed_shape(s, sizeof(T));
   if (!t || !all_finite(w, s.w_numel())) return false;
   conv2d_forward(*t, grad_y, transposed_weights(s, w).data(), static_cast<const T*>(nullptr), grad_x);
   return true;

@@ -32,10 +32,12 @@ void conv2d_backward_input_direct(const Conv2dShape& s, const T* grad_y, const T
 template <typename T>
 void conv2d_backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
-// conv_rows.cpp -- forward as one GEMM per output row, reading x from a padded copy split into its
-// stride phases instead of packing im2col columns; for the layers conv2d_forward_by_rows_applies to (at
-// element_bytes per value). Same contract as conv2d_forward.
+// conv_rows.cpp -- forward as GEMMs reading x from a padded copy split into its stride phases instead of
+// packing im2col columns: one per output row for the layers conv2d_forward_by_rows_applies to (at
+// element_bytes per value), one per block of rows for the stride-1 layers conv2d_forward_reads_wide_rows
+// picks (which take precedence). Same contract as conv2d_forward.
 bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 
@@ -51,8 +53,8 @@ bool conv2d_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
 // Whether backward-input runs as the transposed convolution through conv2d_forward (conv2d.cpp), given
-// finite weights; else col2im.
-bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s);
+// finite weights, at element_bytes per value; else col2im.
+bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s, int64_t element_bytes);
 // Whether forward takes conv_rows.cpp's path (at element_bytes per value) where Winograd is not chosen,
 // or its result was not finite.
 bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
