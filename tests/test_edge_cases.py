@@ -394,6 +394,12 @@ def _copy_and_shared_paths(dtype):
                                                              xw.itemsize) == "wide"
     yw = pk.conv2d(xw, ww, padding=2)
     wide = (yw, pk.conv2d_backward(yw, xw, ww, padding=2, need_weight=False, need_bias=False)[0])
+    # backward-weight on wide rows at batch 2 and 1, 150 taps in tasks of 24 rows split among the threads
+    assert _pykernels_cpu.conv2d_backward_weight_reads_wide_rows(xw.shape, ww.shape, (1, 1), (2, 2, 2, 2), (1, 1),
+                                                                 1, xw.itemsize)
+    x2 = np.concatenate([xw, xw[:, ::-1]])
+    wide += tuple(pk.conv2d_backward(pk.conv2d(xi, ww, padding=2), xi, ww, padding=2, need_input=False,
+                                     need_bias=False)[1] for xi in (x2, xw))
     # a grouped layer of 8 output channels per group summed directly: backward-weight's blocks of output
     # channels are 8, 4 and 1 channels at 1, 2 and 5 threads (register blocks of 4 or 2, and 1)
     wg = rng.standard_normal((32, 6, 3, 3)).astype(dtype)

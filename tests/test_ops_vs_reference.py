@@ -366,6 +366,23 @@ def conv_pads(cfg):
     return (sh, sw), (pt, pb, pl, pr), (dh, dw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_backward_weight_reads_wide_rows_where_meant_to(dtype):
+    """The wide-row cases' backward-weight reads x's rows in place (so the tests above cover it); the
+    per-row case (8 of 40 columns dropped), 256 output channels on 27 columns and strided layers do not."""
+    def wide(cfg):
+        stride, pads, dilation = conv_pads(cfg)
+        return _pykernels_cpu.conv2d_backward_weight_reads_wide_rows(cfg["x_shape"], cfg["w_shape"], stride, pads,
+                                                                     dilation, cfg["groups"], np.dtype(dtype).itemsize)
+    for name in ["wide_rows_batch2", "wide_rows_batch1", "wide_rows_blocks", "wide_rows_grouped",
+                 "transposed_5x5_same"]:
+        assert wide(CONV_CASES[name]), name
+    for name in ["rows_stride1_dilated", "rows_per_image_deep", "gemm_k70_c37_strided", "lenet_5x5",
+                 "pointwise_odd"]:
+        assert not wide(CONV_CASES[name]), name
+    assert not wide(conv_case((8, 96, 27, 27), (256, 96, 5, 5), padding=2))
+
+
 def test_grouped_layers_sum_directly_where_meant_to():
     """Which named cases sum directly: (forward and backward-input, backward-weight)."""
     def paths(cfg):
@@ -439,11 +456,13 @@ def test_isas_agree_with_each_other(request):
 
 
 # Few-weight layers' sums run over whole padded rows, their dropped columns meeting real values of the next
-# row (direct_conv_impl.inc); a NaN or inf must still reach exactly the outputs and gradients whose sums
-# include it, as in the reference: first cell, one inside, the end of the first row (read by the dropped
-# columns of other taps), the last.
+# row (direct_conv_impl.inc), and so do the wide rows of conv_rows.cpp (whose backward-weight multiplies
+# those values by zeros, then recomputes a result that is not finite elsewhere); a NaN or inf must still
+# reach exactly the outputs and gradients whose sums include it, as in the reference: first cell, one
+# inside, the end of the first row (read by the dropped columns of other taps), the last.
 DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "depthwise_rows_7x3_dilated",
-                           "few_weights_channel_blocks", "few_weights_lenet_strided"]
+                           "few_weights_channel_blocks", "few_weights_lenet_strided", "wide_rows_batch2",
+                           "wide_rows_batch1", "wide_rows_grouped"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])

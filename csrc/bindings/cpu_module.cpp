@@ -448,6 +448,18 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "as the transposed convolution through the forward's paths instead of adding im2col columns back "
       "(for tests).");
   m.def(
+      "conv2d_backward_weight_reads_wide_rows",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return !pykernels::cpu::sums_weight_gradient_directly(s) &&
+               !pykernels::cpu::conv2d_backward_weight_winograd_chosen(s) &&
+               pykernels::cpu::conv2d_backward_weight_reads_wide_rows(s, itemsize);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize"),
+      "Whether conv2d backward-weight on these shapes, at itemsize bytes per value, reads x's rows in place "
+      "from copies (conv_rows.cpp's wide rows) while its result is finite (for tests).");
+  m.def(
       "conv2d_sums_directly",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);

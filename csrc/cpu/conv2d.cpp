@@ -471,6 +471,9 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   if (conv2d_backward_weight_winograd_chosen(s)) {
     conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
+  } else if (conv2d_backward_weight_reads_wide_rows(s, sizeof(T))) {
+    conv2d_backward_weight_wide(s, grad_y, x, grad_w);
+    if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (kernels.hpp)
   }
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;

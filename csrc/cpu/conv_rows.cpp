@@ -161,6 +161,113 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
   errors.rethrow();
 }
 
+namespace {
+
+// grad_y of one image and group as B of backward-weight on wide rows: row j (wide position p * width + q)
+// holds the Kg output channels' values at (p, q), zero where q >= Q (a column past the output row).
+template <typename T>
+struct WideGradOut {
+  const Conv2dShape* s;
+  const T* grad_y_g;
+  int64_t width;
+};
+
+template <typename T>
+void pack_wide_grad_out(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
+  const auto& src = *static_cast<const WideGradOut<T>*>(ctx);
+  const Conv2dShape& s = *src.s;
+  const int64_t PQ = s.P * s.Q;
+  for (int64_t jb = 0; jb < nc; jb += nr) {
+    const int64_t cols = std::min(nr, nc - jb);
+    T* strip = out + jb * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      T* o = strip + k * nr;
+      const int64_t p = (k0 + k) / src.width, q = (k0 + k) % src.width;
+      int64_t c = 0;
+      if (q < s.Q)
+        for (const T* from = src.grad_y_g + (j0 + jb) * PQ + p * s.Q + q; c < cols; ++c) o[c] = from[c * PQ];
+      for (; c < nr; ++c) o[c] = T(0);
+    }
+  }
+}
+
+}  // namespace
+
+bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
+  const Window2d& win = s.win;
+  if (win.stride_h != 1 || win.stride_w != 1 || s.R * s.S < 2) return false;
+  // Every image's copy and packed grad_y (its channels rounded up to whole strips: at most 64 more) at
+  // once, at most 64 MiB.
+  const PhaseSplitCopy copy(s);
+  const double packed = double((s.P - 1) * copy.width + s.Q) * double(s.K_per_group() + 64);
+  if (double(s.N * s.groups) * (double(copy.size) + packed) * double(element_bytes) > double(int64_t(64) << 20))
+    return false;
+  // The share of the multiply-adds each way keeps, as the forward's rule: Q of every `width` here (the
+  // products of the columns past each output row are zeros); the GEMM's other packings cost multiply-adds
+  // shared by the K/groups rows of grad_y: 144 / element_bytes per value (36 in float32) for im2col's
+  // columns, 16 / element_bytes (4) for the runs transposed from copies (conv2d.cpp's from_copies, where
+  // the forward's per-row plan applies). Measured, float32 against torch: 5x5 64 channels 28x28 0.71 ->
+  // 0.89, 7x7 32 channels 56x56 0.87 -> 0.98 (from copies), 7x7 64 channels 112x112 0.79 -> 1.04; left to
+  // the copies: 64 channels on 56x56 (3x3, dilated 3x3, 5x5: 0.94-1.05 against 0.89-0.96 wide), and to
+  // im2col: 256 channels on 27x27 (5x5: 0.90 against 0.85), a 4-dilated 3x3 (8 of 40 columns dropped).
+  const double wide = double(s.Q) / double(copy.width);
+  const double per_value = conv2d_forward_by_rows_applies(s, element_bytes) ? 16.0 : 144.0;
+  return wide >= 1.0 / (1.0 + per_value / double(element_bytes) / double(s.K_per_group()));
+}
+
+template <typename T>
+void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S;
+  const int64_t PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
+  const PhaseSplitCopy copy(s);
+  std::vector<int64_t> offsets = tap_offsets(s, copy);
+  offsets.resize(static_cast<size_t>(CRS + kGemmMaxTileRows), offsets.back());  // the last strip's extra rows
+  const int64_t positions = (s.P - 1) * copy.width + s.Q;
+  const PackedBLayout layout = packed_b_layout<T>(positions, Kg);
+  const bool parallel = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;
+  // Every image's copy and packed grad_y, made by all threads first.
+  T* copies = reusable_buffer<T, 3>(items * copy.size);
+  T* packed = reusable_buffer<T, 4>(items * layout.size());
+  for_each_index(items, parallel && items > 1, [&](int64_t item) {
+    const int64_t n = item / G, g = item % G;
+    fill_rows(s, copy, x + (n * s.C + g * Cg) * HW, 0, Cg * copy.rows, copies + item * copy.size);
+    const WideGradOut<T> gy{&s, grad_y + (n * s.K + g * Kg) * PQ, copy.width};
+    pack_b<T>(layout, BPacker<T>{&pack_wide_grad_out<T>, &gy}, packed + item * layout.size());
+  });
+  // sums[g][crs][k] = grad_w[g * Kg + k][crs]: each task a block of one group's rows (whole strips on every
+  // build: 24 rows), summed over the images in order, so the bits do not depend on the thread count.
+  T* sums = reusable_buffer<T, 5>(G * CRS * Kg);
+  const int64_t units = (CRS + 23) / 24;
+  const int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(units, (4 * available_threads() + G - 1) / G));
+  const int64_t tasks = G * per_group;
+  ParallelErrors errors;
+  for_each_index(tasks, parallel && tasks > 1, [&](int64_t task) {
+    errors.run([&] {
+      const int64_t g = task / per_group, part = task % per_group;
+      const int64_t r0 = units * part / per_group * 24, rows = std::min(CRS, units * (part + 1) / per_group * 24) - r0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        const int64_t item = n * G + g;
+        gemm_rows_of_a<T>(layout, rows, copies + item * copy.size, offsets.data() + r0, packed + item * layout.size(),
+                          sums + (g * CRS + r0) * Kg, Kg, n > 0);
+      }
+    });
+  });
+  errors.rethrow();
+  // grad_w[g][k][crs] = sums[g][crs][k] in 16 x 16 tiles (a 256-channel layer's serial transpose, value by
+  // value at a stride of 1 KB, took as long as its sums); threads split the rows k.
+  constexpr int64_t kTile = 16;
+  const int64_t k_tiles = (Kg + kTile - 1) / kTile;
+  for_each_index(G * k_tiles, parallel && G * k_tiles > 1, [&](int64_t t) {
+    const int64_t g = t / k_tiles, k0 = t % k_tiles * kTile, k1 = std::min(Kg, k0 + kTile);
+    for (int64_t c0 = 0; c0 < CRS; c0 += kTile)
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t crs = c0, c1 = std::min(CRS, c0 + kTile); crs < c1; ++crs)
+          grad_w[(g * Kg + k) * CRS + crs] = sums[(g * CRS + crs) * Kg + k];
+  });
+}
+
+template void conv2d_backward_weight_wide<float>(const Conv2dShape&, const float*, const float*, float*);
+template void conv2d_backward_weight_wide<double>(const Conv2dShape&, const double*, const double*, double*);
 template void conv2d_forward_by_rows<float>(const Conv2dShape&, const float*, const float*, const float*, float*);
 template void conv2d_forward_by_rows<double>(const Conv2dShape&, const double*, const double*, const double*,
                                              double*);

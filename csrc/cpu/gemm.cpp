@@ -121,6 +121,11 @@ void blocking_on(Isa isa, int64_t* mr, int64_t* nr, int64_t* kc) {
 }
 
 template <typename T>
+int64_t rows_of_a_strip_width_on(Isa isa, int64_t columns) {
+  PYKERNELS_RETURN_ON_BUILD(isa, rows_of_a_strip_width<T>(columns))
+}
+
+template <typename T>
 void pack_b_blocks_on(Isa isa, BPacker<T> b, int64_t K, int64_t N, int64_t block0, int64_t block1, T* out) {
   PYKERNELS_RETURN_ON_BUILD(isa, pack_b_blocks<T>(b, K, N, block0, block1, out))
 }
@@ -258,6 +263,30 @@ void gemm_packed_rows(const PackedLayout& layout, const T* packed_a, int64_t N, 
 }
 
 template <typename T>
+PackedBLayout packed_b_layout(int64_t depth, int64_t columns) {
+  const Isa isa = current_isa().load();
+  PackedBLayout layout{isa, depth, columns, 0, 0};
+  int64_t mr, nr;
+  blocking_on<T>(isa, &mr, &nr, &layout.kc);
+  layout.nr = rows_of_a_strip_width_on<T>(isa, columns);
+  return layout;
+}
+
+template <typename T>
+void pack_b(const PackedBLayout& layout, BPacker<T> b, T* packed) {
+  for (int64_t pc = 0; pc < layout.depth; pc += layout.kc)
+    b.pack(b.ctx, pc, std::min(layout.kc, layout.depth - pc), 0, layout.columns, layout.nr,
+           packed + pc * layout.padded_columns());
+}
+
+template <typename T>
+void gemm_rows_of_a(const PackedBLayout& layout, int64_t M, const T* base, const int64_t* row_offsets,
+                    const T* packed_b, T* C, int64_t ldc, bool accumulate) {
+  PYKERNELS_RETURN_ON_BUILD(layout.isa, gemm_rows_of_a<T>(M, layout.columns, layout.depth, layout.nr, base,
+                                                          row_offsets, packed_b, C, ldc, accumulate))
+}
+
+template <typename T>
 void pack_a(const PackedLayout& layout, const T* A, MatrixView a, T* packed) {
   for (int64_t k = 0; k < layout.depth; ++k)
     for (int64_t i0 = 0; i0 < layout.padded_rows(); i0 += layout.mr) {
@@ -343,7 +372,11 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
   template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, const T*, MatrixView, T*, int64_t, bool); \
   template void gemm_packed_rows<T>(const PackedLayout&, const T*, int64_t, const T*, const int64_t*, T*, int64_t,   \
                                     bool);                                                                       \
-  template void pack_a<T>(const PackedLayout&, const T*, MatrixView, T*);
+  template void pack_a<T>(const PackedLayout&, const T*, MatrixView, T*);                                         \
+  template PackedBLayout packed_b_layout<T>(int64_t, int64_t);                                                   \
+  template void pack_b<T>(const PackedBLayout&, BPacker<T>, T*);                                                 \
+  template void gemm_rows_of_a<T>(const PackedBLayout&, int64_t, const T*, const int64_t*, const T*, T*, int64_t, \
+                                  bool);
 PYKERNELS_INSTANTIATE(float)
 PYKERNELS_INSTANTIATE(double)
 #undef PYKERNELS_INSTANTIATE

@@ -119,6 +119,32 @@ template <typename T>
 void gemm_packed_rows(const PackedLayout& layout, const T* packed_a, int64_t N, const T* base,
                       const int64_t* row_offsets, T* C, int64_t ldc, bool accumulate);
 
+// B (depth x columns) packed once, in the layout the active build's GEMM reads: depth blocks of kc rows
+// after each other, each as strips of nr columns (for each row, nr consecutive values; columns past
+// `columns` zero). For GEMMs whose A is read in place (gemm_rows_of_a).
+struct PackedBLayout {
+  Isa isa;  // the build the layout was made for; gemm_rows_of_a runs on that build
+  int64_t depth, columns, nr, kc;
+
+  int64_t padded_columns() const { return (columns + nr - 1) / nr * nr; }
+  int64_t size() const { return padded_columns() * depth; }
+};
+
+template <typename T>
+PackedBLayout packed_b_layout(int64_t depth, int64_t columns);  // for the active instruction set
+template <typename T>
+void pack_b(const PackedBLayout& layout, BPacker<T> b, T* packed);
+
+// C[M x layout.columns] (+)= A * B with B packed in `layout` and row i of A the layout.depth values from
+// base + row_offsets[i] on, read where they lie, value by value as the micro-kernel broadcasts them: A is
+// not packed at all (conv_rows.cpp's backward-weight reads its rows from prepared copies of x).
+// row_offsets holds M rounded up to a multiple of kGemmMaxTileRows entries, the extra ones any readable
+// row (their sums are dropped).
+constexpr int64_t kGemmMaxTileRows = 8;  // the tallest build's register tile (AVX-512: 8 rows)
+template <typename T>
+void gemm_rows_of_a(const PackedBLayout& layout, int64_t M, const T* base, const int64_t* row_offsets,
+                    const T* packed_b, T* C, int64_t ldc, bool accumulate);
+
 // A (layout.rows x layout.depth, read through `a`) into layout's order, padding rows zero.
 template <typename T>
 void pack_a(const PackedLayout& layout, const T* A, MatrixView a, T* packed);
@@ -169,6 +195,11 @@ bool set_isa(const char* name);
   void pack_b_blocks(BPacker<T> b, int64_t K, int64_t N, int64_t block0, int64_t block1, T* out);          \
   template <typename T>                                                                                    \
   void gemm_rows(int64_t, int64_t, int64_t, const T*, const T*, const int64_t*, T*, int64_t, bool);        \
+  template <typename T>                                                                                    \
+  void gemm_rows_of_a(int64_t, int64_t, int64_t, int64_t, const T*, const int64_t*, const T*, T*, int64_t,   \
+                      bool);                                                                               \
+  template <typename T>                                                                                    \
+  int64_t rows_of_a_strip_width(int64_t);                                                                  \
   template <typename T>                                                                                    \
   StridedPackers<T> strided_packers();                                                                     \
   }
