@@ -884,7 +884,9 @@ def test_max_pool2d_non_contiguous_inputs():
 # ---- empty batch ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("name", ["asym_padding", "pointwise_odd", "grouped_3", "depthwise"])
+@pytest.mark.parametrize("name", ["asym_padding", "pointwise_odd", "grouped_3", "depthwise", "wide_rows_batch2",
+                                  "wide_rows_grouped", "transposed_5x5_same", "rows_per_image_deep",
+                                  "grouped_direct_8", "vgg_3x3_64_small"])
 def test_conv2d_empty_batch(name, dtype):
     cfg = dict(CONV_CASES[name])
     cfg["x_shape"] = (0,) + cfg["x_shape"][1:]

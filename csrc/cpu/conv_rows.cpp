@@ -195,7 +195,7 @@ void pack_wide_grad_out(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
 
 bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
   const Window2d& win = s.win;
-  if (win.stride_h != 1 || win.stride_w != 1 || s.R * s.S < 2) return false;
+  if (win.stride_h != 1 || win.stride_w != 1 || s.R * s.S < 2 || s.N == 0) return false;  // N = 0: zeros
   // Every image's copy and packed grad_y (its channels rounded up to whole strips: at most 64 more) at
   // once, at most 64 MiB.
   const PhaseSplitCopy copy(s);
@@ -244,7 +244,8 @@ void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T*
   for_each_index(tasks, parallel && tasks > 1, [&](int64_t task) {
     errors.run([&] {
       const int64_t g = task / per_group, part = task % per_group;
-      const int64_t r0 = units * part / per_group * 24, rows = std::min(CRS, units * (part + 1) / per_group * 24) - r0;
+      const int64_t r0 = units * part / per_group * 24;
+      const int64_t rows = std::min(CRS, units * (part + 1) / per_group * 24) - r0;
       for (int64_t n = 0; n < s.N; ++n) {
         const int64_t item = n * G + g;
         gemm_rows_of_a<T>(layout, rows, copies + item * copy.size, offsets.data() + r0, packed + item * layout.size(),
