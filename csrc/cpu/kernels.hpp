@@ -38,6 +38,8 @@ void conv2d_backward_weight_direct(const Conv2dShape& s, const T* grad_y, const 
 // picks (which take precedence). Same contract as conv2d_forward.
 bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 // Backward-weight of stride-1 layers as one GEMM per image and block of taps with the copy's rows read
 // in place as A (wide rows) and grad_y packed as B, for the layers this picks. A result that is not
 // finite is to be recomputed elsewhere: the columns past each output row meet zeros in B, and 0 * inf
@@ -45,8 +47,6 @@ bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes)
 bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
-template <typename T>
-void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 
 // Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) for the 3x3 stride-1 layers it suits,
 // implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
