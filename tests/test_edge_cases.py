@@ -368,9 +368,9 @@ def _copy_and_shared_paths(dtype):
     ws = rng.standard_normal((100, 128, 3, 3)).astype(dtype)
     # batch 1 with 49 output positions: the weights read in place (gemm.hpp's ReadA::rows_in_place) and the
     # last column (49 = 48 + 1 on AVX-512, 3 * 16 + 1 on AVX2) summed as dot products, with the rows split
-    # between threads or not
-    xt = rng.standard_normal((1, 64, 7, 7)).astype(dtype)
-    wt = rng.standard_normal((100, 64, 3, 3)).astype(dtype)
+    # between threads or not (48 input channels: too few for Winograd F(2x2))
+    xt = rng.standard_normal((1, 48, 7, 7)).astype(dtype)
+    wt = rng.standard_normal((100, 48, 3, 3)).astype(dtype)
     # and its backward-input at batch 1 with 37 channels: col2im split between threads by channels (49
     # positions are too few for bands of input rows), 37 not divisible by the thread count
     gt = rng.standard_normal((1, 100, 7, 7)).astype(dtype)
@@ -406,8 +406,15 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_sums_directly(xd.shape, wg.shape, (1, 1), (1, 1, 1, 1), (1, 1), 4) == (True, True)
     yg = pk.conv2d(xd, wg, padding=1, groups=4)
     grouped = (yg, *pk.conv2d_backward(yg, xd, wg, padding=1, groups=4, need_bias=False)[:2])
+    # Winograd F(2x2) at batch 1 (256 channels and more: float64 too), forward and backward-input: the
+    # threads take shares of the output channels in whole vectors, each a strip of them at a time
+    x2 = rng.standard_normal((1, 260, 7, 7)).astype(dtype)
+    w2 = rng.standard_normal((270, 260, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_winograd_is_f2(x2.shape, w2.shape, (1, 1), (1, 1, 1, 1), (1, 1), 1, x2.itemsize)
+    y2 = pk.conv2d(x2, w2, padding=1)
+    f2 = (y2, pk.conv2d_backward(y2, x2, w2, padding=1, need_weight=False, need_bias=False)[0])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide)
+            gxc, *depthwise, g5, *grouped, *wide, *f2)
 
 
 def _run_all(x, w, b, go):

@@ -1,9 +1,11 @@
-"""The Winograd F(4x4, 3x3) path (csrc/cpu/winograd_impl.inc) against the float64 reference.
+"""The Winograd paths against the float64 reference: F(4x4, 3x3) (csrc/cpu/winograd_impl.inc) and, for
+layers with few tiles, F(2x2, 3x3) (csrc/cpu/winograd_f2_impl.inc).
 
-3x3 stride-1 layers with enough channels and tiles take it for the forward and backward-weight passes,
-and for the backward-input pass as the transposed convolution (padding <= 2). Every case here is
-checked to take the path it is meant to test, and runs under both algorithms ('auto' and 'gemm') so
-the two agree.
+3x3 stride-1 layers with enough channels and tiles take F(4x4) for the forward and backward-weight
+passes, and for the backward-input pass as the transposed convolution (padding <= 2); layers with 64
+channels or more and too few tiles for F(4x4) take F(2x2) for forward and backward-input. Every case
+here is checked to take the path it is meant to test, and runs under both algorithms ('auto' and
+'gemm') so the two agree.
 """
 
 import os
@@ -56,6 +58,23 @@ CASES = {
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
+# F(2x2, 3x3): 64 channels or more in float32 (256 in float64), too few tiles for F(4x4). The output
+# channels go in strips of the GEMM's register tile width (float32: 48 on AVX-512, 16 on AVX2 and portable;
+# float64: half), shared among the threads in whole vectors; input channels in blocks of 64 (filter
+# transform, input transform) and 16 (filter gather).
+F2_CASES = {
+    # resnet_3x3_512 at batch 1: 16 tiles of 2x2 on 7x7 outputs (the bottom and right ones cut).
+    "resnet_512_batch1": ((1, 512, 7, 7), (512, 512, 3, 3), 1),
+    # ragged everything: 70 input channels (a block of 6 after 64, a gather of 6 after 64), 75 output
+    # channels (partial strips, lanes not a multiple of 8), odd P and Q from asymmetric padding
+    "ragged_channels_asym_pad": ((1, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
+    # no padding, three images: 18 tiles (register strips of 8 + 8 + 2 tile rows)
+    "valid_batch3": ((3, 64, 6, 8), (64, 64, 3, 3), 0),
+    # padding 2 (backward-input's transposed convolution has padding 0) on a 5x5 image
+    "pad2": ((2, 96, 5, 5), (64, 96, 3, 3), 2),
+    # enough channels for float64 too: ragged blocks of 4 input channels, a partial strip of output channels
+    "ragged_256_float64": ((1, 260, 7, 7), (270, 260, 3, 3), ((0, 2), (1, 0))),
+}
 
 
 @pytest.fixture(params=["auto", "gemm"])
@@ -81,6 +100,24 @@ def test_cases_take_the_winograd_path(name):
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
 
 
+@pytest.mark.parametrize("itemsize", [4, 8], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(F2_CASES))
+def test_f2_cases_take_the_f2_path(name, itemsize):
+    x_shape, w_shape, padding = F2_CASES[name]
+    pads = _pads(x_shape, padding)
+    layer = (w_shape, (1, 1), pads, (1, 1), 1, itemsize)
+    f2 = itemsize == 4 or min(w_shape[:2]) >= 256  # else, in float64, no Winograd at all
+    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, *layer) == f2
+    assert _pykernels_cpu.conv2d_winograd_is_f2(x_shape, *layer) == f2
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, *layer) == f2
+    # the transposed convolution (input and output channels swapped, padding 2 - pad) takes F(2x2) as well
+    pt, pb, pl, pr = pads
+    transposed_x = (x_shape[0], w_shape[0], x_shape[2] + pt + pb - 2, x_shape[3] + pl + pr - 2)
+    transposed_pads = tuple(2 - p for p in pads)
+    assert _pykernels_cpu.conv2d_winograd_is_f2(transposed_x, (w_shape[1], w_shape[0], 3, 3), (1, 1), transposed_pads,
+                                                (1, 1), 1, itemsize) == f2
+
+
 def test_small_or_strided_layers_do_not():
     pads = (1, 1, 1, 1)
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 4, 28, 28), (8, 4, 3, 3), (1, 1), pads, (1, 1), 1)  # C < 8
@@ -88,15 +125,19 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 8, 28, 28), (8, 8, 3, 3), (1, 1), pads, (2, 2), 1)  # dilated
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 16, 8, 8), (16, 16, 3, 3), (1, 1), pads, (1, 1), 1)  # 4 tiles
     assert not _pykernels_cpu.conv2d_uses_winograd((8, 16, 28, 28), (16, 8, 3, 3), (1, 1), pads, (1, 1), 2)  # groups
+    # Fewer than 64 channels: no F(2x2) either.
+    assert not _pykernels_cpu.conv2d_uses_winograd((1, 32, 8, 8), (32, 32, 3, 3), (1, 1), pads, (1, 1), 1)
     # resnet_3x3_512: at batch 8 its 32 tiles pay for transforming 512 x 512 filters block by block, and
-    # backward-weight for its 36 x 512 x 512 sums, also made block by block; at batch 1 (4 tiles) the GEMM
-    # is faster, for all three passes.
+    # backward-weight for its 36 x 512 x 512 sums, also made block by block; at batch 1 (4 tiles of 4x4)
+    # forward and backward-input take F(2x2) on 16 tiles of 2x2, backward-weight the GEMM.
     layer_512 = ((512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
     assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), *layer_512)
+    assert not _pykernels_cpu.conv2d_winograd_is_f2((8, 512, 7, 7), *layer_512)
     assert _pykernels_cpu.conv2d_backward_input_uses_winograd((8, 512, 7, 7), *layer_512)
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((8, 512, 7, 7), *layer_512)
-    assert not _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), *layer_512)
-    assert not _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), *layer_512)
+    assert _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), *layer_512)
+    assert _pykernels_cpu.conv2d_winograd_is_f2((1, 512, 7, 7), *layer_512)
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 512, 7, 7), *layer_512)
     # At batch 2 (8 tiles) backward-weight's sums would go through memory, at batch 4 (16) the GEMM is as fast.
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 512, 7, 7), *layer_512)
@@ -122,9 +163,9 @@ TOLERANCE = {np.float32: 3e-5, np.float64: 1e-12}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD))
+@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD) + list(F2_CASES))
 def test_forward_and_backward_input_match_reference(algorithm, name, dtype):
-    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD}[name]
+    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD, **F2_CASES}[name]
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
@@ -184,6 +225,7 @@ NON_FINITE_CASES = {
     "same_odd": CASES["same_odd"],
     "tiles_with_ragged_edge": CASES["tiles_with_ragged_edge"],
     "streamed_filters_small": ((2, 342, 12, 12), (342, 342, 3, 3), 1),
+    "f2_ragged": F2_CASES["ragged_256_float64"],  # F(2x2) in float64 too
 }
 
 
@@ -198,8 +240,8 @@ NON_FINITE_VALUES = [(name, bad) for name in NON_FINITE_CASES for bad in (np.nan
 def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(name, bad, pass_, where):
     x_shape, w_shape, padding = NON_FINITE_CASES[name]
     pads = _pads(x_shape, padding)
-    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
-    assert _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
+    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1, itemsize=8)
+    assert _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1, itemsize=8)
     rng = np.random.default_rng(5)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
@@ -222,11 +264,13 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
 
 
 @pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
-                                  "streamed_filters", "sums_in_blocks"])
+                                  "streamed_filters", "sums_in_blocks", "ragged_channels_asym_pad", "valid_batch3",
+                                  "ragged_256_float64"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
-    # The transformed filters are written in the packed layout of the active GEMM build (register
-    # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build).
-    x_shape, w_shape, padding = CASES[name]
+    # The transformed filters are written in the packed layout of the active GEMM build (F(4x4): register
+    # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 48 output channels
+    # on AVX-512, 16 on the others, and tiles read 8 or 6 at a time).
+    x_shape, w_shape, padding = {**CASES, **F2_CASES}[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     want = ref.conv2d(x, w, padding=padding)

@@ -421,21 +421,30 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
           throw ShapeError("isa must be 'portable', or 'avx2' / 'avx512' on a CPU that has them; got '" + name + "'");
       },
       py::arg("name"), "Force the hot loops' instruction set (for tests).");
-  // Which path a pass takes on these shapes (for tests), one binding each.
+  // Which path a pass takes on these shapes (for tests), one binding each; itemsize: bytes per value.
   for (const auto& [name, chosen, doc] :
        {std::tuple{"conv2d_uses_winograd", &pykernels::cpu::conv2d_winograd_chosen,
                    "Whether conv2d forward on these shapes takes the Winograd path (for tests)."},
         std::tuple{"conv2d_backward_input_uses_winograd", &pykernels::cpu::conv2d_backward_input_winograd_chosen,
                    "Whether conv2d backward-input on these shapes takes the Winograd path (for tests)."},
-        std::tuple{"conv2d_backward_weight_uses_winograd", &pykernels::cpu::conv2d_backward_weight_winograd_chosen,
-                   "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests)."}})
+        std::tuple{"conv2d_winograd_is_f2", &pykernels::cpu::winograd_f2_applies,
+                   "Whether these shapes, where forward (or backward-input's transposed convolution) takes the "
+                   "Winograd path, take F(2x2, 3x3) rather than F(4x4, 3x3) (for tests)."}})
     m.def(
         name,
-        [chosen = chosen](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
-          return chosen(conv_shape_of_dims(x, w, stride, pad, dilation, groups));
+        [chosen = chosen](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+          return chosen(conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
         },
         py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        py::arg("groups"), doc);
+        py::arg("groups"), py::arg("itemsize") = 4, doc);
+  m.def(
+      "conv2d_backward_weight_uses_winograd",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        return pykernels::cpu::conv2d_backward_weight_winograd_chosen(
+            conv_shape_of_dims(x, w, stride, pad, dilation, groups));
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
   m.def(
       "conv2d_backward_input_uses_transposed_forward",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
@@ -474,7 +483,8 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "conv2d_forward_reads_rows_in_place",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) -> py::object {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        if (pykernels::cpu::conv2d_winograd_chosen(s) || !pykernels::cpu::conv2d_forward_by_rows_chosen(s, itemsize))
+        if (pykernels::cpu::conv2d_winograd_chosen(s, itemsize) ||
+            !pykernels::cpu::conv2d_forward_by_rows_chosen(s, itemsize))
           return py::none();
         return py::str(pykernels::cpu::conv2d_forward_reads_wide_rows(s, itemsize) ? "wide" : "per_row");
       },

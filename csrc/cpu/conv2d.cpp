@@ -12,7 +12,8 @@
 // Other paths, chosen per layer:
 // - 3x3 stride-1 layers take the Winograd path (winograd_impl.inc) for all three passes, backward-input
 //   as the transposed convolution, where winograd.cpp's cost rules say it pays (backward-weight's is
-//   stricter for the largest layers); set_conv_algorithm("gemm") turns that off.
+//   stricter for the largest layers); those with too few tiles for F(4x4, 3x3) may take F(2x2, 3x3)
+//   (winograd_f2_impl.inc) for forward and backward-input; set_conv_algorithm("gemm") turns both off.
 // - Forward of layers with overlapping windows and wide output rows (resnet_stem): one GEMM per output
 //   row reading x in place from a padded, stride-phase-split copy (conv_rows.cpp), with nothing packed;
 //   their backward-weight packs COL^T straight from such copies (phase_split_copy.hpp).
@@ -92,10 +93,10 @@ std::optional<Conv2dShape> transposed_convolution_shape(const Conv2dShape& s) {
 }
 
 // For 3x3 layers that take the Winograd path, the transposed convolution can too; its shape, or nothing.
-std::optional<Conv2dShape> winograd_transposed_shape(const Conv2dShape& s) {
-  if (!conv2d_winograd_chosen(s)) return std::nullopt;
+std::optional<Conv2dShape> winograd_transposed_shape(const Conv2dShape& s, int64_t element_bytes) {
+  if (!conv2d_winograd_chosen(s, element_bytes)) return std::nullopt;
   const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
-  if (!t || !winograd_applies(*t)) return std::nullopt;
+  if (!t || !winograd_applies(*t, element_bytes)) return std::nullopt;
   return t;
 }
 
@@ -125,9 +126,13 @@ void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g,
 
 }  // namespace
 
-bool conv2d_winograd_chosen(const Conv2dShape& s) { return winograd_enabled.load() && winograd_applies(s); }
+bool conv2d_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  return winograd_enabled.load() && winograd_applies(s, element_bytes);
+}
 
-bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s) { return winograd_transposed_shape(s).has_value(); }
+bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  return winograd_transposed_shape(s, element_bytes).has_value();
+}
 
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s) {
   return winograd_enabled.load() && winograd_backward_weight_applies(s);
@@ -233,7 +238,7 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) 
 
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
-  if (conv2d_winograd_chosen(s)) {
+  if (conv2d_winograd_chosen(s, sizeof(T))) {
     conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
     if (all_finite(y, s.y_numel())) return;  // else the GEMM below recomputes y (see all_finite)
   }
@@ -285,7 +290,7 @@ namespace {
 // Returns false when it does not apply, or when its result is not finite (then grad_x is to be recomputed).
 template <typename T>
 bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
-  const std::optional<Conv2dShape> t = winograd_transposed_shape(s);
+  const std::optional<Conv2dShape> t = winograd_transposed_shape(s, sizeof(T));
   if (!t) return false;
   // Filter (c, k) of the transposed convolution is w[k][c] rotated 180 degrees.
   conv2d_winograd<T>(*t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
@@ -346,7 +351,7 @@ std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s, int64_t elemen
 }  // namespace
 
 bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  return !conv2d_backward_input_winograd_chosen(s) && !sums_directly(s) &&
+  return !conv2d_backward_input_winograd_chosen(s, element_bytes) && !sums_directly(s) &&
          transposed_shape(s, element_bytes).has_value();
 }
 

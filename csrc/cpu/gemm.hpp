@@ -138,8 +138,8 @@ void pack_b(const PackedBLayout& layout, BPacker<T> b, T* packed);
 // C[M x layout.columns] (+)= A * B with B packed in `layout` and row i of A the layout.depth values from
 // base + row_offsets[i] on, read where they lie, value by value as the micro-kernel broadcasts them: A is
 // not packed at all (conv_rows.cpp's backward-weight reads its rows from prepared copies of x).
-// row_offsets holds M rounded up to a multiple of kGemmMaxTileRows entries, the extra ones any readable
-// row (their sums are dropped).
+// row_offsets holds M + kGemmMaxTileRows entries, the extra ones any readable row (their sums are dropped):
+// the last register tile reads a whole tile's offsets, and tiles of 6 rows end past any multiple of 8.
 constexpr int64_t kGemmMaxTileRows = 8;  // the tallest build's register tile (AVX-512: 8 rows)
 template <typename T>
 void gemm_rows_of_a(const PackedBLayout& layout, int64_t M, const T* base, const int64_t* row_offsets,

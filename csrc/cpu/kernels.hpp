@@ -48,16 +48,16 @@ bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t elemen
 template <typename T>
 void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
-// Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) for the 3x3 stride-1 layers it suits,
-// implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
+// Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) or F(2x2,3x3) for the 3x3 stride-1 layers
+// they suit, implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
 // unknown name.
 bool set_conv_algorithm(const char* name);
 const char* conv_algorithm();
-// Whether these shapes take the Winograd path under the current algorithm: forward; backward-input (as
-// the transposed convolution); backward-weight. A Winograd result holding NaN or inf is then recomputed
-// on the GEMM path (conv2d.cpp, all_finite).
-bool conv2d_winograd_chosen(const Conv2dShape& s);
-bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s);
+// Whether these shapes take the Winograd path under the current algorithm: forward and backward-input (as
+// the transposed convolution), at element_bytes per value; backward-weight. A Winograd result holding NaN
+// or inf is then recomputed on the GEMM path (conv2d.cpp, all_finite).
+bool conv2d_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
 // Whether backward-input runs as the transposed convolution through conv2d_forward (conv2d.cpp), given
 // finite weights, at element_bytes per value; else col2im.
@@ -69,7 +69,11 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
 // winograd.cpp -- 3x3, stride 1, undilated, groups 1 (winograd_applies); same contract as conv2d_forward,
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
 // (so backward-input runs as the transposed convolution without copying the weights).
-bool winograd_applies(const Conv2dShape& s);
+// Whether one of the two Winograd paths applies at element_bytes per value: F(4x4, 3x3) (winograd_impl.inc),
+// or F(2x2, 3x3) where F(4x4) has too few tiles (winograd_f2_impl.inc), which conv2d_winograd then takes.
+bool winograd_applies(const Conv2dShape& s, int64_t element_bytes);
+bool winograd_f4_applies(const Conv2dShape& s);
+bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
 // than 16 MiB at element_bytes per value, or more than 4 MiB with every tile in one chunk), rather than
 // all at once before; and that streamed path's chunk of tiles.
@@ -89,7 +93,7 @@ struct WinogradFilters {
 };
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
-// grad_w of a layer winograd_applies to; same contract as conv2d_backward_weight.
+// grad_w of a layer winograd_backward_weight_applies to (F(4x4)); same contract as conv2d_backward_weight.
 template <typename T>
 void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 

@@ -1,4 +1,5 @@
-// Winograd F(4x4, 3x3): when it applies, and which instruction-set build of winograd_impl.inc runs it.
+// Winograd F(4x4, 3x3) and, for layers with few tiles, F(2x2, 3x3): when each applies, and which
+// instruction-set build of winograd_impl.inc / winograd_f2_impl.inc runs it.
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 
@@ -13,6 +14,8 @@ namespace pykernels::cpu {
                        T*);                                                                                   \
   template <typename T>                                                                                       \
   void conv2d_backward_weight_winograd(const Conv2dShape&, const T*, const T*, T*);                          \
+  template <typename T>                                                                                       \
+  void conv2d_winograd_f2(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*);            \
   }
 PYKERNELS_DECLARE_WINOGRAD(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -35,11 +38,14 @@ double transformed_bytes(const Conv2dShape& s, int64_t element_bytes) {
 // 72 flops per tile and channel pair, direct convolution 18 per output and channel pair, and each of
 // the 36 transformed values per filter (channel pair) costs about `per_filter_value` flops' time on
 // top (see the callers).
-bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
+bool is_winograd_shape(const Conv2dShape& s) {
   const Window2d& w = s.win;
-  if (!(s.R == 3 && s.S == 3 && w.stride_h == 1 && w.stride_w == 1 && w.dilation_h == 1 && w.dilation_w == 1 &&
-        s.groups == 1 && s.C >= 8 && s.K >= 8 && s.P >= 4 && s.Q >= 4))
-    return false;
+  return s.R == 3 && s.S == 3 && w.stride_h == 1 && w.stride_w == 1 && w.dilation_h == 1 && w.dilation_w == 1 &&
+         s.groups == 1;
+}
+
+bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
+  if (!(is_winograd_shape(s) && s.C >= 8 && s.K >= 8 && s.P >= 4 && s.Q >= 4)) return false;
   const double tiles = double(tile_count(s));
   return 72.0 * tiles + 36.0 * per_filter_value < 18.0 * double(s.N) * double(s.P) * double(s.Q);
 }
@@ -69,7 +75,26 @@ int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes) {
 // batch 8 runs in 0.75x the time of the GEMM). About 200 when a U larger than L3 is written to memory and
 // read back (measured on resnet_3x3_512 before it streamed).
 // (The choice is made for float32's U: float64 runs the same layers, streaming from half the size.)
-bool winograd_applies(const Conv2dShape& s) { return winograd_worth_it(s, winograd_streams_filters(s, 4) ? 60.0 : 50.0); }
+bool winograd_f4_applies(const Conv2dShape& s) {
+  return winograd_worth_it(s, winograd_streams_filters(s, 4) ? 60.0 : 50.0);
+}
+
+// F(2x2, 3x3) where F(4x4) does not pay (winograd_f2_impl.inc): 16 products per 2x2 tile and channel pair
+// (32 flops) against direct convolution's 18 per output, plus the filter's transform, redone on every call:
+// about 20 flops' time for each of its 16 values (resnet_3x3_512 at batch 1 took 0.55 ms against the GEMM's
+// 0.60, 0.29 of it in the 16 GEMMs). Up to 64 tiles (V, 16 x tiles x C, and each thread's M stay in L2).
+// From 64 channels in float32; from 256 in float64, where the gather and the transforms weigh twice as
+// much against each multiply (64-128 channels on 7x7 to 11x11 ran at 0.7-1.06x the GEMM's speed).
+bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes) {
+  const int64_t min_channels = element_bytes > 4 ? 256 : 64;
+  if (!(is_winograd_shape(s) && s.C >= min_channels && s.K >= min_channels) || winograd_f4_applies(s)) return false;
+  const double tiles = double(s.N) * double((s.P + 1) / 2) * double((s.Q + 1) / 2);
+  return tiles <= 64 && 32.0 * tiles + 16.0 * 20.0 < 18.0 * double(s.N) * double(s.P) * double(s.Q);
+}
+
+bool winograd_applies(const Conv2dShape& s, int64_t element_bytes) {
+  return winograd_f4_applies(s) || winograd_f2_applies(s, element_bytes);
+}
 
 // V and E of a chunk together within about 4 MiB, in whole 48-tile groups.
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes) {
@@ -103,6 +128,9 @@ bool winograd_backward_weight_applies(const Conv2dShape& s) {
 
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
+  if (winograd_f2_applies(s, sizeof(T))) {
+    PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_winograd_f2<T>(s, x, filters, bias, y))
+  }
   // The transformed filters are packed for the active GEMM build; the transforms run on the same one.
   const PackedLayout layout = packed_layout<T>(s.K, s.C);
   PYKERNELS_RETURN_ON_BUILD(layout.isa, conv2d_winograd<T>(s, x, filters, layout, bias, y))

@@ -1,3 +1,4 @@
 // The Winograd transforms built for baseline x86-64 (SSE2): runs on any CPU.
 #define PYKERNELS_ISA portable
 #include "cpu/winograd_impl.inc"
+#include "cpu/winograd_f2_impl.inc"
