@@ -76,19 +76,20 @@ class ParallelErrors {
 namespace pykernels::cpu {
 
 // One scratch slice per thread, allocated before the parallel region (so an allocation failure is
-// an ordinary exception on the calling thread, not inside OpenMP). Slices are whole cache lines apart
-// with a line between them: threads writing small slices that shared a line ran max-pool's forward at
-// half speed. Every slice starts zero-filled (direct_conv_impl.inc relies on it).
+// an ordinary exception on the calling thread, not inside OpenMP). Slices start on cache lines, whole
+// lines apart with a line between them: threads writing small slices that shared a line ran max-pool's
+// forward at half speed. Every slice starts zero-filled (direct_conv_impl.inc relies on it).
 template <typename T>
 class Workspace {
  public:
   Workspace(int slices, int64_t per_slice)
-      : per_slice_((per_slice + 2 * kLine - 1) / kLine * kLine), data_(size_t(slices) * size_t(per_slice_)) {}
+      : per_slice_((per_slice + 2 * kLine - 1) / kLine * kLine), data_(size_t(slices) * size_t(per_slice_) + kLine) {}
   T* for_this_thread() {
+    T* first = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(data_.data()) + 63) / 64 * 64);
 #ifdef _OPENMP
-    return data_.data() + int64_t(omp_get_thread_num()) * per_slice_;
+    return first + int64_t(omp_get_thread_num()) * per_slice_;
 #else
-    return data_.data();
+    return first;
 #endif
   }
 
@@ -101,6 +102,7 @@ class Workspace {
 }  // namespace pykernels::cpu
 
 #include <memory>
+#include <new>
 
 namespace pykernels::cpu {
 
@@ -108,15 +110,19 @@ namespace pykernels::cpu {
 // is written before it is read, and a buffer of tens of megabytes (the transformed filters of a
 // 512-channel layer, backward-input's im2col columns of resnet_stem) allocated afresh on each call would
 // be mapped anew by the kernel, whose page faults cost as much as the work itself. The buffer stays
-// until the thread exits. Internal linkage: each file that uses it (and each instruction-set build of
-// one) has its own buffers.
+// until the thread exits. It starts on a cache line: at new[]'s 16 bytes, every full-vector load and
+// store of AVX-512 straddled two lines (Winograd F(2x2) ran a fifth faster once its buffers were aligned).
+// Internal linkage: each file that uses it (and each instruction-set build of one) has its own buffers.
 template <typename T, int Slot>
 static T* reusable_buffer(int64_t count) {
-  thread_local std::unique_ptr<T[]> buffer;
+  struct AlignedDelete {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  thread_local std::unique_ptr<T[], AlignedDelete> buffer;
   thread_local int64_t capacity = 0;
   if (count > capacity) {
     buffer.reset();  // free the old one first: peak memory is the new size, not both
-    buffer.reset(new T[static_cast<size_t>(count)]);
+    buffer.reset(static_cast<T*>(::operator new[](static_cast<size_t>(count) * sizeof(T), std::align_val_t(64))));
     capacity = count;
   }
   return buffer.get();
