@@ -74,6 +74,8 @@ F2_CASES = {
     "pad2": ((2, 96, 5, 5), (64, 96, 3, 3), 2),
     # enough channels for float64 too: ragged blocks of 4 input channels, a partial strip of output channels
     "ragged_256_float64": ((1, 260, 7, 7), (270, 260, 3, 3), ((0, 2), (1, 0))),
+    # 49 tiles of 2x2 where F(4x4) would also pay (16 tiles of 4x4), taken as the cheaper (F(4x4) in float64)
+    "chosen_over_f4": ((1, 128, 14, 14), (128, 128, 3, 3), 1),
 }
 
 
@@ -106,10 +108,11 @@ def test_f2_cases_take_the_f2_path(name, itemsize):
     x_shape, w_shape, padding = F2_CASES[name]
     pads = _pads(x_shape, padding)
     layer = (w_shape, (1, 1), pads, (1, 1), 1, itemsize)
-    f2 = itemsize == 4 or min(w_shape[:2]) >= 256  # else, in float64, no Winograd at all
-    assert _pykernels_cpu.conv2d_uses_winograd(x_shape, *layer) == f2
+    f2 = itemsize == 4 or min(w_shape[:2]) >= 256  # else, in float64, the GEMM or F(4x4)
     assert _pykernels_cpu.conv2d_winograd_is_f2(x_shape, *layer) == f2
-    assert _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, *layer) == f2
+    if f2:
+        assert _pykernels_cpu.conv2d_uses_winograd(x_shape, *layer)
+        assert _pykernels_cpu.conv2d_backward_input_uses_winograd(x_shape, *layer)
     # the transposed convolution (input and output channels swapped, padding 2 - pad) takes F(2x2) as well
     pt, pb, pl, pr = pads
     transposed_x = (x_shape[0], w_shape[0], x_shape[2] + pt + pb - 2, x_shape[3] + pl + pr - 2)
@@ -142,11 +145,15 @@ def test_small_or_strided_layers_do_not():
     # At batch 2 (8 tiles) backward-weight's sums would go through memory, at batch 4 (16) the GEMM is as fast.
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((4, 512, 7, 7), *layer_512)
-    # resnet_3x3_256 at batch 1: 16 tiles pay for a U that stays in L3 (forward and backward-input take
-    # 0.45 ms against the GEMM's 0.75-0.87); backward-weight's GEMM is as fast as Winograd there.
+    # resnet_3x3_256 at batch 1: 49 tiles of 2x2 (forward and backward-input take F(2x2) in 0.51 ms against
+    # F(4x4)'s 0.64 and the GEMM's 0.75-0.87); backward-weight's GEMM is as fast as Winograd there.
     layer_256 = ((256, 256, 3, 3), (1, 1), pads, (1, 1), 1)
     assert _pykernels_cpu.conv2d_uses_winograd((1, 256, 14, 14), *layer_256)
+    assert _pykernels_cpu.conv2d_winograd_is_f2((1, 256, 14, 14), *layer_256)
     assert _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 256, 14, 14), *layer_256)
+    # at batch 2 (98 tiles of 2x2) F(4x4)
+    assert _pykernels_cpu.conv2d_uses_winograd((2, 256, 14, 14), *layer_256)
+    assert not _pykernels_cpu.conv2d_winograd_is_f2((2, 256, 14, 14), *layer_256)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), *layer_256)
     # 32 tiles of a 64-channel layer pay for backward-weight's transforms (0.16 ms against 0.20).
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 64, 14, 14), (64, 64, 3, 3), (1, 1), pads,

@@ -12,8 +12,8 @@
 // Other paths, chosen per layer:
 // - 3x3 stride-1 layers take the Winograd path (winograd_impl.inc) for all three passes, backward-input
 //   as the transposed convolution, where winograd.cpp's cost rules say it pays (backward-weight's is
-//   stricter for the largest layers); those with too few tiles for F(4x4, 3x3) may take F(2x2, 3x3)
-//   (winograd_f2_impl.inc) for forward and backward-input; set_conv_algorithm("gemm") turns both off.
+//   stricter for the largest layers); those with few tiles take F(2x2, 3x3) (winograd_f2_impl.inc) instead
+//   for forward and backward-input where that costs less; set_conv_algorithm("gemm") turns both off.
 // - Forward of layers with overlapping windows and wide output rows (resnet_stem): one GEMM per output
 //   row reading x in place from a padded, stride-phase-split copy (conv_rows.cpp), with nothing packed;
 //   their backward-weight packs COL^T straight from such copies (phase_split_copy.hpp).

@@ -70,7 +70,7 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
 // with filter (k, c) the 3x3 block at w + k * k_stride + c * c_stride, rotated 180 degrees when `flipped`
 // (so backward-input runs as the transposed convolution without copying the weights).
 // Whether one of the two Winograd paths applies at element_bytes per value: F(4x4, 3x3) (winograd_impl.inc),
-// or F(2x2, 3x3) where F(4x4) has too few tiles (winograd_f2_impl.inc), which conv2d_winograd then takes.
+// or F(2x2, 3x3) for few tiles (winograd_f2_impl.inc), which conv2d_winograd takes wherever it applies.
 bool winograd_applies(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_f4_applies(const Conv2dShape& s);
 bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes);

@@ -34,20 +34,25 @@ double transformed_bytes(const Conv2dShape& s, int64_t element_bytes) {
   return double(s.K) * double(s.C) * 36.0 * double(element_bytes);
 }
 
-// 3x3, stride 1, undilated, one group, enough channels, and cheaper than the GEMM: the 36 GEMMs cost
-// 72 flops per tile and channel pair, direct convolution 18 per output and channel pair, and each of
-// the 36 transformed values per filter (channel pair) costs about `per_filter_value` flops' time on
-// top (see the callers).
+// 3x3, stride 1, undilated, one group.
 bool is_winograd_shape(const Conv2dShape& s) {
   const Window2d& w = s.win;
   return s.R == 3 && s.S == 3 && w.stride_h == 1 && w.stride_w == 1 && w.dilation_h == 1 && w.dilation_w == 1 &&
          s.groups == 1;
 }
 
+// Costs per channel pair, in flops of the GEMM: direct convolution 18 per output; F(4x4)'s 36 GEMMs 72 per
+// tile, and each of the 36 transformed values per filter about `per_filter_value` flops' time on top (see
+// the callers).
+double direct_cost(const Conv2dShape& s) { return 18.0 * double(s.N) * double(s.P) * double(s.Q); }
+double f4_cost(const Conv2dShape& s, double per_filter_value) {
+  return 72.0 * double(tile_count(s)) + 36.0 * per_filter_value;
+}
+
+// Enough channels and 4x4 tiles, and cheaper than the GEMM.
 bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
-  if (!(is_winograd_shape(s) && s.C >= 8 && s.K >= 8 && s.P >= 4 && s.Q >= 4)) return false;
-  const double tiles = double(tile_count(s));
-  return 72.0 * tiles + 36.0 * per_filter_value < 18.0 * double(s.N) * double(s.P) * double(s.Q);
+  return is_winograd_shape(s) && s.C >= 8 && s.K >= 8 && s.P >= 4 && s.Q >= 4 &&
+         f4_cost(s, per_filter_value) < direct_cost(s);
 }
 
 }  // namespace
@@ -75,21 +80,26 @@ int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes) {
 // batch 8 runs in 0.75x the time of the GEMM). About 200 when a U larger than L3 is written to memory and
 // read back (measured on resnet_3x3_512 before it streamed).
 // (The choice is made for float32's U: float64 runs the same layers, streaming from half the size.)
-bool winograd_f4_applies(const Conv2dShape& s) {
-  return winograd_worth_it(s, winograd_streams_filters(s, 4) ? 60.0 : 50.0);
-}
+namespace {
+double f4_per_filter_value(const Conv2dShape& s) { return winograd_streams_filters(s, 4) ? 60.0 : 50.0; }
+}  // namespace
 
-// F(2x2, 3x3) where F(4x4) does not pay (winograd_f2_impl.inc): 16 products per 2x2 tile and channel pair
-// (32 flops) against direct convolution's 18 per output, plus the filter's transform, redone on every call:
-// about 20 flops' time for each of its 16 values (resnet_3x3_512 at batch 1 took 0.55 ms against the GEMM's
-// 0.60, 0.29 of it in the 16 GEMMs). Up to 64 tiles (V, 16 x tiles x C, and each thread's M stay in L2).
-// From 64 channels in float32; from 256 in float64, where the gather and the transforms weigh twice as
-// much against each multiply (64-128 channels on 7x7 to 11x11 ran at 0.7-1.06x the GEMM's speed).
+bool winograd_f4_applies(const Conv2dShape& s) { return winograd_worth_it(s, f4_per_filter_value(s)); }
+
+// F(2x2, 3x3) (winograd_f2_impl.inc) where it costs less than both the GEMM and F(4x4): 16 products per 2x2
+// tile and channel pair (32 flops), plus the filter's transform, redone on every call: about 20 flops' time
+// for each of its 16 values (resnet_3x3_512 at batch 1 took 0.53 ms against the GEMM's 0.59, 0.29 of it in
+// the 16 GEMMs). Up to 64 tiles (V, 16 x tiles x C, and each thread's M stay in L2; with 98 to 196 tiles
+// it ran as fast as F(4x4), with 128 on 7x7 1.2x slower). Against F(4x4), at batch 1: 256 channels on 14x14
+// 0.51 ms against 0.64, 128 on 14x14 0.22 against 0.28, 512 on 7x7 at batch 4 1.90 against 2.00. From 64
+// channels in float32; from 256 in float64, where the gather and the transforms weigh twice as much
+// against each multiply (64-128 channels on 7x7 to 11x11 ran at 0.7-1.06x the GEMM's speed).
 bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes) {
   const int64_t min_channels = element_bytes > 4 ? 256 : 64;
-  if (!(is_winograd_shape(s) && s.C >= min_channels && s.K >= min_channels) || winograd_f4_applies(s)) return false;
+  if (!(is_winograd_shape(s) && s.C >= min_channels && s.K >= min_channels)) return false;
   const double tiles = double(s.N) * double((s.P + 1) / 2) * double((s.Q + 1) / 2);
-  return tiles <= 64 && 32.0 * tiles + 16.0 * 20.0 < 18.0 * double(s.N) * double(s.P) * double(s.Q);
+  const double cost = 32.0 * tiles + 16.0 * 20.0;
+  return tiles <= 64 && cost < direct_cost(s) && (!winograd_f4_applies(s) || cost < f4_cost(s, f4_per_filter_value(s)));
 }
 
 bool winograd_applies(const Conv2dShape& s, int64_t element_bytes) {
