@@ -124,16 +124,18 @@ bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_by
   return !sums_fit_l3(s, element_bytes) && total <= winograd_backward_weight_chunk(s, element_bytes) && total <= 256;
 }
 
-// Backward-weight's cost per value of D, in flops of the GEMM: about 80 while D stays in L3 or goes through
-// L2 by blocks, about 200 when it goes out to memory and back (resnet_3x3_512 at batch 2 took 2.6 ms that
-// way, the GEMM 1.2). With 80, layers of 16 tiles and 196 positions (resnet_3x3_256 at batch 1, 128
-// channels on 7x7 at batch 4) stay on the GEMM, which was as fast or up to 20 % faster; 32 tiles and 392
-// positions take Winograd (resnet_3x3_512 at batch 8: 3.3 ms against 4.2; 64 channels on 14x14 at batch
-// 2: 0.16 against 0.20). Chosen for float32, as forward. Measured with 64 channels or more: below that
-// the transforms of x and grad_y, per channel and tile, weigh more per channel pair, and 200 stays.
+// Backward-weight's cost per value of D, in flops of the GEMM: about 40 while D stays in L3 (since the input
+// transform runs over vectors of channels: resnet_3x3_256 at batch 1 0.45 ms against the GEMM's 0.55, 128
+// channels on 7x7 at batch 4 0.16 against 0.19, on 12x12 at batch 1 0.12 against 0.18), about 80 where it
+// goes through L2 by blocks (with 40, resnet_3x3_512 at batch 3 took 1.70 ms against the GEMM's 1.54),
+// about 200 when it goes out to memory and back (resnet_3x3_512 at batch 2 took 2.6 ms that way, the GEMM
+// 1.2). 32 tiles and 392 positions take Winograd even at 80 (resnet_3x3_512 at batch 8: 3.3 ms against
+// 4.2). Chosen for float32, as forward. Measured with 64 channels or more: below that the transforms of x
+// and grad_y, per channel and tile, weigh more per channel pair, and 200 stays.
 bool winograd_backward_weight_applies(const Conv2dShape& s) {
-  const bool cheap = s.C >= 64 && s.K >= 64 && (sums_fit_l3(s, 4) || winograd_backward_weight_in_blocks(s, 4));
-  return winograd_worth_it(s, cheap ? 80.0 : 200.0);
+  if (!(s.C >= 64 && s.K >= 64)) return winograd_worth_it(s, 200.0);
+  if (sums_fit_l3(s, 4)) return winograd_worth_it(s, 40.0);
+  return winograd_worth_it(s, winograd_backward_weight_in_blocks(s, 4) ? 80.0 : 200.0);
 }
 
 template <typename T>
