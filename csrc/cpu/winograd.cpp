@@ -61,7 +61,8 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 // 4 MiB), so that no filter is transformed twice. resnet_3x3_256 at batch 1 (9.4 MB of U, 16 tiles): with
 // the caches flushed before each call, forward 0.65 ms streamed against 0.83 at once, backward-input 0.69
 // against 0.78, and in this host's slow phases 0.48-0.72 against 0.65-1.34; with warm caches in a quiet
-// phase 0.52 against 0.48. At batch 8 (128 tiles, two chunks) it still transforms U at once.
+// phase 0.52 against 0.48 (measured before that layer took F(2x2), which it now does at batch 1; at batch
+// 2 it streams). At batch 8 (128 tiles, two chunks) it still transforms U at once.
 bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes) {
   const double u_bytes = transformed_bytes(s, element_bytes);
   if (u_bytes > 16.0 * (1 << 20)) return true;
