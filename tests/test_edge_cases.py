@@ -406,6 +406,12 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_sums_directly(xd.shape, wg.shape, (1, 1), (1, 1, 1, 1), (1, 1), 4) == (True, True)
     yg = pk.conv2d(xd, wg, padding=1, groups=4)
     grouped = (yg, *pk.conv2d_backward(yg, xd, wg, padding=1, groups=4, need_bias=False)[:2])
+    # depthwise on planes of a page (32x36): backward-weight's threads each take a run of the 13 channels
+    # (all 13; 6 + 7; or 2 + 3 + 2 + 3 + 3 of them), image by image
+    xp = rng.standard_normal((3, 13, 32, 36)).astype(dtype)
+    wp = rng.standard_normal((13, 1, 3, 3)).astype(dtype)
+    yp = pk.conv2d(xp, wp, padding=1, groups=13)
+    grouped += (pk.conv2d_backward(yp, xp, wp, padding=1, groups=13, need_input=False, need_bias=False)[1],)
     # Winograd F(2x2) at batch 1 (256 channels and more: float64 too), forward and backward-input: the
     # threads take shares of the output channels in whole vectors, each a strip of them at a time
     x2 = rng.standard_normal((1, 260, 7, 7)).astype(dtype)

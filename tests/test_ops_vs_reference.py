@@ -254,6 +254,11 @@ CONV_CASES = {
     "depthwise_stride2_dilated": conv_case((2, 6, 13, 12), (6, 1, 3, 3), stride=2, padding=2, dilation=2, groups=6),
     "depthwise_stride3_2_asym": conv_case((1, 4, 11, 14), (8, 1, 3, 3), stride=(3, 2), padding=((1, 2), (0, 1)),
                                           groups=4),
+    # planes of a page or more (33x35): backward-weight goes image by image through each thread's run of
+    # groups, their sums kept between images (3 images, 5 groups over the threads' runs); grouped, with
+    # 8 output channels per group in register blocks
+    "depthwise_page_planes": conv_case((3, 5, 33, 35), (5, 1, 3, 3), stride=2, padding=1, groups=5),
+    "grouped_page_planes": conv_case((2, 8, 20, 30), (16, 4, 3, 3), padding=1, groups=2),
     # stride 3 past a 1x1 kernel: phases that no tap reads (backward-input leaves them zero)
     "few_weights_stride_past_kernel": conv_case((2, 3, 10, 11), (3, 1, 1, 1), stride=3, groups=3),
     # padding wider than the kernel, stride 4 (a phase of padding only), 2x2 kernel
