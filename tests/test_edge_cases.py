@@ -419,8 +419,14 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_winograd_is_f2(x2.shape, w2.shape, (1, 1), (1, 1, 1, 1), (1, 1), 1, x2.itemsize)
     y2 = pk.conv2d(x2, w2, padding=1)
     f2 = (y2, pk.conv2d_backward(y2, x2, w2, padding=1, need_weight=False, need_bias=False)[0])
+    # a 6x6 kernel as a 3x3 layer of 4x the channels on Winograd (split_kernel.cpp), all three passes
+    x6 = rng.standard_normal((3, 16, 20, 20)).astype(dtype)
+    w6 = rng.standard_normal((16, 16, 6, 6)).astype(dtype)
+    assert _pykernels_cpu.conv2d_uses_split_winograd(x6.shape, w6.shape, (1, 1), (0, 0, 0, 0), (1, 1), 1, x6.itemsize)
+    y6 = pk.conv2d(x6, w6)
+    split = (y6, *pk.conv2d_backward(y6, x6, w6, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split)
 
 
 def _run_all(x, w, b, go):

@@ -427,6 +427,12 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
                    "Whether conv2d forward on these shapes takes the Winograd path (for tests)."},
         std::tuple{"conv2d_backward_input_uses_winograd", &pykernels::cpu::conv2d_backward_input_winograd_chosen,
                    "Whether conv2d backward-input on these shapes takes the Winograd path (for tests)."},
+        std::tuple{"conv2d_uses_split_winograd", &pykernels::cpu::conv2d_split_winograd_chosen,
+                   "Whether conv2d forward on these shapes (4x4 to 6x6 kernels) takes the Winograd path as a 3x3 "
+                   "layer of four times the input channels (for tests)."},
+        std::tuple{"conv2d_backward_weight_uses_split_winograd",
+                   &pykernels::cpu::conv2d_backward_weight_split_winograd_chosen,
+                   "The same for conv2d backward-weight (for tests)."},
         std::tuple{"conv2d_winograd_is_f2", &pykernels::cpu::winograd_f2_applies,
                    "Whether these shapes, where forward (or backward-input's transposed convolution) takes the "
                    "Winograd path, take F(2x2, 3x3) rather than F(4x4, 3x3) (for tests)."}})

@@ -23,6 +23,9 @@
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
+// - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
+//   input channels, shifted copies of x, where that costs less (split_kernel.cpp): forward, backward-weight,
+//   and backward-input where it runs as the transposed forward (below).
 // - Backward-input of stride-1 layers with large (25+ taps) or dilated windows and 'same'-like padding
 //   runs as the transposed convolution through the forward's paths, instead of col2im's scattered adds
 //   (transposed_shape).
@@ -241,6 +244,8 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   if (conv2d_winograd_chosen(s, sizeof(T))) {
     conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
     if (all_finite(y, s.y_numel())) return;  // else the GEMM below recomputes y (see all_finite)
+  } else if (conv2d_forward_split_winograd(s, x, w, bias, y)) {
+    if (all_finite(y, s.y_numel())) return;  // likewise
   }
   if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
@@ -476,6 +481,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   if (conv2d_backward_weight_winograd_chosen(s)) {
     conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
+  } else if (conv2d_backward_weight_split_winograd(s, grad_y, x, grad_w)) {
+    if (all_finite(grad_w, s.w_numel())) return;  // likewise
   } else if (conv2d_backward_weight_reads_wide_rows(s, sizeof(T))) {
     conv2d_backward_weight_wide(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (kernels.hpp)

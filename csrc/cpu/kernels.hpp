@@ -74,6 +74,10 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_applies(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_f4_applies(const Conv2dShape& s);
 bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes);
+// What the path winograd_applies to costs per channel pair (forward), in flops of the GEMM as the rules count
+// them (the direct convolution: 18 per output); infinity where none applies. The same for backward-weight.
+double winograd_cost(const Conv2dShape& s, int64_t element_bytes);
+double winograd_backward_weight_cost(const Conv2dShape& s);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
 // than 16 MiB at element_bytes per value, or more than 4 MiB with every tile in one chunk), rather than
 // all at once before; and that streamed path's chunk of tiles.
@@ -96,6 +100,17 @@ void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>&
 // grad_w of a layer winograd_backward_weight_applies to (F(4x4)); same contract as conv2d_backward_weight.
 template <typename T>
 void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+
+// split_kernel.cpp -- 4x4 to 6x6 kernels, stride 1, undilated, one group, as a 3x3 layer of four times the
+// input channels on the Winograd path: whether forward (and backward-input's transposed convolution, a
+// forward) and backward-weight take it at element_bytes per value; the passes, which return false where it
+// is not chosen. A result holding NaN or inf is recomputed on the other paths (conv2d.cpp, all_finite).
+bool conv2d_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_weight_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+bool conv2d_forward_split_winograd(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+bool conv2d_backward_weight_split_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
 // relu.cpp -- elementwise over `count` values.
 template <typename T>

@@ -4,6 +4,7 @@
 #include "cpu/kernels.hpp"
 
 #include <algorithm>
+#include <limits>
 
 namespace pykernels::cpu {
 
@@ -95,16 +96,27 @@ bool winograd_f4_applies(const Conv2dShape& s) { return winograd_worth_it(s, f4_
 // 0.51 ms against 0.64, 128 on 14x14 0.22 against 0.28, 512 on 7x7 at batch 4 1.90 against 2.00. From 64
 // channels in float32; from 256 in float64, where the gather and the transforms weigh twice as much
 // against each multiply (64-128 channels on 7x7 to 11x11 ran at 0.7-1.06x the GEMM's speed).
+namespace {
+double f2_tiles(const Conv2dShape& s) { return double(s.N) * double((s.P + 1) / 2) * double((s.Q + 1) / 2); }
+double f2_cost(const Conv2dShape& s) { return 32.0 * f2_tiles(s) + 16.0 * 20.0; }
+}  // namespace
+
 bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes) {
   const int64_t min_channels = element_bytes > 4 ? 256 : 64;
   if (!(is_winograd_shape(s) && s.C >= min_channels && s.K >= min_channels)) return false;
-  const double tiles = double(s.N) * double((s.P + 1) / 2) * double((s.Q + 1) / 2);
-  const double cost = 32.0 * tiles + 16.0 * 20.0;
-  return tiles <= 64 && cost < direct_cost(s) && (!winograd_f4_applies(s) || cost < f4_cost(s, f4_per_filter_value(s)));
+  const double cost = f2_cost(s);
+  return f2_tiles(s) <= 64 && cost < direct_cost(s) &&
+         (!winograd_f4_applies(s) || cost < f4_cost(s, f4_per_filter_value(s)));
 }
 
 bool winograd_applies(const Conv2dShape& s, int64_t element_bytes) {
   return winograd_f4_applies(s) || winograd_f2_applies(s, element_bytes);
+}
+
+double winograd_cost(const Conv2dShape& s, int64_t element_bytes) {
+  if (winograd_f2_applies(s, element_bytes)) return f2_cost(s);
+  if (winograd_f4_applies(s)) return f4_cost(s, f4_per_filter_value(s));
+  return std::numeric_limits<double>::infinity();
 }
 
 // V and E of a chunk together within about 4 MiB, in whole 48-tile groups.
@@ -133,10 +145,21 @@ bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_by
 // 1.2). 32 tiles and 392 positions take Winograd even at 80 (resnet_3x3_512 at batch 8: 3.3 ms against
 // 4.2). Chosen for float32, as forward. Measured with 64 channels or more: below that the transforms of x
 // and grad_y, per channel and tile, weigh more per channel pair, and 200 stays.
+namespace {
+double backward_weight_per_value(const Conv2dShape& s) {
+  if (!(s.C >= 64 && s.K >= 64)) return 200.0;
+  if (sums_fit_l3(s, 4)) return 40.0;
+  return winograd_backward_weight_in_blocks(s, 4) ? 80.0 : 200.0;
+}
+}  // namespace
+
 bool winograd_backward_weight_applies(const Conv2dShape& s) {
-  if (!(s.C >= 64 && s.K >= 64)) return winograd_worth_it(s, 200.0);
-  if (sums_fit_l3(s, 4)) return winograd_worth_it(s, 40.0);
-  return winograd_worth_it(s, winograd_backward_weight_in_blocks(s, 4) ? 80.0 : 200.0);
+  return winograd_worth_it(s, backward_weight_per_value(s));
+}
+
+double winograd_backward_weight_cost(const Conv2dShape& s) {
+  return winograd_backward_weight_applies(s) ? f4_cost(s, backward_weight_per_value(s))
+                                             : std::numeric_limits<double>::infinity();
 }
 
 template <typename T>
