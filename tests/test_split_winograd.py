@@ -1,7 +1,8 @@
 """4x4 to 6x6 kernels on the Winograd path as a 3x3 layer of four times the input channels
 (csrc/cpu/split_kernel.cpp) against the float64 reference.
 
-The kernel, zero-padded to 6x6, splits into four 3x3 pieces; each piece convolves a shifted copy of x.
+The kernel, zero-padded to 6x6, splits into four 3x3 pieces; each piece convolves x shifted by its offset,
+which F(4x4)'s input transform reads in place.
 Forward takes that path where its cost rule says so, backward-input where it runs as the transposed
 convolution through the forward ('same'-like padding, 5x5 and 6x6), backward-weight where its own rule
 does. Every case is checked to take the paths it is meant to test, and runs under both algorithms ('auto'
@@ -18,19 +19,20 @@ from pykernels import reference as ref
 # name: (x shape, weight shape, padding, backward-input as the split transposed forward, backward-weight split)
 CASES = {
     # 'same' 5x5 (conv_5x5_64's layout on a small image): forward and backward-input split
-    "same_5x5": ((2, 32, 16, 17), (24, 32, 5, 5), 2, True, False),
-    # asymmetric padding: the pieces' copies start at different rows and columns of x
-    "asym_pad_5x5": ((2, 32, 16, 17), (24, 32, 5, 5), ((1, 2), (0, 3)), True, False),
-    # 4x6: pieces cut by the kernel's edges differently along the two axes; 20 input channels, not a
-    # multiple of any vector
-    "k4x6_ragged_channels": ((3, 20, 21, 19), (32, 20, 4, 6), 1, False, False),
-    # 6x6 with no padding: no zero taps, and the copies read x without padding (backward-weight split)
+    "same_5x5": ((2, 32, 16, 17), (32, 32, 5, 5), 2, True, False),
+    # asymmetric padding: the pieces start at different rows and columns of x
+    "asym_pad_5x5": ((2, 32, 16, 17), (32, 32, 5, 5), ((1, 2), (0, 3)), True, False),
+    # 4x6: pieces cut by the kernel's edges differently along the two axes
+    "k4x6": ((3, 32, 21, 19), (32, 32, 4, 6), 1, False, False),
+    # 6x6 with no padding: no zero taps, and the pieces read x without padding (backward-weight split)
     "k6x6_valid": ((3, 16, 20, 20), (16, 16, 6, 6), 0, False, True),
     # 4x4 with asymmetric padding (the transposed convolution is not taken for 16 taps)
-    "k4x4_asym": ((2, 24, 30, 30), (32, 24, 4, 4), ((1, 2), (1, 2)), False, False),
-    # 7 images of 1.5 MB of copies each in float32 (3 MB in float64): forward in chunks of 5 + 2 (2 + 2 + 2
-    # + 1) images within 8 MiB; backward-weight over the whole batch
-    "chunks": ((7, 64, 36, 36), (16, 64, 5, 5), 2, True, True),
+    "k4x4_asym": ((2, 32, 30, 30), (32, 32, 4, 4), ((1, 2), (1, 2)), False, False),
+    # 7 images of 81 tiles: F(4x4)'s chunks of tiles span images
+    "seven_images": ((7, 64, 36, 36), (16, 64, 5, 5), 2, True, True),
+    # 17.7 MB of transformed filters in float32 (160 x 768 x 36): transformed block by block as the GEMMs use
+    # them (winograd_streamed_filters), forward and the transposed forward alike
+    "streamed_filters": ((2, 192, 14, 14), (160, 192, 5, 5), 2, True, False),
     # 64 channels in and out, as conv_5x5_64 (backward-weight split)
     "channels_64": ((2, 64, 20, 20), (64, 64, 5, 5), 2, True, True),
     # batch 1: backward-input on col2im (the transposed forward wants two images)
@@ -81,7 +83,11 @@ def test_other_layers_do_not():
     assert not split((8, 64, 28, 28), (64, 64, 3, 3), pads=(1, 1, 1, 1))  # 3x3: Winograd itself
     assert not split((8, 8, 28, 28), (64, 8, 5, 5))  # too few input channels
     assert not split((64, 1, 28, 28), (6, 1, 5, 5), pads=(0, 0, 0, 0))  # LeNet: summed directly
-    assert not split((2, 64, 7, 7), (64, 64, 5, 5))  # 7x7 images: too few outputs to pay for the copies
+    assert not split((2, 64, 7, 7), (64, 64, 5, 5))  # 7x7 images: too few 4x4 tiles
+    # input channels not a multiple of the input transform's block of 16 (a block would straddle two pieces)
+    assert not split((3, 20, 21, 19), (32, 20, 4, 6), pads=(1, 1, 1, 1))
+    # few tiles: the 3x3 layer would take F(2x2), which reads x as it lies (no pieces)
+    assert not split((1, 256, 14, 14), (256, 256, 5, 5))
 
 
 def _relative_error(got, want):
@@ -114,13 +120,13 @@ def test_all_passes_match_reference(algorithm, name):
     _check_against_reference(name)
 
 
-@pytest.mark.parametrize("name", ["k4x6_ragged_channels", "chunks", "channels_64"])
+@pytest.mark.parametrize("name", ["k4x6", "seven_images", "channels_64"])
 def test_every_instruction_set(isa, name):
     _check_against_reference(name)
 
 
 def test_deterministic():
-    x_shape, w_shape, padding = CASES["chunks"][:3]
+    x_shape, w_shape, padding = CASES["seven_images"][:3]
     rng = np.random.default_rng(17)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -131,9 +137,9 @@ def test_deterministic():
         assert np.array_equal(a, c)
 
 
-# A NaN or inf leaves non-finite values in every output of the tiles whose patches read it (the shifted
-# copies hold it in four places, and zero taps meet it: 0 * inf is NaN), so the pass is recomputed on the
-# other paths: exactly the outputs direct convolution reaches are non-finite.
+# A NaN or inf leaves non-finite values in every output of the tiles whose patches read it (four pieces read
+# it, and zero taps meet it: 0 * inf is NaN), so the pass is recomputed on the other paths: exactly the
+# outputs direct convolution reaches are non-finite.
 @pytest.mark.parametrize("where", ["x_inside", "x_last", "weight", "grad_out"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("name", ["same_5x5", "k6x6_valid"])

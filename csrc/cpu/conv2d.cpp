@@ -24,8 +24,8 @@
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
-//   input channels, shifted copies of x, where that costs less (split_kernel.cpp): forward, backward-weight,
-//   and backward-input where it runs as the transposed forward (below).
+//   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,
+//   backward-weight, and backward-input where it runs as the transposed forward (below).
 // - Backward-input of stride-1 layers with large (25+ taps) or dilated windows and 'same'-like padding
 //   runs as the transposed convolution through the forward's paths, instead of col2im's scattered adds
 //   (transposed_shape).

@@ -100,6 +100,29 @@ void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>&
 // grad_w of a layer winograd_backward_weight_applies to (F(4x4)); same contract as conv2d_backward_weight.
 template <typename T>
 void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+// Where F(4x4)'s input transform reads input channel c of s (whose padding it then ignores): channel c %
+// channels of x (`channels` planes of H x W per image), padded by pad_top[p] rows and pad_left[p] columns
+// for c's piece p = c / channels. A plain layer is one piece: x, s's channels, size and padding.
+// split_kernel.cpp's 3x3 layer of 4 C channels is four pieces of x's C channels, shifted; channels is then
+// a multiple of kWinogradInputChannels, the transform's block, so that no block straddles two pieces.
+constexpr int64_t kWinogradInputChannels = 16;
+template <typename T>
+struct WinogradInput {
+  const T* x;
+  int64_t channels, H, W;
+  int64_t pad_top[4], pad_left[4];
+};
+template <typename T>
+WinogradInput<T> plain_winograd_input(const Conv2dShape& s, const T* x) {
+  return {x, s.C, s.H, s.W, {s.win.pad_top}, {s.win.pad_left}};
+}
+// conv2d_winograd and conv2d_backward_weight_winograd reading x so, on F(4x4) (winograd_f2_applies(s) must
+// be false for the forward).
+template <typename T>
+void conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
+                           const T* bias, T* y);
+template <typename T>
+void conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, const WinogradInput<T>& x, T* grad_w);
 
 // split_kernel.cpp -- 4x4 to 6x6 kernels, stride 1, undilated, one group, as a 3x3 layer of four times the
 // input channels on the Winograd path: whether forward (and backward-input's transposed convolution, a

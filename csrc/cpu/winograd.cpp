@@ -11,10 +11,10 @@ namespace pykernels::cpu {
 #define PYKERNELS_DECLARE_WINOGRAD(ns)                                                                        \
   namespace ns {                                                                                              \
   template <typename T>                                                                                       \
-  void conv2d_winograd(const Conv2dShape&, const T*, const WinogradFilters<T>&, const PackedLayout&, const T*, \
-                       T*);                                                                                   \
+  void conv2d_winograd(const Conv2dShape&, const WinogradInput<T>&, const WinogradFilters<T>&,               \
+                       const PackedLayout&, const T*, T*);                                                    \
   template <typename T>                                                                                       \
-  void conv2d_backward_weight_winograd(const Conv2dShape&, const T*, const T*, T*);                          \
+  void conv2d_backward_weight_winograd(const Conv2dShape&, const T*, const WinogradInput<T>&, T*);           \
   template <typename T>                                                                                       \
   void conv2d_winograd_f2(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*);            \
   }
@@ -163,18 +163,29 @@ double winograd_backward_weight_cost(const Conv2dShape& s) {
 }
 
 template <typename T>
-void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
-  if (winograd_f2_applies(s, sizeof(T))) {
-    PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_winograd_f2<T>(s, x, filters, bias, y))
-  }
+void conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
+                           const T* bias, T* y) {
   // The transformed filters are packed for the active GEMM build; the transforms run on the same one.
   const PackedLayout layout = packed_layout<T>(s.K, s.C);
   PYKERNELS_RETURN_ON_BUILD(layout.isa, conv2d_winograd<T>(s, x, filters, layout, bias, y))
 }
 
 template <typename T>
-void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
+  if (winograd_f2_applies(s, sizeof(T))) {
+    PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_winograd_f2<T>(s, x, filters, bias, y))
+  }
+  conv2d_winograd_f4_of(s, plain_winograd_input(s, x), filters, bias, y);
+}
+
+template <typename T>
+void conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, const WinogradInput<T>& x, T* grad_w) {
   PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_winograd<T>(s, grad_y, x, grad_w))
+}
+
+template <typename T>
+void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  conv2d_backward_weight_winograd_of(s, grad_y, plain_winograd_input(s, x), grad_w);
 }
 
 template void conv2d_backward_weight_winograd<float>(const Conv2dShape&, const float*, const float*, float*);
@@ -183,5 +194,13 @@ template void conv2d_winograd<float>(const Conv2dShape&, const float*, const Win
                                      float*);
 template void conv2d_winograd<double>(const Conv2dShape&, const double*, const WinogradFilters<double>&,
                                       const double*, double*);
+template void conv2d_winograd_f4_of<float>(const Conv2dShape&, const WinogradInput<float>&,
+                                           const WinogradFilters<float>&, const float*, float*);
+template void conv2d_winograd_f4_of<double>(const Conv2dShape&, const WinogradInput<double>&,
+                                            const WinogradFilters<double>&, const double*, double*);
+template void conv2d_backward_weight_winograd_of<float>(const Conv2dShape&, const float*, const WinogradInput<float>&,
+                                                        float*);
+template void conv2d_backward_weight_winograd_of<double>(const Conv2dShape&, const double*,
+                                                         const WinogradInput<double>&, double*);
 
 }  // namespace pykernels::cpu
