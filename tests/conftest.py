@@ -28,3 +28,13 @@ def isa(request):
 def portable_isa(request):
     """The portable (baseline x86-64) kernels for the duration of one test."""
     return _use_isa(request, "portable")
+
+
+@pytest.fixture(params=["auto", "gemm"])
+def algorithm(request):
+    """Runs the test under each convolution algorithm: 'auto' (the Winograd paths where they apply) and
+    'gemm' (none of them); the finalizer restores the previous one."""
+    previous = _pykernels_cpu.conv_algorithm()
+    request.addfinalizer(lambda: _pykernels_cpu.set_conv_algorithm(previous))
+    _pykernels_cpu.set_conv_algorithm(request.param)
+    return request.param

@@ -40,14 +40,6 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["auto", "gemm"])
-def algorithm(request):
-    previous = _pykernels_cpu.conv_algorithm()
-    request.addfinalizer(lambda: _pykernels_cpu.set_conv_algorithm(previous))
-    _pykernels_cpu.set_conv_algorithm(request.param)
-    return request.param
-
-
 def _layer(name, itemsize):
     x_shape, w_shape, padding = CASES[name][:3]
     (pt, pb), (pl, pr) = ref.normalize_padding(padding, x_shape[2:], w_shape[2:], (1, 1), (1, 1))

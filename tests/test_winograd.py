@@ -79,14 +79,6 @@ F2_CASES = {
 }
 
 
-@pytest.fixture(params=["auto", "gemm"])
-def algorithm(request):
-    previous = _pykernels_cpu.conv_algorithm()
-    request.addfinalizer(lambda: _pykernels_cpu.set_conv_algorithm(previous))
-    _pykernels_cpu.set_conv_algorithm(request.param)
-    return request.param
-
-
 def _pads(x_shape, padding):
     (pt, pb), (pl, pr) = ref.normalize_padding(padding, x_shape[2:], (3, 3), (1, 1), (1, 1))
     return pt, pb, pl, pr
