@@ -11,7 +11,6 @@
 // conv2d_forward (conv2d.cpp, 'same'-like padding); backward-weight as the 3x3 layer's, its pieces'
 // gradients put back in place (those of the padding taps dropped).
 // Taken where winograd.cpp's costs of the 3x3 layer on F(4x4), times 4, undercut direct convolution.
-#include <algorithm>
 #include <optional>
 
 #include "cpu/conv_ranges.hpp"
