@@ -75,7 +75,9 @@ bool winograd_applies(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_f4_applies(const Conv2dShape& s);
 bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes);
 // What the path winograd_applies to costs per channel pair (forward), in flops of the GEMM as the rules count
-// them (the direct convolution: 18 per output); infinity where none applies. The same for backward-weight.
+// them; infinity where none applies. The same for backward-weight. Against direct convolution's 2 R S flops
+// per output and channel pair (conv2d_direct_cost), in the same units.
+double conv2d_direct_cost(const Conv2dShape& s);
 double winograd_cost(const Conv2dShape& s, int64_t element_bytes);
 double winograd_backward_weight_cost(const Conv2dShape& s);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more

@@ -51,9 +51,6 @@ WinogradInput<T> pieces_input(const Conv2dShape& s, const T* x) {
   return in;
 }
 
-// Directly, 2 RS flops per output and channel pair; split, 4 of the 3x3 layer's channel pairs.
-double direct_cost(const Conv2dShape& s) { return 2.0 * double(s.R * s.S) * double(s.N) * double(s.P * s.Q); }
-
 // The pieces' filters (t's weights, K x 4C x 3 x 3): tap (r, q) of piece (a, b) is w's (a + r, b + q), zero
 // past R or S.
 template <typename T>
@@ -79,13 +76,13 @@ bool conv2d_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
   const std::optional<Conv2dShape> t = pieces_shape(s);
   // F(4x4) only: F(2x2) reads x as it lies, without the pieces' shifts
   if (!t || !conv2d_winograd_chosen(*t, element_bytes) || winograd_f2_applies(*t, element_bytes)) return false;
-  return kPieces * winograd_cost(*t, element_bytes) < direct_cost(s);
+  return kPieces * winograd_cost(*t, element_bytes) < conv2d_direct_cost(s);  // a pair: 4 of t's
 }
 
 bool conv2d_backward_weight_split_winograd_chosen(const Conv2dShape& s, int64_t /*element_bytes*/) {
   const std::optional<Conv2dShape> t = pieces_shape(s);
   if (!t || !conv2d_backward_weight_winograd_chosen(*t)) return false;
-  return kPieces * winograd_backward_weight_cost(*t) < direct_cost(s);
+  return kPieces * winograd_backward_weight_cost(*t) < conv2d_direct_cost(s);
 }
 
 template <typename T>

@@ -25,6 +25,10 @@ PYKERNELS_DECLARE_WINOGRAD(avx512)
 #endif
 #undef PYKERNELS_DECLARE_WINOGRAD
 
+double conv2d_direct_cost(const Conv2dShape& s) {
+  return 2.0 * double(s.R * s.S) * double(s.N) * double(s.P) * double(s.Q);
+}
+
 namespace {
 
 // The layer's 4x4 output tiles over the batch (winograd_impl.inc's TileGrid::total).
@@ -42,10 +46,9 @@ bool is_winograd_shape(const Conv2dShape& s) {
          s.groups == 1;
 }
 
-// Costs per channel pair, in flops of the GEMM: direct convolution 18 per output; F(4x4)'s 36 GEMMs 72 per
-// tile, and each of the 36 transformed values per filter about `per_filter_value` flops' time on top (see
-// the callers).
-double direct_cost(const Conv2dShape& s) { return 18.0 * double(s.N) * double(s.P) * double(s.Q); }
+// Costs per channel pair, in flops of the GEMM: direct convolution 18 per output (conv2d_direct_cost);
+// F(4x4)'s 36 GEMMs 72 per tile, and each of the 36 transformed values per filter about `per_filter_value`
+// flops' time on top (see the callers).
 double f4_cost(const Conv2dShape& s, double per_filter_value) {
   return 72.0 * double(tile_count(s)) + 36.0 * per_filter_value;
 }
@@ -53,7 +56,7 @@ double f4_cost(const Conv2dShape& s, double per_filter_value) {
 // Enough channels and 4x4 tiles, and cheaper than the GEMM.
 bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
   return is_winograd_shape(s) && s.C >= 8 && s.K >= 8 && s.P >= 4 && s.Q >= 4 &&
-         f4_cost(s, per_filter_value) < direct_cost(s);
+         f4_cost(s, per_filter_value) < conv2d_direct_cost(s);
 }
 
 }  // namespace
@@ -105,7 +108,7 @@ bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes) {
   const int64_t min_channels = element_bytes > 4 ? 256 : 64;
   if (!(is_winograd_shape(s) && s.C >= min_channels && s.K >= min_channels)) return false;
   const double cost = f2_cost(s);
-  return f2_tiles(s) <= 64 && cost < direct_cost(s) &&
+  return f2_tiles(s) <= 64 && cost < conv2d_direct_cost(s) &&
          (!winograd_f4_applies(s) || cost < f4_cost(s, f4_per_filter_value(s)));
 }
 
