@@ -388,13 +388,13 @@ def _copy_and_shared_paths(dtype):
     g5 = pk.conv2d_backward(pk.conv2d(xd, w5, padding=2), xd, w5, padding=2, need_weight=False, need_bias=False)[0]
     # wide rows at batch 1: the threads split the image's rows into blocks, at least one each (forward, and
     # backward-input as the transposed forward)
-    xw = rng.standard_normal((1, 6, 30, 38)).astype(dtype)
-    ww = rng.standard_normal((10, 6, 5, 5)).astype(dtype)
+    xw = rng.standard_normal((1, 8, 30, 38)).astype(dtype)
+    ww = rng.standard_normal((10, 8, 5, 5)).astype(dtype)
     assert _pykernels_cpu.conv2d_forward_reads_rows_in_place(xw.shape, ww.shape, (1, 1), (2, 2, 2, 2), (1, 1), 1,
                                                              xw.itemsize) == "wide"
     yw = pk.conv2d(xw, ww, padding=2)
     wide = (yw, pk.conv2d_backward(yw, xw, ww, padding=2, need_weight=False, need_bias=False)[0])
-    # backward-weight on wide rows at batch 2 and 1, 150 taps in tasks of 24 rows split among the threads
+    # backward-weight on wide rows at batch 2 and 1, 200 taps in tasks of 24 rows split among the threads
     assert _pykernels_cpu.conv2d_backward_weight_reads_wide_rows(xw.shape, ww.shape, (1, 1), (2, 2, 2, 2), (1, 1),
                                                                  1, xw.itemsize)
     x2 = np.concatenate([xw, xw[:, ::-1]])

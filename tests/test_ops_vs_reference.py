@@ -226,9 +226,11 @@ CONV_CASES = {
     # of rows (backward-input too, as the transposed forward); 60 rows of 98 columns in 2 blocks (float32)
     # or 4 (float64) per image; groups of 36 output channels (more than the direct sums take)
     "wide_rows_batch2": conv_case((2, 9, 13, 11), (21, 9, 5, 5), padding=2),
-    "wide_rows_batch1": conv_case((1, 6, 20, 38), (10, 6, 3, 5), padding=2, dilation=(2, 1)),
+    "wide_rows_batch1": conv_case((1, 16, 20, 38), (10, 16, 3, 5), padding=2, dilation=(2, 1)),
     "wide_rows_blocks": conv_case((2, 18, 60, 96), (8, 18, 5, 3), padding=(2, 1)),
-    "wide_rows_grouped": conv_case((2, 12, 10, 14), (108, 4, 3, 5), padding=(1, 2), groups=3),
+    "wide_rows_grouped": conv_case((2, 24, 10, 14), (108, 8, 3, 5), padding=(1, 2), groups=3),
+    # 70 output channels: backward-weight's packed grad_y in two strips, the second part empty
+    "wide_rows_two_strips": conv_case((2, 12, 18, 23), (70, 12, 5, 5), padding=2),
     "transposed_wide_batch1": conv_case((1, 6, 12, 38), (9, 6, 5, 5), padding=2),
     # 49 output columns: a last register strip of 1 column on every build (strips of 4 to 48), which
     # narrow_columns in gemm_impl.inc takes, as it takes 2 and 3 (50, 51 columns); over two depth blocks
@@ -308,7 +310,7 @@ CONV_CASES = {
 CONV_CASE_IDS = list(CONV_CASES)
 
 # A subset run on every instruction set (AVX-512, AVX2 and portable): GEMM (each build's own im2col
-# packers; _wide spans two B panels), pointwise, and direct (few weights per group: stride 1 on the
+# packers, wide rows' packed grad_y among them; _wide spans two B panels), pointwise, and direct (few weights per group: stride 1 on the
 # wide-row path, strided or dilated) layers.
 ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
@@ -325,7 +327,7 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20",
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
-                "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped"]
+                "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]
@@ -380,12 +382,14 @@ def test_backward_weight_reads_wide_rows_where_meant_to(dtype):
         return _pykernels_cpu.conv2d_backward_weight_reads_wide_rows(cfg["x_shape"], cfg["w_shape"], stride, pads,
                                                                      dilation, cfg["groups"], np.dtype(dtype).itemsize)
     for name in ["wide_rows_batch2", "wide_rows_batch1", "wide_rows_blocks", "wide_rows_grouped",
-                 "transposed_5x5_same"]:
+                 "wide_rows_two_strips", "transposed_5x5_same"]:
         assert wide(CONV_CASES[name]), name
     for name in ["rows_stride1_dilated", "rows_per_image_deep", "gemm_k70_c37_strided", "lenet_5x5",
                  "pointwise_odd"]:
         assert not wide(CONV_CASES[name]), name
     assert not wide(conv_case((8, 96, 27, 27), (256, 96, 5, 5), padding=2))
+    # CIFAR's first layer: 27 rows of col share each packed value of grad_y, too few for its trip to memory
+    assert not wide(conv_case((64, 3, 32, 32), (64, 3, 3, 3), padding=1))
 
 
 def test_grouped_layers_sum_directly_where_meant_to():

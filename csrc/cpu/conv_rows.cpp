@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/gemm.hpp"
+#include "cpu/im2col.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/phase_split_copy.hpp"
@@ -161,38 +162,6 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
   errors.rethrow();
 }
 
-namespace {
-
-// grad_y of one image and group as B of backward-weight on wide rows: row j (wide position p * width + q)
-// holds the Kg output channels' values at (p, q), zero where q >= Q (a column past the output row).
-template <typename T>
-struct WideGradOut {
-  const Conv2dShape* s;
-  const T* grad_y_g;
-  int64_t width;
-};
-
-template <typename T>
-void pack_wide_grad_out(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out) {
-  const auto& src = *static_cast<const WideGradOut<T>*>(ctx);
-  const Conv2dShape& s = *src.s;
-  const int64_t PQ = s.P * s.Q;
-  for (int64_t jb = 0; jb < nc; jb += nr) {
-    const int64_t cols = std::min(nr, nc - jb);
-    T* strip = out + jb * kc;
-    for (int64_t k = 0; k < kc; ++k) {
-      T* o = strip + k * nr;
-      const int64_t p = (k0 + k) / src.width, q = (k0 + k) % src.width;
-      int64_t c = 0;
-      if (q < s.Q)
-        for (const T* from = src.grad_y_g + (j0 + jb) * PQ + p * s.Q + q; c < cols; ++c) o[c] = from[c * PQ];
-      for (; c < nr; ++c) o[c] = T(0);
-    }
-  }
-}
-
-}  // namespace
-
 bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
   const Window2d& win = s.win;
   if (win.stride_h != 1 || win.stride_w != 1 || s.R * s.S < 2 || s.N == 0) return false;  // N = 0: zeros
@@ -210,9 +179,15 @@ bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t elemen
   // 0.89, 7x7 32 channels 56x56 0.87 -> 0.98 (from copies), 7x7 64 channels 112x112 0.79 -> 1.04; left to
   // the copies: 64 channels on 56x56 (3x3, dilated 3x3, 5x5: 0.94-1.05 against 0.89-0.96 wide), and to
   // im2col: 256 channels on 27x27 (5x5: 0.90 against 0.85), a 4-dilated 3x3 (8 of 40 columns dropped).
+  // The wide path also packs every image's grad_y first, out to memory and back (the GEMM packs its blocks
+  // of grad_y in the caches): about 16 multiply-adds' time per value, shared by the C/groups * R * S rows
+  // of col. Few rows and it loses: CIFAR's first layer (3 -> 64 channels on 32x32, batch 64, 27 rows) took
+  // 1.9-2.6 ms wide, 0.8 of them packing, against 0.94 from copies (torch 1.2); 32 channels 7x7 on 56x56
+  // (1568 rows) stays wide, 10 % faster.
   const double wide = double(s.Q) / double(copy.width);
   const double per_value = conv2d_forward_by_rows_applies(s, element_bytes) ? 16.0 : 144.0;
-  return wide >= 1.0 / (1.0 + per_value / double(element_bytes) / double(s.K_per_group()));
+  const double rows = double(s.C_per_group() * s.R * s.S);
+  return wide / (1.0 + 16.0 / rows) >= 1.0 / (1.0 + per_value / double(element_bytes) / double(s.K_per_group()));
 }
 
 template <typename T>
@@ -232,7 +207,7 @@ void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T*
     const int64_t n = item / G, g = item % G;
     fill_rows(s, copy, x + (n * s.C + g * Cg) * HW, 0, Cg * copy.rows, copies + item * copy.size);
     const WideGradOut<T> gy{&s, grad_y + (n * s.K + g * Kg) * PQ, copy.width};
-    pack_b<T>(layout, BPacker<T>{&pack_wide_grad_out<T>, &gy}, packed + item * layout.size());
+    pack_b<T>(layout, BPacker<T>{conv_packers<T>().wide_grad_out, &gy}, packed + item * layout.size());
   });
   // sums[g][crs][k] = grad_w[g * Kg + k][crs]: each task a block of one group's rows (whole strips on every
   // build: 24 rows), summed over the images in order, so the bits do not depend on the thread count.

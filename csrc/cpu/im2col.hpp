@@ -68,6 +68,16 @@ struct BatchGradOut {
   const T* grad_y_g;  // grad_y + g * Kg * PQ
 };
 
+// grad_y of one image and group as B of backward-weight on wide rows (conv_rows.cpp): row j is wide position
+// p * width + q of the phase-split copy's output rows, holding the Kg output channels' values at (p, q), and
+// zeros where q >= Q (the columns past an output row, whose products are dropped).
+template <typename T>
+struct WideGradOut {
+  const Conv2dShape* s;
+  const T* grad_y_g;  // grad_y + (n * K + g * Kg) * PQ
+  int64_t width;
+};
+
 // The packers of one instruction-set build; conv_packers<T>() gives the active one's.
 template <typename T>
 struct ConvPackers {
@@ -78,6 +88,7 @@ struct ConvPackers {
   decltype(BPacker<T>::pack) batch_grad_out;        // B = grad_y over the batch from a BatchGradOut
   decltype(BPacker<T>::pack) copy_gather;           // B = col over the batch from a CopyGather
   decltype(BPacker<T>::pack) copy_gather_transposed;  // B = col^T over the batch from a CopyGather
+  decltype(BPacker<T>::pack) wide_grad_out;         // B = grad_y at wide positions from a WideGradOut
 };
 
 template <typename T>
