@@ -187,6 +187,11 @@ CONV_CASES = {
     "pointwise_n1_big": conv_case((1, 19, 23, 29), (33, 19, 1, 1)),
     "one_by_one_stride2": conv_case((2, 5, 9, 11), (7, 5, 1, 1), stride=2),
     "one_by_one_padded": conv_case((2, 5, 6, 7), (3, 5, 1, 1), padding=1),
+    # 1x1 strided or padded with more weights than the direct sums take: a pointwise layer over x subsampled
+    "subsampled_stride2": conv_case((3, 20, 13, 11), (24, 20, 1, 1), stride=2),
+    "subsampled_asym_n1": conv_case((1, 17, 9, 10), (19, 17, 1, 1), stride=(2, 3), padding=((1, 0), (2, 1))),
+    "subsampled_padding_rows": conv_case((2, 16, 5, 4), (20, 16, 1, 1), stride=3, padding=4),
+    "subsampled_grouped": conv_case((2, 20, 9, 9), (80, 10, 1, 1), stride=2, groups=2),
     # 'same' with an odd total padding and stride > 1 (extra row/column at the bottom/right)
     "same_odd_total_stride3": conv_case((1, 2, 10, 9), (3, 2, 4, 3), stride=(3, 2), padding="same"),
     "same_k2_s2_odd_input": conv_case((2, 3, 7, 7), (4, 3, 2, 2), stride=2, padding="same"),
@@ -406,6 +411,19 @@ def test_grouped_layers_sum_directly_where_meant_to():
         assert paths(CONV_CASES[name]) == (True, True), name
     for name in ["grouped_pointwise_gemm", "grouped_batch_gemm", "transposed_5x5_same", "gemm_k70_c37_n1"]:
         assert paths(CONV_CASES[name]) == (False, False), name
+
+
+def test_strided_pointwise_reads_subsampled_x_where_meant_to():
+    """The subsampled_* cases' forward runs as a pointwise layer over x subsampled (so the tests above cover it); 1x1
+    layers the direct sums take, stride-1 unpadded 1x1 and larger kernels do not."""
+    def chosen(cfg):
+        stride, pads, dilation = conv_pads(cfg)
+        return _pykernels_cpu.conv2d_reads_subsampled_x(cfg["x_shape"], cfg["w_shape"], stride, pads, dilation,
+                                                        cfg["groups"])
+    for name in ["subsampled_stride2", "subsampled_asym_n1", "subsampled_padding_rows", "subsampled_grouped"]:
+        assert chosen(CONV_CASES[name]), name
+    for name in ["one_by_one_stride2", "one_by_one_padded", "pointwise_odd", "gemm_k70_c37_strided"]:
+        assert not chosen(CONV_CASES[name]), name
 
 
 def test_backward_input_runs_as_transposed_forward_where_meant_to():

@@ -452,6 +452,15 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
   m.def(
+      "conv2d_reads_subsampled_x",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
+        return pykernels::cpu::conv2d_reads_subsampled_x(conv_shape_of_dims(x, w, stride, pad, dilation, groups));
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"),
+      "Whether conv2d forward on these shapes (1x1, strided or padded) runs as a pointwise layer over x "
+      "subsampled (for tests).");
+  m.def(
       "conv2d_backward_input_uses_transposed_forward",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
         return pykernels::cpu::conv2d_backward_input_transposed_chosen(

@@ -204,7 +204,10 @@ struct GatheredColumns {
 
 // Few output positions per image (resnet_3x3_512's 7x7): one GEMM per group over the whole batch,
 // (K/g x N*PQ) = w_g * col, so each thread packs the weights once rather than once per image and the
-// register tiles are full; the result goes through a buffer into y's (n, k, pq) order.
+// register tiles are full; the result goes through a buffer into y's (n, k, pq) order. Not pointwise
+// layers, whose GEMM per image reads both w and x in place: at batch 8, 1.06-1.7x faster so on 7x7 to
+// 28x28 (256 -> 512 channels on 28x28 4.4 -> 3.4 ms, 384 -> 64 on 14x14 0.31 -> 0.19; 512 -> 2048 on 7x7
+// level).
 constexpr int64_t kBatchGemmMaxPQ = 1024;
 
 template <typename T>
@@ -248,8 +251,9 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
     if (all_finite(y, s.y_numel())) return;  // likewise
   }
   if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
+  if (conv2d_forward_subsampled(s, x, w, bias, y)) return;
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
-  if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) return forward_as_batch_gemm(s, x, w, bias, y);
+  if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ && !is_pointwise(s)) return forward_as_batch_gemm(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q, HW = s.H * s.W, items = s.N * G;
   const bool pointwise = is_pointwise(s);

@@ -137,6 +137,14 @@ bool conv2d_forward_split_winograd(const Conv2dShape& s, const T* x, const T* w,
 template <typename T>
 bool conv2d_backward_weight_split_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
+// subsampled_pointwise.cpp -- 1x1 kernels with a stride or padding as a pointwise layer over x subsampled
+// at the positions they read: whether the forward takes that path (not where the layer sums directly); the
+// forward, which returns false where the layer is not such a 1x1 one (conv2d.cpp calls it after the direct
+// sums).
+bool conv2d_reads_subsampled_x(const Conv2dShape& s);
+template <typename T>
+bool conv2d_forward_subsampled(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+
 // relu.cpp -- elementwise over `count` values.
 template <typename T>
 void relu_forward(int64_t count, const T* x, T* y);
