@@ -187,6 +187,9 @@ CONV_CASES = {
     "pointwise_n1_big": conv_case((1, 19, 23, 29), (33, 19, 1, 1)),
     "one_by_one_stride2": conv_case((2, 5, 9, 11), (7, 5, 1, 1), stride=2),
     "one_by_one_padded": conv_case((2, 5, 6, 7), (3, 5, 1, 1), padding=1),
+    # 9000 weights for 2 positions: backward-input as one GEMM over the batch (conv2d.cpp: at least 4096
+    # weights per position for a pointwise layer), col added back into grad_x
+    "pointwise_batch_gemm": conv_case((3, 100, 1, 2), (90, 100, 1, 1)),
     # 1x1 strided or padded with more weights than the direct sums take: a pointwise layer over x subsampled
     "subsampled_stride2": conv_case((3, 20, 13, 11), (24, 20, 1, 1), stride=2),
     "subsampled_asym_n1": conv_case((1, 17, 9, 10), (19, 17, 1, 1), stride=(2, 3), padding=((1, 0), (2, 1))),
