@@ -190,6 +190,10 @@ CONV_CASES = {
     # 9000 weights for 2 positions: backward-input as one GEMM over the batch (conv2d.cpp: at least 4096
     # weights per position for a pointwise layer), col added back into grad_x
     "pointwise_batch_gemm": conv_case((3, 100, 1, 2), (90, 100, 1, 1)),
+    # stride-2 3x3 on output rows shorter than 32: im2col columns gathered from phase-split copies, each
+    # output row a run copied whole (15 columns), or value by value (6 columns: runs too short)
+    "gathered_runs_stride2": conv_case((3, 12, 32, 30), (20, 12, 3, 3), stride=2, padding=1),
+    "gathered_short_rows": conv_case((3, 12, 11, 11), (20, 12, 3, 3), stride=2, padding=1),
     # 1x1 strided or padded with more weights than the direct sums take: a pointwise layer over x subsampled
     "subsampled_stride2": conv_case((3, 20, 13, 11), (24, 20, 1, 1), stride=2),
     "subsampled_asym_n1": conv_case((1, 17, 9, 10), (19, 17, 1, 1), stride=(2, 3), padding=((1, 0), (2, 1))),
@@ -335,7 +339,8 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "grouped_direct_strided", "grouped_direct_dilated_5x3", "grouped_direct_20",
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
-                "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips"]
+                "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
+                "gathered_runs_stride2", "gathered_short_rows"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]

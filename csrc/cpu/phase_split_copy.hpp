@@ -67,7 +67,10 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
       const Range inside = valid_outputs(first, sw, s.W, copy.width);
       std::fill(o, o + inside.begin, T(0));
       const T* from = in + first;
-      for (int64_t i = inside.begin; i < inside.end; ++i) o[i] = from[i * sw];
+      if (sw == 2)  // the stride as a constant, so that the loop becomes vector loads and shuffles
+        for (int64_t i = inside.begin; i < inside.end; ++i) o[i] = from[2 * i];
+      else
+        for (int64_t i = inside.begin; i < inside.end; ++i) o[i] = from[i * sw];
       std::fill(o + inside.end, o + copy.width, T(0));
     }
   }
