@@ -190,6 +190,9 @@ CONV_CASES = {
     # 9000 weights for 2 positions: backward-input as one GEMM over the batch (conv2d.cpp: at least 4096
     # weights per position for a pointwise layer), col added back into grad_x
     "pointwise_batch_gemm": conv_case((3, 100, 1, 2), (90, 100, 1, 1)),
+    # backward-weight summed directly for its few taps per output channel (9 and 18), not its weights
+    "few_taps_c1": conv_case((3, 1, 13, 15), (40, 1, 3, 3), padding=1),
+    "few_taps_c2_dilated": conv_case((2, 2, 11, 9), (36, 2, 3, 3), padding=2, dilation=(2, 1)),
     # stride-2 3x3 on output rows shorter than 32: im2col columns gathered from phase-split copies, each
     # output row a run copied whole (15 columns), or value by value (6 columns: runs too short)
     "gathered_runs_stride2": conv_case((3, 12, 32, 30), (20, 12, 3, 3), stride=2, padding=1),
@@ -340,7 +343,7 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
-                "gathered_runs_stride2", "gathered_short_rows"]
+                "gathered_runs_stride2", "gathered_short_rows", "few_taps_c1"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]
@@ -419,6 +422,8 @@ def test_grouped_layers_sum_directly_where_meant_to():
         assert paths(CONV_CASES[name]) == (True, True), name
     for name in ["grouped_pointwise_gemm", "grouped_batch_gemm", "transposed_5x5_same", "gemm_k70_c37_n1"]:
         assert paths(CONV_CASES[name]) == (False, False), name
+    for name in ["few_taps_c1", "few_taps_c2_dilated"]:
+        assert paths(CONV_CASES[name]) == (False, True), name
 
 
 def test_strided_pointwise_reads_subsampled_x_where_meant_to():
