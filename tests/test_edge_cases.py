@@ -425,8 +425,14 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_uses_split_winograd(x6.shape, w6.shape, (1, 1), (0, 0, 0, 0), (1, 1), 1, x6.itemsize)
     y6 = pk.conv2d(x6, w6)
     split = (y6, *pk.conv2d_backward(y6, x6, w6, need_bias=False)[:2])
+    # Winograd backward-weight by parts of the tiles (winograd_impl.inc): 64 x 64 channels, 400 tiles in 2
+    # parts of 2 chunks each, fixed by the layer whatever the thread count
+    xv = rng.standard_normal((4, 64, 40, 40)).astype(dtype)
+    wv = rng.standard_normal((64, 64, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(xv.shape, wv.shape, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    gv = pk.conv2d_backward(pk.conv2d(xv, wv, padding=1), xv, wv, padding=1, need_input=False, need_bias=False)[1]
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2, *split)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv)
 
 
 def _run_all(x, w, b, go):
