@@ -193,10 +193,15 @@ CONV_CASES = {
     # backward-weight summed directly for its few taps per output channel (9 and 18), not its weights
     "few_taps_c1": conv_case((3, 1, 13, 15), (40, 1, 3, 3), padding=1),
     "few_taps_c2_dilated": conv_case((2, 2, 11, 9), (36, 2, 3, 3), padding=2, dilation=(2, 1)),
-    # stride-2 3x3 on output rows shorter than 32: im2col columns gathered from phase-split copies, each
-    # output row a run copied whole (15 columns), or value by value (6 columns: runs too short)
-    "gathered_runs_stride2": conv_case((3, 12, 32, 30), (20, 12, 3, 3), stride=2, padding=1),
-    "gathered_short_rows": conv_case((3, 12, 11, 11), (20, 12, 3, 3), stride=2, padding=1),
+    # stride-2 3x3 on output rows shorter than 32: forward and backward-weight on wide rows of the copy split
+    # into row and column phases; at batch 1 (no wide rows on short ones) the forward's im2col columns
+    # gathered from that copy, each output row a run copied whole (15 columns) or value by value (6: runs
+    # too short); with 300 output channels, where packing pays, both passes gathered those two ways
+    "wide_rows_stride2": conv_case((3, 12, 32, 30), (20, 12, 3, 3), stride=2, padding=1),
+    "gathered_runs_n1": conv_case((1, 12, 32, 30), (20, 12, 3, 3), stride=2, padding=1),
+    "gathered_short_rows": conv_case((1, 12, 11, 11), (20, 12, 3, 3), stride=2, padding=1),
+    "gathered_runs_k300": conv_case((2, 8, 17, 17), (300, 8, 3, 3), stride=2, padding=1),
+    "gathered_short_rows_k300": conv_case((2, 8, 11, 11), (300, 8, 3, 3), stride=2, padding=1),
     # 1x1 strided or padded with more weights than the direct sums take: a pointwise layer over x subsampled
     "subsampled_stride2": conv_case((3, 20, 13, 11), (24, 20, 1, 1), stride=2),
     "subsampled_asym_n1": conv_case((1, 17, 9, 10), (19, 17, 1, 1), stride=(2, 3), padding=((1, 0), (2, 1))),
@@ -343,7 +348,8 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
-                "gathered_runs_stride2", "gathered_short_rows", "few_taps_c1"]
+                "wide_rows_stride2", "gathered_runs_n1", "gathered_short_rows", "gathered_runs_k300",
+                "gathered_short_rows_k300", "few_taps_c1"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]
@@ -369,8 +375,12 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
         assert reads_rows_in_place(CONV_CASES[name], dtype) == "per_row", name
     for name in WIDE_ROWS_CASE_IDS:
         assert reads_rows_in_place(CONV_CASES[name], dtype) == "wide", name
-    for name in ["one_by_one_stride2", "gemm_k70_c37_strided", "pointwise_odd", "lenet_5x5"]:
+    for name in ["one_by_one_stride2", "gathered_runs_n1", "gathered_short_rows", "gathered_runs_k300",
+                 "gathered_short_rows_k300", "pointwise_odd", "lenet_5x5"]:
         assert reads_rows_in_place(CONV_CASES[name], dtype) is None, name
+    # strided, on rows shorter than the per-row plan takes: wide rows of the copy split into row phases too
+    for name in ["wide_rows_stride2", "batch_halves_odd_n"]:
+        assert reads_rows_in_place(CONV_CASES[name], dtype) == "wide", name
     assert reads_rows_in_place(conv_case((2, 256, 56, 56), (512, 256, 1, 1), stride=2), dtype) is None
     assert reads_rows_in_place(conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1), dtype) is None  # Winograd
     # 256 channels of 5 dilated rows: 225 KB of inputs per output row in float32, past the per-row plan's L2
@@ -392,16 +402,17 @@ def conv_pads(cfg):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_backward_weight_reads_wide_rows_where_meant_to(dtype):
     """The wide-row cases' backward-weight reads x's rows in place (so the tests above cover it); the
-    per-row case (8 of 40 columns dropped), 256 output channels on 27 columns and strided layers do not."""
+    per-row cases (8 of 40 columns dropped; strided rows of 32 columns or more), 256 or 300 output channels
+    on short rows do not."""
     def wide(cfg):
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_backward_weight_reads_wide_rows(cfg["x_shape"], cfg["w_shape"], stride, pads,
                                                                      dilation, cfg["groups"], np.dtype(dtype).itemsize)
     for name in ["wide_rows_batch2", "wide_rows_batch1", "wide_rows_blocks", "wide_rows_grouped",
-                 "wide_rows_two_strips", "transposed_5x5_same"]:
+                 "wide_rows_two_strips", "wide_rows_stride2", "transposed_5x5_same"]:
         assert wide(CONV_CASES[name]), name
-    for name in ["rows_stride1_dilated", "rows_per_image_deep", "gemm_k70_c37_strided", "lenet_5x5",
-                 "pointwise_odd"]:
+    for name in ["rows_stride1_dilated", "rows_per_image_deep", "gathered_runs_k300", "gathered_short_rows_k300",
+                 "lenet_5x5", "pointwise_odd"]:
         assert not wide(CONV_CASES[name]), name
     assert not wide(conv_case((8, 96, 27, 27), (256, 96, 5, 5), padding=2))
     # CIFAR's first layer: 27 rows of col share each packed value of grad_y, too few for its trip to memory

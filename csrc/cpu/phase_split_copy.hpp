@@ -14,21 +14,30 @@
 
 namespace pykernels::cpu {
 
-// The copy of one image's group: channel c, padded row h, phase f at ((c * rows + h) * sw + f) * width,
-// padded rows [0, rows) being the ones the output reads, and kGemmMaxStripWidth readable values after
-// the last (gemm_packed_rows reads whole strips).
+// The copy of one image's group, split into its stride phases along both axes: phase (a, f) of channel c
+// holds padded rows a, a + sh, a + 2*sh, ... and padded columns f, f + sw, ..., as plane_rows rows of
+// `width` values at ((c * sh + a) * sw + f) * plane_rows * width. Padded rows [0, rows) (a multiple of sh,
+// at least the ones the output reads; those past the image are zeros), and kGemmMaxStripWidth readable
+// values after the last plane (gemm_packed_rows reads whole strips). Output row p's tap (r, kw) is the run
+// from row p + r*dh / sh, column kw*dw / sw of phase (r*dh % sh, kw*dw % sw): output row p + 1's runs start
+// `width` values after row p's, at any stride (conv_rows.cpp's wide rows rely on it).
 struct PhaseSplitCopy {
-  int64_t rows, width, size;
+  int64_t rows, plane_rows, width, size;
 
   explicit PhaseSplitCopy(const Conv2dShape& s) {
     const Window2d& win = s.win;
-    rows = (s.P - 1) * win.stride_h + (s.R - 1) * win.dilation_h + 1;
+    const int64_t read = (s.P - 1) * win.stride_h + (s.R - 1) * win.dilation_h + 1;  // padded rows read
+    plane_rows = (read + win.stride_h - 1) / win.stride_h;
+    rows = plane_rows * win.stride_h;
     const int64_t columns = (s.Q - 1) * win.stride_w + (s.S - 1) * win.dilation_w + 1;  // padded ones read
     width = (columns + win.stride_w - 1) / win.stride_w;
     size = s.C_per_group() * rows * win.stride_w * width + kGemmMaxStripWidth;
   }
-  int64_t output_row_offset(const Conv2dShape& s, int64_t p) const {
-    return p * s.win.stride_h * s.win.stride_w * width;
+  int64_t output_row_offset(const Conv2dShape& /*s*/, int64_t p) const { return p * width; }
+  // Where padded row h of channel c, phase f begins.
+  int64_t row_offset(const Conv2dShape& s, int64_t c, int64_t h, int64_t f) const {
+    const int64_t sh = s.win.stride_h;
+    return (((c * sh + h % sh) * s.win.stride_w + f) * plane_rows + h / sh) * width;
   }
 };
 
@@ -42,13 +51,14 @@ inline std::vector<int64_t> tap_offsets(const Conv2dShape& s, const PhaseSplitCo
     for (int64_t r = 0; r < s.R; ++r)
       for (int64_t kw = 0; kw < s.S; ++kw) {
         const int64_t shift = kw * win.dilation_w;
-        offsets[i++] = ((c * copy.rows + r * win.dilation_h) * sw + shift % sw) * copy.width + shift / sw;
+        offsets[i++] = copy.row_offset(s, c, r * win.dilation_h, shift % sw) + shift / sw;
       }
   return offsets;
 }
 
-// Padded rows [row0, row1) of every channel of x_g (channels of H*W values) into the copy; cells in the
-// padding are zero, and so is the slack after the last row when it is filled. Row index c * copy.rows + h.
+// Padded rows [row0, row1) of every channel of x_g (channels of H*W values) into the copy, all their
+// phases; cells in the padding are zero, and so is the slack after the last plane when the last row is
+// filled. Row index c * copy.rows + h.
 // Each phase's columns inside x are the same on every row: worked out once (per row, their divisions and
 // the library calls of the fills were a third of CIFAR's stride-2 3x3 forward, 16-column rows).
 template <typename T>
@@ -58,14 +68,19 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
   if (row1 == s.C_per_group() * copy.rows) std::fill(out + copy.size - kGemmMaxStripWidth, out + copy.size, T(0));
   std::vector<Range> inside(static_cast<size_t>(sw));  // phase f: o[i] = x column i*sw + f - pad_left
   for (int64_t f = 0; f < sw; ++f) inside[static_cast<size_t>(f)] = valid_outputs(f - win.pad_left, sw, s.W, width);
+  const int64_t phase_step = copy.plane_rows * width;  // from phase (a, f) to (a, f + 1)
   int64_t c = row0 / copy.rows, h = row0 % copy.rows - win.pad_top;
+  // Where padded row h + pad_top begins (its phase f = 0), moved along row by row without divisions: the
+  // next row is in the next row phase, or back in phase 0 one row further down.
+  T* first = out + copy.row_offset(s, c, h + win.pad_top, 0);
+  int64_t row_phase = (h + win.pad_top) % win.stride_h;
   for (int64_t row = row0; row < row1; ++row) {
-    T* o = out + row * sw * width;
     if (h < 0 || h >= s.H) {
-      fill_short(o, sw * width, T(0));
+      for (int64_t f = 0; f < sw; ++f) fill_short(first + f * phase_step, width, T(0));
     } else {
       const T* in = x_g + (c * s.H + h) * s.W;
-      for (int64_t f = 0; f < sw; ++f, o += width) {
+      for (int64_t f = 0; f < sw; ++f) {
+        T* o = first + f * phase_step;
         const Range r = inside[static_cast<size_t>(f)];
         const T* from = in + f - win.pad_left;
         fill_short(o, r.begin, T(0));
@@ -76,7 +91,15 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
         fill_short(o + r.end, width - r.end, T(0));
       }
     }
-    if (++h == copy.rows - win.pad_top) h = -win.pad_top, ++c;
+    if (++h == copy.rows - win.pad_top) {
+      h = -win.pad_top, ++c, row_phase = 0;
+      first = out + copy.row_offset(s, c, 0, 0);
+    } else if (++row_phase == win.stride_h) {
+      row_phase = 0;
+      first += width - (win.stride_h - 1) * sw * phase_step;
+    } else {
+      first += sw * phase_step;
+    }
   }
 }
 
