@@ -66,8 +66,12 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
   const Window2d& win = s.win;
   const int64_t sw = win.stride_w, width = copy.width;
   if (row1 == s.C_per_group() * copy.rows) std::fill(out + copy.size - kGemmMaxStripWidth, out + copy.size, T(0));
-  std::vector<Range> inside(static_cast<size_t>(sw));  // phase f: o[i] = x column i*sw + f - pad_left
-  for (int64_t f = 0; f < sw; ++f) inside[static_cast<size_t>(f)] = valid_outputs(f - win.pad_left, sw, s.W, width);
+  // Phase f: o[i] = x column i*sw + f - pad_left, for i in inside[f]; on the stack for the usual strides,
+  // as this runs for every image (and part of one) of a call.
+  Range on_stack[8];
+  std::vector<Range> on_heap(static_cast<size_t>(sw > 8 ? sw : 0));
+  Range* const inside = sw > 8 ? on_heap.data() : on_stack;
+  for (int64_t f = 0; f < sw; ++f) inside[f] = valid_outputs(f - win.pad_left, sw, s.W, width);
   const int64_t phase_step = copy.plane_rows * width;  // from phase (a, f) to (a, f + 1)
   int64_t c = row0 / copy.rows, h = row0 % copy.rows - win.pad_top;
   // Where padded row h + pad_top begins (its phase f = 0), moved along row by row without divisions: the
@@ -81,7 +85,7 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
       const T* in = x_g + (c * s.H + h) * s.W;
       for (int64_t f = 0; f < sw; ++f) {
         T* o = first + f * phase_step;
-        const Range r = inside[static_cast<size_t>(f)];
+        const Range r = inside[f];
         const T* from = in + f - win.pad_left;
         fill_short(o, r.begin, T(0));
         if (sw == 2)  // the stride as a constant, so that the loop becomes vector loads and shuffles

@@ -55,13 +55,12 @@ static inline void transpose_8x8(const float* rows, int64_t row_stride, float* o
 }
 #endif
 
-// out[k * nr + j] = rows[j * row_stride + k] for j < cols, k < kc: `cols` rows transposed into columns of a
-// matrix with rows nr apart (a packed strip's, or part of one). float goes 8 x 8 blocks at a time through AVX
-// registers in the builds that have them (im2col_impl.inc's AVX2 and AVX-512 builds), then 4 x 4 through SSE
-// (any x86-64 CPU); double 4 x 4 through AVX (it was element by element: float64 backward-weight ran at a
-// third of float32's speed).
+// out[k * nr + j] = rows[j * row_stride + k] for j < cols, k < kc, and 0 for cols <= j < nr: one packed
+// strip from `cols` rows. float goes 8 x 8 blocks at a time through AVX registers in the builds that have
+// them (im2col_impl.inc's AVX2 and AVX-512 builds), then 4 x 4 through SSE (any x86-64 CPU); double 4 x 4
+// through AVX (it was element by element: float64 backward-weight ran at a third of float32's speed).
 template <typename T>
-static inline void transpose_rows(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
+static inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
   int64_t j = 0;
 #if defined(__AVX__)
   if constexpr (std::is_same_v<T, float>) {
@@ -110,12 +109,6 @@ static inline void transpose_rows(const T* rows, int64_t row_stride, int64_t kc,
 #endif
   for (; j < cols; ++j)
     for (int64_t k = 0; k < kc; ++k) out[k * nr + j] = rows[j * row_stride + k];
-}
-
-// One packed strip from `cols` rows: transpose_rows, and 0 for cols <= j < nr.
-template <typename T>
-static inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
-  transpose_rows(rows, row_stride, kc, cols, nr, out);
   if (cols < nr)
     for (int64_t k = 0; k < kc; ++k) fill_short(out + k * nr + cols, nr - cols, T(0));
 }
