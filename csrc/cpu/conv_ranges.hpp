@@ -71,13 +71,9 @@ inline bool sums_directly(const Conv2dShape& s) {
 // Also the stride-1 layers with at most 18 taps per output channel (C/groups x R x S: MNIST's first 3x3
 // layer) and at most 64 output channels per group, whose GEMM fills at most 18 of a strip's 48 columns:
 // 1 -> 32 channels on 28x28 at batch 64 0.37 -> 0.26 ms, 1 -> 64 0.57 -> 0.48, 2 -> 64 on 32x32 at batch
-// 32 0.44 -> 0.39; not at stride 2 (0.105 -> 0.15), nor with 128 output channels (level). Up to 27 taps
-// (CIFAR's and VGG's first 3x3 layers) with 32 output channels or more, whole register blocks of 4 for
-// every thread: 3 -> 32 on 32x32 at batch 64 0.55 -> 0.44 ms, 3 -> 64 1.00 -> 0.94, 3 -> 64 on 224x224 at
-// batch 8 7.55 -> 7.32; 3 -> 16 was slower (0.37 -> 0.41).
+// 32 0.44 -> 0.39; not at stride 2 (0.105 -> 0.15), nor with 128 output channels (level).
 inline bool sums_weight_gradient_directly(const Conv2dShape& s) {
-  const int64_t taps = s.C_per_group() * s.R * s.S, Kg = s.K_per_group();
-  const bool few_taps = (taps <= 18 || (taps <= 27 && Kg >= 32)) && Kg <= 64 && s.win.stride_h == 1 &&
+  const bool few_taps = s.C_per_group() * s.R * s.S <= 18 && s.K_per_group() <= 64 && s.win.stride_h == 1 &&
                         s.win.stride_w == 1;
   return has_few_weights(s) || few_taps || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100));
 }
