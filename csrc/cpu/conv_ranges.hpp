@@ -69,11 +69,12 @@ inline bool sums_directly(const Conv2dShape& s) {
 // 1024 in groups of 32 on 14x14 4.8 -> 4.2, 512 in groups of 16 on 7x7 0.76 -> 0.48; but 1024 in groups of
 // 32 on 7x7 1.22 -> 1.73 (their planes of 9x9, 63 wide-row positions for 49).
 // Also the stride-1 layers with at most 18 taps per output channel (C/groups x R x S: MNIST's first 3x3
-// layer) and at most 64 output channels per group, whose GEMM fills at most 18 of a strip's 48 columns:
-// 1 -> 32 channels on 28x28 at batch 64 0.37 -> 0.26 ms, 1 -> 64 0.57 -> 0.48, 2 -> 64 on 32x32 at batch
-// 32 0.44 -> 0.39; not at stride 2 (0.105 -> 0.15), nor with 128 output channels (level).
+// layer) and at most 32 output channels per group, whose GEMM fills at most 18 of a strip's 48 columns:
+// 1 -> 32 channels on 28x28 at batch 64 0.36 -> 0.26 ms in a loop, 0.56 either way with the caches flushed
+// first; with 64 output channels the direct sums were 10 % faster in a loop but 12 % slower flushed (0.90
+// -> 1.03), and 2 -> 64 on 32x32 went either way; at stride 2 slower (0.105 -> 0.15).
 inline bool sums_weight_gradient_directly(const Conv2dShape& s) {
-  const bool few_taps = s.C_per_group() * s.R * s.S <= 18 && s.K_per_group() <= 64 && s.win.stride_h == 1 &&
+  const bool few_taps = s.C_per_group() * s.R * s.S <= 18 && s.K_per_group() <= 32 && s.win.stride_h == 1 &&
                         s.win.stride_w == 1;
   return has_few_weights(s) || few_taps || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100));
 }
