@@ -33,22 +33,21 @@ const T* subsample(const Conv2dShape& s, const T* x) {
   const int64_t planes = s.N * s.C, PQ = s.P * s.Q;
   T* out = reusable_buffer<T, 0>(planes * PQ);
   const Window2d& win = s.win;
-  // Columns q in [q0, q1) land inside the image; the others are padding.
-  const int64_t q0 = std::min(s.Q, (win.pad_left + win.stride_w - 1) / win.stride_w);
-  const int64_t q1 = std::max(q0, std::min(s.Q, (s.W - 1 + win.pad_left) / win.stride_w + 1));
+  // Output rows ps and columns qs land inside the image; the others are padding.
+  const Range ps = valid_outputs(-win.pad_top, win.stride_h, s.H, s.P);
+  const Range qs = valid_outputs(-win.pad_left, win.stride_w, s.W, s.Q);
   for_each_index(planes, double(planes) * double(PQ) >= double(kMinParallelWork), [&](int64_t plane) {
     const T* from = x + plane * s.H * s.W;
     T* to = out + plane * PQ;
     for (int64_t p = 0; p < s.P; ++p, to += s.Q) {
-      const int64_t h = p * win.stride_h - win.pad_top;
-      if (h < 0 || h >= s.H) {
+      if (p < ps.begin || p >= ps.end) {
         std::fill(to, to + s.Q, T(0));
         continue;
       }
-      const T* row = from + h * s.W - win.pad_left;
-      std::fill(to, to + q0, T(0));
-      for (int64_t q = q0; q < q1; ++q) to[q] = row[q * win.stride_w];
-      std::fill(to + q1, to + s.Q, T(0));
+      const T* row = from + (p * win.stride_h - win.pad_top) * s.W - win.pad_left;
+      std::fill(to, to + qs.begin, T(0));
+      for (int64_t q = qs.begin; q < qs.end; ++q) to[q] = row[q * win.stride_w];
+      std::fill(to + qs.end, to + s.Q, T(0));
     }
   });
   return out;
