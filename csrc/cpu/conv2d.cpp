@@ -194,7 +194,7 @@ struct GatheredColumns {
     for (int64_t n = 0, j = 0; n < s.N; ++n)
       for (int64_t p = 0; p < s.P; ++p)
         for (int64_t q = 0; q < s.Q; ++q)
-          columns[static_cast<size_t>(j++)] = n * groups * copy.size + copy.output_row_offset(s, p) + q;
+          columns[static_cast<size_t>(j++)] = n * groups * copy.size + copy.output_row_offset(p) + q;
   }
   // col of group g over the batch, or from image n on (its columns counted from 0), from row first_tap on.
   CopyGather<T> of_group(int64_t g, int64_t n = 0, int64_t first_tap = 0) const {
@@ -532,7 +532,7 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   } else if (from_copies) {
     taps = tap_offsets(s, copy);
     runs = fill_copies(s, copy, x, parallel), group_stride = copy.size, image_stride = G * copy.size;
-    row_stride = copy.output_row_offset(s, 1);
+    row_stride = copy.output_row_offset(1);
   }
   // Output rows too short for such runs (resnet_3x3_512's 7): COL^T's strips gathered from the copies.
   std::optional<GatheredColumns<T>> gathered;

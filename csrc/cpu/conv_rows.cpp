@@ -11,8 +11,9 @@
 //
 // Two plans. Per row: one GEMM per output row, Q columns (strided layers of 32 columns or more). Wide:
 // output row p + 1's runs start one copy row (`width` values) after row p's (the copy splits rows into
-// their stride phases too), so a block of output rows is a single GEMM over the copy's rows as they lie, `width` columns per output row of which the last width - Q fall
-// past the row's end (their sums are computed and dropped); the result goes through a buffer into y. Its
+// their stride phases too), so a block of output rows is a single GEMM over the copy's rows as they lie,
+// `width` columns per output row of which the last width - Q fall past the row's end (their sums are
+// computed and dropped); the result goes through a buffer into y. Its
 // register strips run across rows, full whatever Q, and one A strip meets the whole block while in L1
 // (per row, the weights came through L2 again for every row): 5x5 on 28x28 at batch 8 went from 300
 // GFLOP/s on the packed batch GEMM to 417, 7x7 on 56x56 from 395 to 440.
@@ -53,12 +54,18 @@ bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes)
   return s.R * s.S >= 2 * win.stride_h * win.stride_w && s.Q >= 32 && footprint <= 192.0 * 1024;
 }
 
+namespace {
+// Strided layers take wide rows, forward and backward-weight, only where the per-row plan does not apply
+// (rows under 32 columns): resnet_stem's forward took 10 % longer wide; 3x3 stride-2 layers on 16x16 to
+// 28x28 outputs forward 8-20 % less than on gathered columns (128 -> 256 channels on 28x28 at batch 8 9.4
+// -> 8.6 ms), backward-weight within 5 % (which the copy's row phases had slowed 3-8 %).
+bool strided_per_row(const Conv2dShape& s, int64_t element_bytes) {
+  return (s.win.stride_h > 1 || s.win.stride_w > 1) && conv2d_forward_by_rows_applies(s, element_bytes);
+}
+}  // namespace
+
 bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.R * s.S < 2) return false;
-  // Strided layers only where the per-row plan does not apply (rows under 32 columns): resnet_stem's forward
-  // took 10 % longer wide; 3x3 stride-2 layers on 16x16 to 28x28 outputs 8-20 % less than on gathered
-  // columns (128 -> 256 channels on 28x28 at batch 8 9.4 -> 8.6 ms).
-  if ((s.win.stride_h > 1 || s.win.stride_w > 1) && conv2d_forward_by_rows_applies(s, element_bytes)) return false;
+  if (s.R * s.S < 2 || strided_per_row(s, element_bytes)) return false;
   // At batch 1 only on rows as wide as the per-row plan takes: there the threads split one image's rows,
   // and on short ones (512 channels on 7x7) each share re-read megabytes of weights for a few columns.
   if (s.N == 1 && s.Q < 32) return false;
@@ -115,7 +122,7 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
       // One GEMM from row p0's runs on; output row p's column q is the result's column (p - p0) * width + q.
       const int64_t columns = (p1 - p0 - 1) * copy.width + s.Q;
       T* out = reusable_buffer<T, 2>(Kg * columns);
-      gemm_packed_rows<T>(layout, a, columns, from + copy.output_row_offset(s, p0), offsets.data(), out, columns,
+      gemm_packed_rows<T>(layout, a, columns, from + copy.output_row_offset(p0), offsets.data(), out, columns,
                           false);
       for (int64_t k = 0; k < Kg; ++k) {
         const T b = bias ? bias[g * Kg + k] : T(0);
@@ -128,7 +135,7 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
       return;
     }
     for (int64_t p = p0; p < p1; ++p)
-      gemm_packed_rows<T>(layout, a, s.Q, from + copy.output_row_offset(s, p), offsets.data(), y_g + p * s.Q, PQ,
+      gemm_packed_rows<T>(layout, a, s.Q, from + copy.output_row_offset(p), offsets.data(), y_g + p * s.Q, PQ,
                           false);
     if (bias)
       for (int64_t k = 0; k < Kg; ++k) {
@@ -166,10 +173,7 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
 }
 
 bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.R * s.S < 2 || s.N == 0) return false;  // N = 0: zeros
-  // Strided layers as the forward takes them (conv2d_forward_reads_wide_rows): 3x3 stride 2 on 16x16 to
-  // 28x28 outputs within 5 % of their columns gathered from the copy (which the row phases slowed 3-8 %).
-  if ((s.win.stride_h > 1 || s.win.stride_w > 1) && conv2d_forward_by_rows_applies(s, element_bytes)) return false;
+  if (s.R * s.S < 2 || s.N == 0 || strided_per_row(s, element_bytes)) return false;  // N = 0: zeros
   // Every image's copy and packed grad_y (its channels rounded up to whole strips: at most 64 more) at
   // once, at most 64 MiB.
   const PhaseSplitCopy copy(s);

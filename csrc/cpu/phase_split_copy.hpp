@@ -33,7 +33,7 @@ struct PhaseSplitCopy {
     width = (columns + win.stride_w - 1) / win.stride_w;
     size = s.C_per_group() * rows * win.stride_w * width + kGemmMaxStripWidth;
   }
-  int64_t output_row_offset(const Conv2dShape& /*s*/, int64_t p) const { return p * width; }
+  int64_t output_row_offset(int64_t p) const { return p * width; }
   // Where padded row h of channel c, phase f begins.
   int64_t row_offset(const Conv2dShape& s, int64_t c, int64_t h, int64_t f) const {
     const int64_t sh = s.win.stride_h;
