@@ -60,13 +60,15 @@ CASES = {
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
 # F(2x2, 3x3): 64 channels or more in float32 (256 in float64), too few tiles for F(4x4). The output
 # channels go in strips of the GEMM's register tile width (float32: 48 on AVX-512, 16 on AVX2 and portable;
-# float64: half), shared among the threads in whole vectors; input channels in blocks of 64 (filter
-# transform, input transform) and 16 (filter gather).
+# float64: half), shared among the threads in whole vectors, their filters transformed 16 at a time (AVX-512),
+# then 8 (AVX2; float64: 4), then one by one; input channels in blocks of 64 (filter transform, input
+# transform).
 F2_CASES = {
     # resnet_3x3_512 at batch 1: 16 tiles of 2x2 on 7x7 outputs (the bottom and right ones cut).
     "resnet_512_batch1": ((1, 512, 7, 7), (512, 512, 3, 3), 1),
-    # ragged everything: 70 input channels (a block of 6 after 64, a gather of 6 after 64), 75 output
-    # channels (partial strips, lanes not a multiple of 8), odd P and Q from asymmetric padding
+    # ragged everything: 70 input channels (a block of 6 after 64), 75 output channels (partial strips; with
+    # two threads, shares of 48 and 27 = 16 + 8 + 3 filters, backward-input's of 48 and 22 = 16 + 6), odd P
+    # and Q from asymmetric padding
     "ragged_channels_asym_pad": ((1, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
     # no padding, three images: 18 tiles (register strips of 8 + 8 + 2 tile rows)
     "valid_batch3": ((3, 64, 6, 8), (64, 64, 3, 3), 0),

@@ -18,8 +18,8 @@
 namespace pykernels::cpu {
 
 #if defined(__AVX__)
-// The 8 x 8 block a[0..7] (8 rows of 8 values, in registers) into out[k * nr + i].
-static inline void transpose_8x8(__m256 a[8], float* out, int64_t nr) {
+// The 8 x 8 block a[0..7] (8 rows of 8 values, in registers) transposed in place: a[k][i] becomes the old a[i][k].
+static inline void transpose_8x8_in_registers(__m256 a[8]) {
   __m256 t[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
@@ -32,19 +32,48 @@ static inline void transpose_8x8(__m256 a[8], float* out, int64_t nr) {
     a[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(out + i * nr, _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
-    _mm256_storeu_ps(out + (i + 4) * nr, _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+    t[i] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x31);
   }
+  for (int i = 0; i < 8; ++i) a[i] = t[i];
+}
+
+// The last column of the 8 x 8 block a[0..7]: {a[0][7], ..., a[7][7]}, transpose_8x8_in_registers's last
+// row from its 7 shuffles of it.
+static inline __m256 last_column_8x8(const __m256 a[8]) {
+  const __m256 t1 = _mm256_unpackhi_ps(a[0], a[1]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+  const __m256 t5 = _mm256_unpackhi_ps(a[4], a[5]), t7 = _mm256_unpackhi_ps(a[6], a[7]);
+  const __m256 low = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 high = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  return _mm256_permute2f128_ps(low, high, 0x31);
+}
+
+// The 8 x 8 block a[0..7] (8 rows of 8 values, in registers) into out[k * nr + i].
+static inline void transpose_8x8(__m256 a[8], float* out, int64_t nr) {
+  transpose_8x8_in_registers(a);
+  for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + k * nr, a[k]);
+}
+
+// The 4 x 4 block of doubles a[0..3] transposed in place.
+static inline void transpose_4x4_in_registers(__m256d a[4]) {
+  const __m256d t0 = _mm256_unpacklo_pd(a[0], a[1]), t1 = _mm256_unpackhi_pd(a[0], a[1]);
+  const __m256d t2 = _mm256_unpacklo_pd(a[2], a[3]), t3 = _mm256_unpackhi_pd(a[2], a[3]);
+  a[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+  a[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+  a[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+  a[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
+// The last column of the 4 x 4 block of doubles a[0..3]: {a[0][3], ..., a[3][3]}.
+static inline __m256d last_column_4x4(const __m256d a[4]) {
+  return _mm256_permute2f128_pd(_mm256_unpackhi_pd(a[0], a[1]), _mm256_unpackhi_pd(a[2], a[3]), 0x31);
 }
 
 // The 4 x 4 block of doubles a[0..3] (4 rows of 4 values, in registers) into out[k * nr + i].
 static inline void transpose_4x4(const __m256d a[4], double* out, int64_t nr) {
-  const __m256d t0 = _mm256_unpacklo_pd(a[0], a[1]), t1 = _mm256_unpackhi_pd(a[0], a[1]);
-  const __m256d t2 = _mm256_unpacklo_pd(a[2], a[3]), t3 = _mm256_unpackhi_pd(a[2], a[3]);
-  _mm256_storeu_pd(out, _mm256_permute2f128_pd(t0, t2, 0x20));
-  _mm256_storeu_pd(out + nr, _mm256_permute2f128_pd(t1, t3, 0x20));
-  _mm256_storeu_pd(out + 2 * nr, _mm256_permute2f128_pd(t0, t2, 0x31));
-  _mm256_storeu_pd(out + 3 * nr, _mm256_permute2f128_pd(t1, t3, 0x31));
+  __m256d b[4] = {a[0], a[1], a[2], a[3]};
+  transpose_4x4_in_registers(b);
+  for (int k = 0; k < 4; ++k) _mm256_storeu_pd(out + k * nr, b[k]);
 }
 
 // The 8 x 8 block at rows[0..7][0..7] (row i at rows + i * row_stride) into out[k * nr + i].
@@ -52,6 +81,48 @@ static inline void transpose_8x8(const float* rows, int64_t row_stride, float* o
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(rows + i * row_stride);
   transpose_8x8(a, out, nr);
+}
+#endif
+
+#if defined(__AVX512F__)
+// Two 8 x 8 blocks side by side, a[i] = {row i of the first, row i of the second}, transposed in place:
+// transpose_8x8_in_registers on both halves at once, its last step one two-source permute per row. a[k]
+// becomes {column k of the first block, column k of the second}: 16 rows' value k, in order.
+static inline void transpose_two_8x8_in_registers(__m512 a[8]) {
+  __m512 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    a[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    a[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    a[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    a[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // per block, permute2f128's 0x20 (low 128 bits of a[i], then of a[i + 4]) and 0x31 (the high ones)
+  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_permutex2var_ps(a[i], low, a[i + 4]);
+    t[i + 4] = _mm512_permutex2var_ps(a[i], high, a[i + 4]);
+  }
+  for (int i = 0; i < 8; ++i) a[i] = t[i];
+}
+
+// The last column of both blocks (transpose_two_8x8_in_registers's a[7]) from its 7 shuffles of it.
+static inline __m512 last_column_two_8x8(const __m512 a[8]) {
+  const __m512 t1 = _mm512_unpackhi_ps(a[0], a[1]), t3 = _mm512_unpackhi_ps(a[2], a[3]);
+  const __m512 t5 = _mm512_unpackhi_ps(a[4], a[5]), t7 = _mm512_unpackhi_ps(a[6], a[7]);
+  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  return _mm512_permutex2var_ps(_mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)), high,
+                                _mm512_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// The 8 values at first and the 8 at second, side by side in one register.
+static inline __m512 load_two_halves(const float* first, const float* second) {
+  const __m512d low = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(first)));
+  return _mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd(_mm256_loadu_ps(second)), 1));
 }
 #endif
 
