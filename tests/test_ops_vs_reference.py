@@ -193,6 +193,14 @@ CONV_CASES = {
     # backward-weight summed directly for its few taps per output channel (9 and 18), not its weights
     "few_taps_c1": conv_case((3, 1, 13, 15), (30, 1, 3, 3), padding=1),
     "few_taps_c2_dilated": conv_case((2, 2, 11, 9), (28, 2, 3, 3), padding=2, dilation=(2, 1)),
+    # ... and 27 (CIFAR's first layer), by parts of the batch: 5 images in 4 parts (1, 1, 1, 2), 70 output
+    # channels (17 register blocks of 4, then one of 2), the taps in blocks of 6 and 5; 16 channels at batch
+    # 2 (2 parts); 25 taps of a 5x5 at batch 1 (one part, the channels split among the threads); 12
+    # channels on rows wide enough that an image's grad_y of all of them would overflow L2 (tasks of 4)
+    "few_taps_27_k70": conv_case((5, 3, 11, 13), (70, 3, 3, 3), padding=1),
+    "few_taps_27_k16_n2": conv_case((2, 3, 9, 8), (16, 3, 3, 3), padding=1),
+    "few_taps_5x5_n1": conv_case((1, 1, 12, 10), (20, 1, 5, 5), padding=2),
+    "few_taps_wide_planes": conv_case((2, 3, 130, 128), (12, 3, 3, 3), padding=1),
     # stride-2 3x3 on output rows shorter than 32: forward and backward-weight on wide rows of the copy split
     # into row and column phases; at batch 1 (no wide rows on short ones) the forward's im2col columns
     # gathered from that copy, each output row a run copied whole (15 columns) or value by value (6: runs
@@ -349,7 +357,7 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
                 "wide_rows_stride2", "gathered_runs_n1", "gathered_short_rows", "gathered_runs_k300",
-                "gathered_short_rows_k300", "few_taps_c1"]
+                "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70", "few_taps_5x5_n1"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]
@@ -433,9 +441,12 @@ def test_grouped_layers_sum_directly_where_meant_to():
         assert paths(CONV_CASES[name]) == (True, True), name
     for name in ["grouped_pointwise_gemm", "grouped_batch_gemm", "transposed_5x5_same", "gemm_k70_c37_n1"]:
         assert paths(CONV_CASES[name]) == (False, False), name
-    for name in ["few_taps_c1", "few_taps_c2_dilated"]:
+    for name in ["few_taps_c1", "few_taps_c2_dilated", "few_taps_27_k70", "few_taps_27_k16_n2", "few_taps_5x5_n1",
+                 "few_taps_wide_planes"]:
         assert paths(CONV_CASES[name]) == (False, True), name
-    assert paths(conv_case((3, 1, 13, 15), (40, 1, 3, 3), padding=1)) == (False, False)  # over 32 outputs
+    assert paths(conv_case((3, 1, 13, 15), (130, 1, 3, 3), padding=1)) == (False, False)  # over 128 outputs
+    assert paths(conv_case((3, 4, 13, 15), (8, 4, 3, 3), padding=1)) == (False, False)  # 36 taps
+    assert paths(conv_case((3, 3, 13, 15), (16, 3, 3, 3), stride=2, padding=1)) == (False, False)  # strided
 
 
 def test_strided_pointwise_reads_subsampled_x_where_meant_to():
