@@ -56,6 +56,15 @@ inline std::vector<int64_t> tap_offsets(const Conv2dShape& s, const PhaseSplitCo
   return offsets;
 }
 
+// e[m] = in[2m], o[m] = in[2m + 1] for m < pairs; restrict, so that the loop needs no overlap checks per row.
+template <typename T>
+inline void split_pairs(const T* __restrict in, int64_t pairs, T* __restrict e, T* __restrict o) {
+  for (int64_t m = 0; m < pairs; ++m) {
+    e[m] = in[2 * m];
+    o[m] = in[2 * m + 1];
+  }
+}
+
 // Padded rows [row0, row1) of every channel of x_g (channels of H*W values) into the copy, all their
 // phases; cells in the padding are zero, and so is the slack after the last plane when the last row is
 // filled. Row index c * copy.rows + h.
@@ -73,6 +82,14 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
   Range* const inside = sw > 8 ? on_heap.data() : on_stack;
   for (int64_t f = 0; f < sw; ++f) inside[f] = valid_outputs(f - win.pad_left, sw, s.W, width);
   const int64_t phase_step = copy.plane_rows * width;  // from phase (a, f) to (a, f + 1)
+  // Stride 2: x's column j is padded column j + pad_left, phase (j + pad_left) % 2, at (j + pad_left) / 2;
+  // one pass down the row puts its even columns in one phase from `even_at` on and its odd ones in the
+  // other from `odd_at`, `evens` and `odds` of them (those inside the phase's width), in pairs (the two
+  // loops of the general case, each a run of bounds and fills, took a quarter of CIFAR's stride-2 layers).
+  const int64_t pl = win.pad_left;
+  const int64_t even_phase = pl % 2, even_at = pl / 2, odd_at = (pl + 1) / 2;
+  const int64_t evens = std::clamp<int64_t>(width - even_at, 0, (s.W + 1) / 2);
+  const int64_t odds = std::clamp<int64_t>(width - odd_at, 0, s.W / 2), pairs = std::min(evens, odds);
   int64_t c = row0 / copy.rows, h = row0 % copy.rows - win.pad_top;
   // Where padded row h + pad_top begins (its phase f = 0), moved along row by row without divisions: the
   // next row is in the next row phase, or back in phase 0 one row further down.
@@ -83,16 +100,25 @@ inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T*
       for (int64_t f = 0; f < sw; ++f) fill_short(first + f * phase_step, width, T(0));
     } else {
       const T* in = x_g + (c * s.H + h) * s.W;
-      for (int64_t f = 0; f < sw; ++f) {
-        T* o = first + f * phase_step;
-        const Range r = inside[f];
-        const T* from = in + f - win.pad_left;
-        fill_short(o, r.begin, T(0));
-        if (sw == 2)  // the stride as a constant, so that the loop becomes vector loads and shuffles
-          for (int64_t i = r.begin; i < r.end; ++i) o[i] = from[2 * i];
-        else
+      if (sw == 2) {
+        T* even = first + even_phase * phase_step;
+        T* odd = first + (1 - even_phase) * phase_step;
+        fill_short(even, std::min(even_at, width), T(0));
+        fill_short(odd, std::min(odd_at, width), T(0));
+        split_pairs(in, pairs, even + even_at, odd + odd_at);
+        if (evens > pairs) even[even_at + pairs] = in[2 * pairs];  // an odd width's last column
+        if (odds > pairs) odd[odd_at + pairs] = in[2 * pairs + 1];
+        if (even_at + evens < width) fill_short(even + even_at + evens, width - even_at - evens, T(0));
+        if (odd_at + odds < width) fill_short(odd + odd_at + odds, width - odd_at - odds, T(0));
+      } else {
+        for (int64_t f = 0; f < sw; ++f) {
+          T* o = first + f * phase_step;
+          const Range r = inside[f];
+          const T* from = in + f - win.pad_left;
+          fill_short(o, r.begin, T(0));
           for (int64_t i = r.begin; i < r.end; ++i) o[i] = from[i * sw];
-        fill_short(o + r.end, width - r.end, T(0));
+          fill_short(o + r.end, width - r.end, T(0));
+        }
       }
     }
     if (++h == copy.rows - win.pad_top) {
