@@ -71,7 +71,8 @@ inline void split_pairs(const T* __restrict in, int64_t pairs, T* __restrict e, 
 // Each phase's columns inside x are the same on every row: worked out once (per row, their divisions and
 // the library calls of the fills were a third of CIFAR's stride-2 3x3 forward, 16-column rows).
 template <typename T>
-inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T* x_g, int64_t row0, int64_t row1, T* out) {
+inline void fill_rows(const Conv2dShape& s, const PhaseSplitCopy& copy, const T* x_g, int64_t row0, int64_t row1,
+                      T* out) {
   const Window2d& win = s.win;
   const int64_t sw = win.stride_w, width = copy.width;
   if (row1 == s.C_per_group() * copy.rows) std::fill(out + copy.size - kGemmMaxStripWidth, out + copy.size, T(0));
