@@ -191,6 +191,9 @@ CONV_CASES = {
     # weights per position for a pointwise layer), col added back into grad_x
     "pointwise_batch_gemm": conv_case((3, 100, 1, 2), (90, 100, 1, 1)),
     # backward-weight summed directly for its few taps per output channel (9 and 18), not its weights
+    # backward-input's col2im at stride 2 across (each kernel row's taps summed into even and odd half rows):
+    # an odd width, 4 taps 2 apart, padding 3 (taps starting left of the image)
+    "col2im_pairs_dilated": conv_case((2, 5, 9, 13), (7, 5, 3, 4), stride=(1, 2), padding=(1, 3), dilation=(1, 2)),
     "few_taps_c1": conv_case((3, 1, 13, 15), (30, 1, 3, 3), padding=1),
     "few_taps_c2_dilated": conv_case((2, 2, 11, 9), (28, 2, 3, 3), padding=2, dilation=(2, 1)),
     # ... and 27 (CIFAR's first layer), by parts of the batch: 5 images in 4 parts (1, 1, 1, 2), 70 output
@@ -357,7 +360,8 @@ ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "g
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
                 "wide_rows_stride2", "gathered_runs_n1", "gathered_short_rows", "gathered_runs_k300",
-                "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70", "few_taps_5x5_n1"]
+                "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70", "few_taps_5x5_n1",
+                "col2im_pairs_dilated"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]

@@ -105,10 +105,62 @@ std::optional<Conv2dShape> winograd_transposed_shape(const Conv2dShape& s, int64
   return t;
 }
 
+// x[2m] += even[m] for m < evens, x[2m + 1] += odd[m] for m < odds (restrict: no overlap checks).
+template <typename T>
+void add_pairs(const T* __restrict even, int64_t evens, const T* __restrict odd, int64_t odds, T* __restrict x) {
+  const int64_t pairs = std::min(evens, odds);
+  for (int64_t m = 0; m < pairs; ++m) {
+    x[2 * m] += even[m];
+    x[2 * m + 1] += odd[m];
+  }
+  if (evens > pairs) x[2 * pairs] += even[pairs];
+}
+
+// col2im_add at stride 2 across: per channel c, kernel row r and output row p, tap kw's run lands on every
+// other column of one input row, from 2 * q + kw * dilation_w - pad_left, even or odd by that offset. Each
+// run is added into that parity's half row (contiguous), then both halves into x in one interleaving pass:
+// value by value at a stride of 2, CIFAR's stride-2 3x3 layers spent half their backward-input in col2im.
+// Each cell receives its (c, r) entries' sum over kw, in col's row order, whatever the ranges.
+template <typename T>
+void col2im_add_by_pairs(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g, int64_t p0, int64_t p1,
+                         int64_t h0, int64_t h1, int64_t c0, int64_t c1) {
+  const Window2d& win = s.win;
+  const int64_t HW = s.H * s.W, sh = win.stride_h, evens = (s.W + 1) / 2, odds = s.W / 2;
+  std::vector<T> halves(static_cast<size_t>(evens + odds));
+  // Tap kw's run q in qs lands on halves[start + q] (the same for every row)
+  struct TapRun {
+    Range qs;
+    int64_t start;
+  };
+  std::vector<TapRun> runs(static_cast<size_t>(s.S));
+  for (int64_t kw = 0; kw < s.S; ++kw) {
+    const int64_t w_off = kw * win.dilation_w - win.pad_left, parity = w_off & 1;
+    runs[static_cast<size_t>(kw)] = {valid_outputs(w_off, 2, s.W, s.Q), parity * evens + (w_off - parity) / 2};
+  }
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = 0; r < s.R; ++r) {
+      const int64_t h_off = r * win.dilation_h - win.pad_top;
+      const Range ps = valid_outputs(h_off, sh, s.H, s.P);
+      const Range in_rows = valid_outputs(h_off - h0, sh, h1 - h0, s.P);  // h in [h0, h1)
+      const int64_t last = std::min({ps.end, p1, in_rows.end});
+      for (int64_t p = std::max({ps.begin, p0, in_rows.begin}); p < last; ++p) {
+        fill_short(halves.data(), evens + odds, T(0));
+        const T* from = col + (c * s.R + r) * s.S * row_stride + (p - p0) * s.Q;
+        T* half = halves.data();
+        for (const TapRun& run : runs) {
+          for (int64_t q = run.qs.begin; q < run.qs.end; ++q) half[run.start + q] += from[q];
+          from += row_stride;
+        }
+        add_pairs(halves.data(), evens, halves.data() + evens, odds, gx_g + c * HW + (p * sh + h_off) * s.W);
+      }
+    }
+}
+
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x, for output rows
 // [p0, p1) (col holds their positions from column 0 on), input rows [h0, h1) and channels [c0, c1). Each
-// cell receives its entries in col's row order whatever the ranges, so splitting the input rows or the
-// channels among threads (disjoint writes) gives the same bits as one pass.
+// cell receives its entries in col's row order whatever the ranges (at stride 2 across, each kernel row's
+// entries summed first: col2im_add_by_pairs), so splitting the input rows or the channels among threads
+// (disjoint writes) gives the same bits as one pass.
 template <typename T>
 // col's rows are row_stride apart (PQ for one image's col; N*PQ when col holds the batch side by side).
 void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g, int64_t p0, int64_t p1,
@@ -116,6 +168,7 @@ void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g,
   const int64_t HW = s.H * s.W, sh = s.win.stride_h, sw = s.win.stride_w;
   if (h1 < 0) h1 = s.H;
   if (c1 < 0) c1 = s.C_per_group();
+  if (sw == 2) return col2im_add_by_pairs(s, col, row_stride, gx_g, p0, p1, h0, h1, c0, c1);
   for_each_col_segment(s, c0 * s.R * s.S, c1 * s.R * s.S,
                        [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
                          const T* in = col + row * row_stride;
