@@ -445,9 +445,12 @@ def test_grouped_layers_sum_directly_where_meant_to():
         assert paths(CONV_CASES[name]) == (True, True), name
     for name in ["grouped_pointwise_gemm", "grouped_batch_gemm", "transposed_5x5_same", "gemm_k70_c37_n1"]:
         assert paths(CONV_CASES[name]) == (False, False), name
-    for name in ["few_taps_c1", "few_taps_c2_dilated", "few_taps_27_k70", "few_taps_27_k16_n2", "few_taps_5x5_n1",
-                 "few_taps_wide_planes"]:
+    for name in ["few_taps_c1", "few_taps_c2_dilated", "few_taps_27_k16_n2", "few_taps_5x5_n1", "few_taps_wide_planes"]:
         assert paths(CONV_CASES[name]) == (False, True), name
+    # 27 taps x 70 output channels: direct with AVX-512's register blocks, on the GEMM with the 16-register
+    # builds' (at most 600 taps x output channels there)
+    wide_registers = _pykernels_cpu.active_isa() == "avx512"
+    assert paths(CONV_CASES["few_taps_27_k70"]) == (False, wide_registers)
     assert paths(conv_case((3, 1, 13, 15), (130, 1, 3, 3), padding=1)) == (False, False)  # over 128 outputs
     assert paths(conv_case((3, 4, 13, 15), (8, 4, 3, 3), padding=1)) == (False, False)  # 36 taps
     assert paths(conv_case((3, 3, 13, 15), (16, 3, 3, 3), stride=2, padding=1)) == (False, False)  # strided

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/shapes.hpp"
+#include "cpu/gemm.hpp"
 
 namespace pykernels::cpu {
 
@@ -69,16 +70,19 @@ inline bool sums_directly(const Conv2dShape& s) {
 // 1024 in groups of 32 on 14x14 4.8 -> 4.2, 512 in groups of 16 on 7x7 0.76 -> 0.48; but 1024 in groups of
 // 32 on 7x7 1.22 -> 1.73 (their planes of 9x9, 63 wide-row positions for 49).
 // Also the stride-1 layers with at most 27 taps per output channel (C/groups x R x S: the first 3x3
-// layers of CIFAR, MNIST and VGG, MNIST's 5x5 ones) and at most 128 output channels per group, whose GEMM
-// fills at most 27 of a strip's 48 columns (not pointwise layers, whose GEMM reads x where it lies); dense
-// ones by parts of the batch (direct_conv_impl.inc).
-// Batch 64 unless said, loop / caches flushed first: 1 -> 32 channels on 28x28 0.25 / 0.53 -> 0.16 / 0.34
-// ms, 3 -> 16 on 32x32 0.37 / 0.48 -> 0.20 / 0.36, 3 -> 64 0.94 / 1.23 -> 0.76 / 1.14, 1 -> 20 5x5 0.39 /
-// 0.69 -> 0.16 / 0.34, 3 -> 96 1.66 -> 1.54, 3 -> 128 level, VGG's first layer (batch 8) 7.6 -> 6.0; at
-// stride 2 slower (0.105 -> 0.15).
+// layers of CIFAR, MNIST and VGG, MNIST's 5x5 ones), whose GEMM fills at most 27 of a strip's 48 columns
+// (not pointwise layers, whose GEMM reads x where it lies); dense ones by parts of the batch
+// (direct_conv_impl.inc). With AVX-512's 4 x 6 register blocks, up to 128 output channels per group; batch
+// 64 unless said, loop / caches flushed first: 1 -> 32 channels on 28x28 0.25 / 0.53 -> 0.16 / 0.34 ms,
+// 3 -> 16 on 32x32 0.37 / 0.48 -> 0.20 / 0.36, 3 -> 64 0.94 / 1.23 -> 0.76 / 1.14, 1 -> 20 5x5 0.39 /
+// 0.69 -> 0.16 / 0.34, 3 -> 96 1.66 -> 1.54, 3 -> 128 level, VGG's first layer (batch 8) 7.6 -> 6.0. The
+// 16-register builds' 2 x 4 blocks load 6 values per 8 multiply-adds: there up to 600 taps x output
+// channels (AVX2: 1 -> 64 0.85 -> 0.68, 3 -> 16 0.56 -> 0.50; 3 -> 32 5 % and 3 -> 64 19 % slower, so
+// left to the GEMM). At stride 2 slower (0.105 -> 0.15).
 inline bool sums_weight_gradient_directly(const Conv2dShape& s) {
-  const bool few_taps = s.C_per_group() * s.R * s.S <= 27 && s.K_per_group() <= 128 && s.win.stride_h == 1 &&
-                        s.win.stride_w == 1 && !is_pointwise(s);
+  const int64_t taps = s.C_per_group() * s.R * s.S, Kg = s.K_per_group();
+  const bool blocks_fit = active_build() == Isa::avx512 ? Kg <= 128 : taps * Kg <= 600;
+  const bool few_taps = taps <= 27 && blocks_fit && s.win.stride_h == 1 && s.win.stride_w == 1 && !is_pointwise(s);
   return has_few_weights(s) || few_taps || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100));
 }
 
