@@ -317,6 +317,8 @@ CONV_CASES = {
     # backward-input as the transposed convolution through the forward's paths (conv2d.cpp): 25+ taps or
     # dilated, 'same'-like padding, at least two images or groups
     "transposed_5x5_same": conv_case((2, 5, 9, 8), (12, 5, 5, 5), padding=2),
+    # 15 taps (3x5, from 10 taps on), padding one short of 'same' along the rows
+    "transposed_3x5": conv_case((2, 10, 9, 12), (14, 10, 3, 5), padding=((1, 0), (2, 2))),
     "transposed_dilated": conv_case((2, 12, 10, 9), (20, 12, 3, 3), padding=2, dilation=2),
     "transposed_grouped_even_kernel": conv_case((1, 8, 9, 11), (68, 4, 6, 5), padding="same", groups=2),
     "transposed_asym_dilated_wide": conv_case((3, 9, 6, 40), (10, 9, 3, 5), padding=((2, 1), (4, 3)),
@@ -471,13 +473,13 @@ def test_strided_pointwise_reads_subsampled_x_where_meant_to():
 
 def test_backward_input_runs_as_transposed_forward_where_meant_to():
     """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group
-    (unless the transposed forward reads wide rows), 'valid' padding, undilated 3x3 and 1x7 layers,
-    few-weight and Winograd layers do not."""
+    (unless the transposed forward reads wide rows), 'valid' padding, undilated 3x3 and 1x7 layers (under 10
+    taps), few-weight and Winograd layers do not."""
     def chosen(cfg, dtype=np.float32):
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(
             cfg["x_shape"], cfg["w_shape"], stride, pads, dilation, cfg["groups"], np.dtype(dtype).itemsize)
-    for name in ["transposed_5x5_same", "transposed_dilated", "transposed_grouped_even_kernel",
+    for name in ["transposed_5x5_same", "transposed_3x5", "transposed_dilated", "transposed_grouped_even_kernel",
                  "transposed_asym_dilated_wide", "transposed_wide_batch1", "wide_rows_batch1"]:
         assert chosen(CONV_CASES[name]) and chosen(CONV_CASES[name], np.float64), name
     for cfg in [conv_case((1, 5, 9, 8), (12, 5, 5, 5), padding=2), conv_case((2, 5, 9, 8), (12, 5, 5, 5)),

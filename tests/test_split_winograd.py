@@ -26,8 +26,8 @@ CASES = {
     "k4x6": ((3, 32, 21, 19), (32, 32, 4, 6), 1, False, False),
     # 6x6 with no padding: no zero taps, and the pieces read x without padding (backward-weight split)
     "k6x6_valid": ((3, 16, 20, 20), (16, 16, 6, 6), 0, False, True),
-    # 4x4 with asymmetric padding (the transposed convolution is not taken for 16 taps)
-    "k4x4_asym": ((2, 32, 30, 30), (32, 32, 4, 4), ((1, 2), (1, 2)), False, False),
+    # 4x4 with asymmetric padding: backward-input as the transposed convolution (16 taps), split as well
+    "k4x4_asym": ((2, 32, 30, 30), (32, 32, 4, 4), ((1, 2), (1, 2)), True, False),
     # 7 images of 81 tiles: F(4x4)'s chunks of tiles span images
     "seven_images": ((7, 64, 36, 36), (16, 64, 5, 5), 2, True, True),
     # 17.7 MB of transformed filters in float32 (160 x 768 x 36): transformed block by block as the GEMMs use

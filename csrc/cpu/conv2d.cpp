@@ -386,22 +386,23 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // weights flipped and their channel axes swapped into a buffer (K x C/g x R x S values). The forward's
 // paths read their inputs from padded copies or gather them; col2im adds every column back into grad_x,
 // R x S scattered adds per value: 45 % of a 5x5 64-channel layer's backward-input. Taken where that
-// costs most (at least 25 taps, or dilated windows) and the transposed pass does no more work: padding
+// costs most (at least 10 taps, or dilated windows) and the transposed pass does no more work: padding
 // close to 'same' (H*W at most 1.15 P*Q; a 'valid' 5x5 layer's transposed pass sums the full
 // correlation, 36 % more products), whole images per thread or wide rows (a 5x5 64-channel image at
 // batch 1, its rows split among the threads one GEMM per row, ran 20 % slower than col2im), the
 // transposed padding (R-1)*dh - pad not negative.
 // Measured against col2im (float32, batch 8): 7x7 32 channels 56x56 14.7 -> 6.2 ms, 5x5 64 channels
 // 28x28 6.0 -> 4.1, 5x5 128 channels 17.7 -> 13.3, 3x3 dilation 4 3.35 -> 2.72, dilation 2 5.3 -> 4.9;
-// not taken: 1x7 and 7x1 (no faster), 3x3 undilated (col2im cheap), resnet_3x3_512 at batch 1 (3x slower:
-// 9.4 MB of weights to flip). The rule is the shape's alone, whatever the thread count. The forward
+// 4x4 64 channels 28x28 2.73 -> 2.03, 5x3 2.62 -> 1.72, 3x5 32 channels 0.71 -> 0.50, 7x3 128 channels
+// 17x17 5.6 -> 4.1 (float64 4x4 6.6 -> 3.3); not taken: 1x7 and 7x1 (one 5 % faster, the other 6 %
+// slower), 3x3 undilated (col2im cheap), resnet_3x3_512 at batch 1 (3x slower: 9.4 MB of weights to flip). The rule is the shape's alone, whatever the thread count. The forward
 // multiplies grad_y's zero padding by the weights, so they must be finite (else NaN where col2im's sums
 // have no such term); grad_y's values reach only their own sums.
 namespace {
 
 std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s, int64_t element_bytes) {
   const bool dilated = s.win.dilation_h > 1 || s.win.dilation_w > 1;
-  if (is_pointwise(s) || !(s.R * s.S >= 25 || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q))
+  if (is_pointwise(s) || !(s.R * s.S >= 10 || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q))
     return std::nullopt;
   const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
   // Whole images per thread means at least 2 (a rule that must not depend on the thread count, or the
