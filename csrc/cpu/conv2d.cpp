@@ -395,9 +395,10 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // 28x28 6.0 -> 4.1, 5x5 128 channels 17.7 -> 13.3, 3x3 dilation 4 3.35 -> 2.72, dilation 2 5.3 -> 4.9;
 // 4x4 64 channels 28x28 2.73 -> 2.03, 5x3 2.62 -> 1.72, 3x5 32 channels 0.71 -> 0.50, 7x3 128 channels
 // 17x17 5.6 -> 4.1 (float64 4x4 6.6 -> 3.3); not taken: 1x7 and 7x1 (one 5 % faster, the other 6 %
-// slower), 3x3 undilated (col2im cheap), resnet_3x3_512 at batch 1 (3x slower: 9.4 MB of weights to flip). The rule is the shape's alone, whatever the thread count. The forward
-// multiplies grad_y's zero padding by the weights, so they must be finite (else NaN where col2im's sums
-// have no such term); grad_y's values reach only their own sums.
+// slower), 3x3 undilated (col2im cheap), resnet_3x3_512 at batch 1 (3x slower: 9.4 MB of weights to
+// flip). The rule is the shape's alone, whatever the thread count. The forward multiplies grad_y's zero
+// padding by the weights, so they must be finite (else NaN where col2im's sums have no such term);
+// grad_y's values reach only their own sums.
 namespace {
 
 std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s, int64_t element_bytes) {
