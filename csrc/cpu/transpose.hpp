@@ -18,34 +18,59 @@
 namespace pykernels::cpu {
 
 #if defined(__AVX__)
-// The 8 x 8 block a[0..7] (8 rows of 8 values, in registers) transposed in place: a[k][i] becomes the old a[i][k].
-static inline void transpose_8x8_in_registers(__m256 a[8]) {
-  __m256 t[8];
+// The steps of an 8 x 8 transpose of floats by register width: __m256 holds one 8 x 8 block's row, __m512
+// (AVX-512) the rows of two blocks side by side, which go through the same steps at once.
+static inline __m256 unpack_low(__m256 a, __m256 b) { return _mm256_unpacklo_ps(a, b); }
+static inline __m256 unpack_high(__m256 a, __m256 b) { return _mm256_unpackhi_ps(a, b); }
+template <int Imm>
+static inline __m256 shuffle_pairs(__m256 a, __m256 b) { return _mm256_shuffle_ps(a, b, Imm); }
+// The low (or high) 128 bits of a's block, then those of b's: permute2f128's 0x20 (0x31).
+template <bool High>
+static inline __m256 join_halves(__m256 a, __m256 b) { return _mm256_permute2f128_ps(a, b, High ? 0x31 : 0x20); }
+#if defined(__AVX512F__)
+static inline __m512 unpack_low(__m512 a, __m512 b) { return _mm512_unpacklo_ps(a, b); }
+static inline __m512 unpack_high(__m512 a, __m512 b) { return _mm512_unpackhi_ps(a, b); }
+template <int Imm>
+static inline __m512 shuffle_pairs(__m512 a, __m512 b) { return _mm512_shuffle_ps(a, b, Imm); }
+template <bool High>
+static inline __m512 join_halves(__m512 a, __m512 b) {  // per 256-bit block: one two-source permute
+  const __m512i index = High ? _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31)
+                             : _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  return _mm512_permutex2var_ps(a, index, b);
+}
+#endif
+
+// The 8 x 8 block(s) of a[0..7] (8 rows of 8 values per block, in registers) transposed in place: a[k][i]
+// becomes the old a[i][k], block by block (with __m512, a[k] = {column k of the first block, column k of
+// the second}: 16 rows' value k, in order).
+template <typename V>
+static inline void transpose_8x8_in_registers(V a[8]) {
+  V t[8];
   for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+    t[i] = unpack_low(a[i], a[i + 1]);
+    t[i + 1] = unpack_high(a[i], a[i + 1]);
   }
   for (int i = 0; i < 8; i += 4) {
-    a[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    a[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    a[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    a[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    a[i] = shuffle_pairs<_MM_SHUFFLE(1, 0, 1, 0)>(t[i], t[i + 2]);
+    a[i + 1] = shuffle_pairs<_MM_SHUFFLE(3, 2, 3, 2)>(t[i], t[i + 2]);
+    a[i + 2] = shuffle_pairs<_MM_SHUFFLE(1, 0, 1, 0)>(t[i + 1], t[i + 3]);
+    a[i + 3] = shuffle_pairs<_MM_SHUFFLE(3, 2, 3, 2)>(t[i + 1], t[i + 3]);
   }
   for (int i = 0; i < 4; ++i) {
-    t[i] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x20);
-    t[i + 4] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x31);
+    t[i] = join_halves<false>(a[i], a[i + 4]);
+    t[i + 4] = join_halves<true>(a[i], a[i + 4]);
   }
   for (int i = 0; i < 8; ++i) a[i] = t[i];
 }
 
-// The last column of the 8 x 8 block a[0..7]: {a[0][7], ..., a[7][7]}, transpose_8x8_in_registers's last
+// The last column of the 8 x 8 block(s) a[0..7] ({a[0][7], ..., a[7][7]} per block): the transpose's last
 // row from its 7 shuffles of it.
-static inline __m256 last_column_8x8(const __m256 a[8]) {
-  const __m256 t1 = _mm256_unpackhi_ps(a[0], a[1]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
-  const __m256 t5 = _mm256_unpackhi_ps(a[4], a[5]), t7 = _mm256_unpackhi_ps(a[6], a[7]);
-  const __m256 low = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 high = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-  return _mm256_permute2f128_ps(low, high, 0x31);
+template <typename V>
+static inline V last_column_8x8(const V a[8]) {
+  const V t1 = unpack_high(a[0], a[1]), t3 = unpack_high(a[2], a[3]);
+  const V t5 = unpack_high(a[4], a[5]), t7 = unpack_high(a[6], a[7]);
+  constexpr int kHigh = _MM_SHUFFLE(3, 2, 3, 2);
+  return join_halves<true>(shuffle_pairs<kHigh>(t1, t3), shuffle_pairs<kHigh>(t5, t7));
 }
 
 // The 8 x 8 block a[0..7] (8 rows of 8 values, in registers) into out[k * nr + i].
@@ -85,40 +110,6 @@ static inline void transpose_8x8(const float* rows, int64_t row_stride, float* o
 #endif
 
 #if defined(__AVX512F__)
-// Two 8 x 8 blocks side by side, a[i] = {row i of the first, row i of the second}, transposed in place:
-// transpose_8x8_in_registers on both halves at once, its last step one two-source permute per row. a[k]
-// becomes {column k of the first block, column k of the second}: 16 rows' value k, in order.
-static inline void transpose_two_8x8_in_registers(__m512 a[8]) {
-  __m512 t[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    a[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    a[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    a[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    a[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  // per block, permute2f128's 0x20 (low 128 bits of a[i], then of a[i + 4]) and 0x31 (the high ones)
-  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_permutex2var_ps(a[i], low, a[i + 4]);
-    t[i + 4] = _mm512_permutex2var_ps(a[i], high, a[i + 4]);
-  }
-  for (int i = 0; i < 8; ++i) a[i] = t[i];
-}
-
-// The last column of both blocks (transpose_two_8x8_in_registers's a[7]) from its 7 shuffles of it.
-static inline __m512 last_column_two_8x8(const __m512 a[8]) {
-  const __m512 t1 = _mm512_unpackhi_ps(a[0], a[1]), t3 = _mm512_unpackhi_ps(a[2], a[3]);
-  const __m512 t5 = _mm512_unpackhi_ps(a[4], a[5]), t7 = _mm512_unpackhi_ps(a[6], a[7]);
-  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  return _mm512_permutex2var_ps(_mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)), high,
-                                _mm512_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-
 // The 8 values at first and the 8 at second, side by side in one register.
 static inline __m512 load_two_halves(const float* first, const float* second) {
   const __m512d low = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(first)));
@@ -131,7 +122,8 @@ static inline __m512 load_two_halves(const float* first, const float* second) {
 // them (im2col_impl.inc's AVX2 and AVX-512 builds), then 4 x 4 through SSE (any x86-64 CPU); double 4 x 4
 // through AVX (it was element by element: float64 backward-weight ran at a third of float32's speed).
 template <typename T>
-static inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr, T* out) {
+static inline void transpose_into_strip(const T* rows, int64_t row_stride, int64_t kc, int64_t cols, int64_t nr,
+                                        T* out) {
   int64_t j = 0;
 #if defined(__AVX__)
   if constexpr (std::is_same_v<T, float>) {
