@@ -437,8 +437,15 @@ def _copy_and_shared_paths(dtype):
     wq = rng.standard_normal((20, 3, 3, 3)).astype(dtype)
     assert _pykernels_cpu.conv2d_sums_directly(xq.shape, wq.shape, (1, 1), (1, 1, 1, 1), (1, 1), 1) == (False, True)
     gq = pk.conv2d_backward(pk.conv2d(xq, wq, padding=1), xq, wq, padding=1, need_input=False, need_bias=False)[1]
+    # forward as one GEMM per tap over channels-last copies (float32): 3 and 2 images of 77 positions, an
+    # image at a time on one thread, else split into blocks of positions, about 4 per thread
+    xl = rng.standard_normal((3, 17, 21, 14)).astype(dtype)
+    wl = rng.standard_normal((64, 17, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_forward_channels_last(xl.shape, wl.shape, (2, 2), (1, 1, 1, 1), (1, 1), 1,
+                                                       xl.itemsize) == (dtype == np.float32)
+    channels_last = (pk.conv2d(xl, wl, stride=2, padding=1), pk.conv2d(xl[:2], wl, stride=2, padding=1))
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, *channels_last)
 
 
 def _run_all(x, w, b, go):

@@ -338,6 +338,16 @@ CONV_CASES = {
     # over the whole batch (1440 weights per group, 9 positions per image; 40 output channels per group,
     # more than the direct sums take)
     "grouped_batch_gemm": conv_case((3, 8, 6, 6), (80, 4, 3, 3), stride=2, padding=1, groups=2),
+    # forward as one GEMM per tap over channels-last copies (channels_last_conv.cpp; float32), 64 output
+    # channels (whole strips on every build): few images, the threads splitting them into blocks of
+    # positions (17 channels, asymmetric padding, dilation across; 2 images of 30 positions); 8 images, a
+    # task each, of 22 x 6 positions in blocks of 128 and 4 across output rows; 128 output channels of 64
+    # channels' 9 taps, the weights in blocks of 64 output channels (AVX-512) or 112 and 16 (AVX2, portable)
+    "channels_last_strided": conv_case((3, 17, 9, 11), (64, 17, 3, 3), stride=2, padding=((1, 0), (2, 1)),
+                                       dilation=(1, 2)),
+    "channels_last_few_images": conv_case((2, 16, 11, 12), (64, 16, 2, 3), stride=2, padding=1),
+    "channels_last_blocks": conv_case((8, 16, 44, 13), (64, 16, 3, 3), stride=2, padding=1, dilation=(1, 2)),
+    "channels_last_weight_blocks": conv_case((2, 64, 8, 8), (128, 64, 3, 3), stride=2, padding=1),
 }
 
 CONV_CASE_IDS = list(CONV_CASES)
@@ -345,7 +355,8 @@ CONV_CASE_IDS = list(CONV_CASES)
 # A subset run on every instruction set (AVX-512, AVX2 and portable): GEMM (each build's own im2col
 # packers, wide rows' packed grad_y among them; _wide spans two B panels), pointwise, and direct (few
 # weights per group: stride 1 on the wide-row path, strided or dilated) layers.
-ISA_CASE_IDS = ["gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
+ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
+                "channels_last_weight_blocks", "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
@@ -403,6 +414,41 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
                                np.float32) == "wide"
     # short rows and many output channels: packing im2col costs less than dropping 2 columns of every 9
     assert reads_rows_in_place(conv_case((8, 512, 7, 7), (512, 512, 3, 3), padding=2, dilation=2), dtype) is None
+
+
+CHANNELS_LAST_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
+                          "channels_last_weight_blocks"]
+
+
+def runs_channels_last(cfg, dtype):
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], cfg["x_shape"][2:], cfg["w_shape"][2:], (sh, sw),
+                                               (dh, dw))
+    return _pykernels_cpu.conv2d_forward_channels_last(cfg["x_shape"], cfg["w_shape"], (sh, sw), (pt, pb, pl, pr),
+                                                       (dh, dw), cfg["groups"], np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_forward_runs_channels_last_where_meant_to(isa, dtype):
+    """The named channels-last cases take channels_last_conv.cpp's path in float32 on every build (so the
+    tests above and test_conv2d_both_isas cover it); float64 (never faster there), batch 1, layers whose
+    im2col-based plans keep most lanes full, 1x1 layers, groups, and output channels that leave a strip
+    part empty do not."""
+    f32 = dtype == np.float32
+    for name in CHANNELS_LAST_CASE_IDS:
+        assert runs_channels_last(CONV_CASES[name], dtype) == f32, name
+    for name in ["subsampled_stride2", "wide_rows_stride2", "grouped_batch_gemm", "gathered_runs_n1", "lenet_5x5",
+                 "rows_per_image_deep"]:
+        assert not runs_channels_last(CONV_CASES[name], dtype), name
+    # CIFAR's 32 -> 64 stride-2 layer onto 8x8 outputs (wide rows keep 0.66 of the lanes in strips of 48),
+    # not at batch 1; onto 16x16, where wide rows keep 0.89, and with 80 output channels (a part-empty strip
+    # on AVX-512), not at all
+    assert runs_channels_last(conv_case((64, 32, 16, 16), (64, 32, 3, 3), stride=2, padding=1), dtype) == f32
+    assert not runs_channels_last(conv_case((1, 32, 16, 16), (64, 32, 3, 3), stride=2, padding=1), dtype)
+    assert not runs_channels_last(conv_case((64, 32, 32, 32), (64, 32, 3, 3), stride=2, padding=1), dtype)
+    if isa == "avx512":
+        assert not runs_channels_last(conv_case((64, 32, 16, 16), (80, 32, 3, 3), stride=2, padding=1), dtype)
 
 
 def conv_pads(cfg):

@@ -20,6 +20,9 @@
 // - Layers with overlapping windows and output rows shorter than 32 (resnet_3x3_512's 7): forward's col
 //   and backward-weight's COL^T gathered value by value from such copies through tables of offsets
 //   (GatheredColumns), where im2col's packing went a few values at a time.
+// - Forward of layers whose output channels fill whole register strips and whose outputs are too few per
+//   row for those plans to keep more than 80 % of the lanes (CIFAR's 3x3 stride-2 layers onto 8x8): one
+//   GEMM per tap over channels-last copies of the images (channels_last_conv.cpp).
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
@@ -292,7 +295,7 @@ void forward_as_batch_gemm(const Conv2dShape& s, const T* x, const T* w, const T
 }  // namespace
 
 bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  if (sums_directly(s) || is_pointwise(s)) return false;
+  if (sums_directly(s) || is_pointwise(s) || conv2d_forward_channels_last_chosen(s, element_bytes)) return false;
   return conv2d_forward_reads_wide_rows(s, element_bytes) ||
          (!(s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ) && conv2d_forward_by_rows_applies(s, element_bytes));
 }
@@ -307,6 +310,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   }
   if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (conv2d_forward_subsampled(s, x, w, bias, y)) return;
+  if (conv2d_forward_channels_last_chosen(s, sizeof(T))) return conv2d_forward_channels_last(s, x, w, bias, y);
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
   if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ && !is_pointwise(s)) return forward_as_batch_gemm(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();

@@ -64,19 +64,28 @@ bool strided_per_row(const Conv2dShape& s, int64_t element_bytes) {
 }
 }  // namespace
 
-bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
+namespace {
+
+bool wide_rows_allowed(const Conv2dShape& s, int64_t element_bytes) {
   if (s.R * s.S < 2 || strided_per_row(s, element_bytes)) return false;
   // At batch 1 only on rows as wide as the per-row plan takes: there the threads split one image's rows,
   // and on short ones (512 channels on 7x7) each share re-read megabytes of weights for a few columns.
-  if (s.N == 1 && s.Q < 32) return false;
-  // The share of the multiply-adds each plan keeps, chosen by the largest. Wide: Q of every `width`
-  // columns, in register strips of the widest build (3 vectors of 64 bytes) over a whole image. Packed
-  // im2col columns (batch GEMM, or batch 1's per-image GEMM): packing costs about 144 / element_bytes
-  // multiply-adds per value (36 in float32), shared by the K/groups output channels. Per row: the last
-  // strip of each row wastes lanes up to a whole vector, and the weights come through L2 once per row
-  // (a twelfth more time). Measured with 32 to 256 output channels: 5x5 on 28x28 with 64 channels (wide
-  // 0.85 of torch's speed, packed 0.63), 3x3 on 14x14 with 256 (packed 0.88, wide 0.80), a 4-dilated 3x3
-  // on 32 columns (per row 0.89, wide 0.74).
+  return !(s.N == 1 && s.Q < 32);
+}
+
+// The share of the multiply-adds each plan keeps, chosen by the largest. Wide: Q of every `width`
+// columns, in register strips of the widest build (3 vectors of 64 bytes) over a whole image. Packed
+// im2col columns (batch GEMM, or batch 1's per-image GEMM): packing costs about 144 / element_bytes
+// multiply-adds per value (36 in float32), shared by the K/groups output channels. Per row: the last
+// strip of each row wastes lanes up to a whole vector, and the weights come through L2 once per row
+// (a twelfth more time). Measured with 32 to 256 output channels: 5x5 on 28x28 with 64 channels (wide
+// 0.85 of torch's speed, packed 0.63), 3x3 on 14x14 with 256 (packed 0.88, wide 0.80), a 4-dilated 3x3
+// on 32 columns (per row 0.89, wide 0.74).
+struct PlanShares {
+  double wide, other;  // wide rows; the better of packed columns and per row
+};
+
+PlanShares plan_shares(const Conv2dShape& s, int64_t element_bytes) {
   const PhaseSplitCopy copy(s);
   const int64_t strip = 192 / element_bytes, columns = (s.P - 1) * copy.width + s.Q;
   const double wide = double(s.Q) / double(copy.width) * double(columns) /
@@ -86,7 +95,20 @@ bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes)
     const int64_t lanes = 64 / element_bytes;
     other = std::max(other, double(s.Q) / double((s.Q + lanes - 1) / lanes * lanes) * 12.0 / 13.0);
   }
-  return wide >= other;
+  return {wide, other};
+}
+
+}  // namespace
+
+bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
+  if (!wide_rows_allowed(s, element_bytes)) return false;
+  const PlanShares shares = plan_shares(s, element_bytes);
+  return shares.wide >= shares.other;
+}
+
+double conv2d_forward_packed_share(const Conv2dShape& s, int64_t element_bytes) {
+  const PlanShares shares = plan_shares(s, element_bytes);
+  return wide_rows_allowed(s, element_bytes) ? std::max(shares.wide, shares.other) : shares.other;
 }
 
 template <typename T>

@@ -38,6 +38,9 @@ void conv2d_backward_weight_direct(const Conv2dShape& s, const T* grad_y, const 
 // picks (which take precedence). Same contract as conv2d_forward.
 bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_forward_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes);
+// The share of its multiply-adds that the im2col-based forward plans (wide rows, per row, packed columns)
+// keep on this layer, by their own estimates: lanes past the rows' ends, and packing, counted as lost.
+double conv2d_forward_packed_share(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 // Backward-weight of stride-1 layers as one GEMM per image and block of taps with the copy's rows read
@@ -47,6 +50,13 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
 bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+
+// channels_last_conv.cpp -- forward as one GEMM per tap over channels-last copies of the images, the
+// output channels across the vector lanes, for the layers conv2d_forward_channels_last_chosen picks (at
+// element_bytes per value; before conv_rows.cpp's). Same contract as conv2d_forward.
+bool conv2d_forward_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 
 // Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) or F(2x2,3x3) for the 3x3 stride-1 layers
 // they suit, implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
