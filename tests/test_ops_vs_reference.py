@@ -340,8 +340,9 @@ CONV_CASES = {
     "grouped_batch_gemm": conv_case((3, 8, 6, 6), (80, 4, 3, 3), stride=2, padding=1, groups=2),
     # forward as one GEMM per tap over channels-last copies (channels_last_conv.cpp; float32), 64 output
     # channels (whole strips on every build): few images, the threads splitting them into blocks of
-    # positions (17 channels, asymmetric padding, dilation across; 2 images of 30 positions); 8 images, a
-    # task each, of 22 x 6 positions in blocks of 128 and 4 across output rows; 128 output channels of 64
+    # positions (3 images of 4 x 5 positions, 17 channels, asymmetric padding, dilation across; 2 images of
+    # 6 x 6, a 2x3 kernel); 8 images, a task each on 2 threads, of 22 x 6 positions in blocks of 128 and 4
+    # across output rows; 128 output channels of 64
     # channels' 9 taps, the weights in blocks of 64 output channels (AVX-512) or 112 and 16 (AVX2, portable)
     "channels_last_strided": conv_case((3, 17, 9, 11), (64, 17, 3, 3), stride=2, padding=((1, 0), (2, 1)),
                                        dilation=(1, 2)),
