@@ -319,6 +319,10 @@ CONV_CASES = {
     "transposed_5x5_same": conv_case((2, 5, 9, 8), (12, 5, 5, 5), padding=2),
     # 15 taps (3x5, from 10 taps on), padding one short of 'same' along the rows
     "transposed_3x5": conv_case((2, 10, 9, 12), (14, 10, 3, 5), padding=((1, 0), (2, 2))),
+    # 7 taps with 16 channels or more: 7x1; 1x7 with 64 channels, whose forward and transposed forward run
+    # channels-last in float32
+    "transposed_7x1": conv_case((2, 16, 9, 10), (20, 16, 7, 1), padding=(3, 0)),
+    "transposed_1x7_channels_last": conv_case((2, 64, 5, 9), (64, 64, 1, 7), padding=(0, 3)),
     "transposed_dilated": conv_case((2, 12, 10, 9), (20, 12, 3, 3), padding=2, dilation=2),
     "transposed_grouped_even_kernel": conv_case((1, 8, 9, 11), (68, 4, 6, 5), padding="same", groups=2),
     "transposed_asym_dilated_wide": conv_case((3, 9, 6, 40), (10, 9, 3, 5), padding=((2, 1), (4, 3)),
@@ -357,7 +361,7 @@ CONV_CASE_IDS = list(CONV_CASES)
 # packers, wide rows' packed grad_y among them; _wide spans two B panels), pointwise, and direct (few
 # weights per group: stride 1 on the wide-row path, strided or dilated) layers.
 ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
-                "channels_last_weight_blocks", "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
+                "channels_last_weight_blocks", "transposed_1x7_channels_last", "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
@@ -520,15 +524,17 @@ def test_strided_pointwise_reads_subsampled_x_where_meant_to():
 
 def test_backward_input_runs_as_transposed_forward_where_meant_to():
     """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group
-    (unless the transposed forward reads wide rows), 'valid' padding, undilated 3x3 and 1x7 layers (under 10
-    taps), few-weight and Winograd layers do not."""
+    (unless the transposed forward reads wide rows), 'valid' padding, undilated 3x3 and 1x7 layers of 8
+    channels (under 10 taps, under 16 channels), few-weight and Winograd layers do not."""
     def chosen(cfg, dtype=np.float32):
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(
             cfg["x_shape"], cfg["w_shape"], stride, pads, dilation, cfg["groups"], np.dtype(dtype).itemsize)
     for name in ["transposed_5x5_same", "transposed_3x5", "transposed_dilated", "transposed_grouped_even_kernel",
-                 "transposed_asym_dilated_wide", "transposed_wide_batch1", "wide_rows_batch1"]:
+                 "transposed_asym_dilated_wide", "transposed_wide_batch1", "wide_rows_batch1", "transposed_7x1",
+                 "transposed_1x7_channels_last"]:
         assert chosen(CONV_CASES[name]) and chosen(CONV_CASES[name], np.float64), name
+    assert runs_channels_last(CONV_CASES["transposed_1x7_channels_last"], np.float32)
     for cfg in [conv_case((1, 5, 9, 8), (12, 5, 5, 5), padding=2), conv_case((2, 5, 9, 8), (12, 5, 5, 5)),
                 conv_case((2, 8, 9, 9), (12, 8, 3, 3), padding=1),
                 conv_case((2, 8, 9, 9), (12, 8, 1, 7), padding=(0, 3)),
