@@ -525,7 +525,8 @@ def test_strided_pointwise_reads_subsampled_x_where_meant_to():
 def test_backward_input_runs_as_transposed_forward_where_meant_to():
     """The named transposed_* cases take that path (so the tests above cover it); batch 1 of one group
     (unless the transposed forward reads wide rows), 'valid' padding, undilated 3x3 and 1x7 layers of 8
-    channels (under 10 taps, under 16 channels), few-weight and Winograd layers do not."""
+    channels (under 10 taps, under 16 channels) or over 4 MiB of weights, few-weight and Winograd layers do
+    not."""
     def chosen(cfg, dtype=np.float32):
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_backward_input_uses_transposed_forward(
@@ -538,6 +539,7 @@ def test_backward_input_runs_as_transposed_forward_where_meant_to():
     for cfg in [conv_case((1, 5, 9, 8), (12, 5, 5, 5), padding=2), conv_case((2, 5, 9, 8), (12, 5, 5, 5)),
                 conv_case((2, 8, 9, 9), (12, 8, 3, 3), padding=1),
                 conv_case((2, 8, 9, 9), (12, 8, 1, 7), padding=(0, 3)),
+                conv_case((2, 400, 5, 9), (400, 400, 1, 7), padding=(0, 3)),  # 4.5 MB of weights to flip
                 conv_case((2, 8, 9, 9), (12, 8, 5, 5), padding=2, stride=2), CONV_CASES["lenet_5x5"],
                 conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1)]:
         assert not chosen(cfg), cfg

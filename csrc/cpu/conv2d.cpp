@@ -390,8 +390,8 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // weights flipped and their channel axes swapped into a buffer (K x C/g x R x S values). The forward's
 // paths read their inputs from padded copies or gather them; col2im adds every column back into grad_x,
 // R x S scattered adds per value: 45 % of a 5x5 64-channel layer's backward-input. Taken where that
-// costs most (at least 10 taps; 7 to 9 with 16 channels or more in and out; or dilated windows) and the
-// transposed pass does no more work: padding
+// costs most (at least 10 taps; 7 to 9 with 16 channels or more in and out and at most 4 MiB of weights;
+// or dilated windows) and the transposed pass does no more work: padding
 // close to 'same' (H*W at most 1.15 P*Q; a 'valid' 5x5 layer's transposed pass sums the full
 // correlation, 36 % more products), whole images per thread or wide rows (a 5x5 64-channel image at
 // batch 1, its rows split among the threads one GEMM per row, ran 20 % slower than col2im), the
@@ -404,14 +404,17 @@ void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T
 // 3.3 -> 3.0, 3.2 -> 2.7), 1x7 with 64 channels on 28x28 4.2 -> 4.0, 2x4 1.21 -> 1.04, 3x3 with 64
 // channels on 3x3 0.106 -> 0.080 (not on Winograd: too few tiles). Not taken: 3x3 undilated with few
 // channels (3 -> 64 on 32x32 1.09 -> 2.24 ms, 4 -> 16 0.058 -> 0.076: col2im cheap, the transposed
-// forward's output channels few), resnet_3x3_512 at batch 1 (3x slower: 9.4 MB of weights to flip). The rule is the shape's alone, whatever the thread count. The forward multiplies grad_y's zero
+// forward's output channels few), resnet_3x3_512 at batch 1 (3x slower: 9.4 MB of weights to flip; at
+// batch 8, on the GEMM, 5.0 -> 6.1 ms, where 3x3 layers of 64 to 256 channels on 56x56 to 14x14 gained
+// 1.04-1.4x). The rule is the shape's alone, whatever the thread count. The forward multiplies grad_y's zero
 // padding by the weights, so they must be finite (else NaN where col2im's sums have no such term);
 // grad_y's values reach only their own sums.
 namespace {
 
 std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s, int64_t element_bytes) {
   const bool dilated = s.win.dilation_h > 1 || s.win.dilation_w > 1;
-  const bool many_taps = s.R * s.S >= 10 || (s.R * s.S >= 7 && s.C_per_group() >= 16 && s.K_per_group() >= 16);
+  const bool many_taps = s.R * s.S >= 10 || (s.R * s.S >= 7 && s.C_per_group() >= 16 && s.K_per_group() >= 16 &&
+                                              double(s.w_numel()) * double(element_bytes) <= double(4 << 20));
   if (is_pointwise(s) || !(many_taps || dilated) || double(s.H * s.W) > 1.15 * double(s.P * s.Q))
     return std::nullopt;
   const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
