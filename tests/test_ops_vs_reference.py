@@ -353,6 +353,12 @@ CONV_CASES = {
     "channels_last_few_images": conv_case((2, 16, 11, 12), (64, 16, 2, 3), stride=2, padding=1),
     "channels_last_blocks": conv_case((8, 16, 44, 13), (64, 16, 3, 3), stride=2, padding=1, dilation=(1, 2)),
     "channels_last_weight_blocks": conv_case((2, 64, 8, 8), (128, 64, 3, 3), stride=2, padding=1),
+    # backward-input likewise, the input channels across the lanes (strided layers, float32): 3 images,
+    # dilation across, asymmetric padding, 20 output channels; 2 images of 128 channels, the threads taking
+    # blocks of channels (2 of 64 on AVX-512, 4 of 32 on AVX2)
+    "channels_last_backward_strided": conv_case((3, 64, 9, 13), (20, 64, 3, 3), stride=2,
+                                                padding=((1, 0), (0, 1)), dilation=(1, 2)),
+    "channels_last_backward_blocks": conv_case((2, 128, 5, 7), (24, 128, 3, 2), stride=(2, 1), padding=1),
 }
 
 CONV_CASE_IDS = list(CONV_CASES)
@@ -361,7 +367,8 @@ CONV_CASE_IDS = list(CONV_CASES)
 # packers, wide rows' packed grad_y among them; _wide spans two B panels), pointwise, and direct (few
 # weights per group: stride 1 on the wide-row path, strided or dilated) layers.
 ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
-                "channels_last_weight_blocks", "transposed_1x7_channels_last", "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
+                "channels_last_weight_blocks", "transposed_1x7_channels_last", "channels_last_backward_strided",
+                "channels_last_backward_blocks", "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",
@@ -454,6 +461,23 @@ def test_forward_runs_channels_last_where_meant_to(isa, dtype):
     assert not runs_channels_last(conv_case((64, 32, 32, 32), (64, 32, 3, 3), stride=2, padding=1), dtype)
     if isa == "avx512":
         assert not runs_channels_last(conv_case((64, 32, 16, 16), (80, 32, 3, 3), stride=2, padding=1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_backward_input_runs_channels_last_where_meant_to(isa, dtype):
+    """The named channels_last_backward cases' backward-input (and weight_blocks') takes channels_last_conv.cpp's
+    path in float32 on every build; float64, batch 1, stride 1, images over 64 KB and 1x1 layers do not."""
+    def chosen(cfg):
+        stride, pads, dilation = conv_pads(cfg)
+        return _pykernels_cpu.conv2d_backward_input_channels_last(cfg["x_shape"], cfg["w_shape"], stride, pads,
+                                                                  dilation, cfg["groups"], np.dtype(dtype).itemsize)
+    for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks"]:
+        assert chosen(CONV_CASES[name]) == (dtype == np.float32), name
+    for cfg in [conv_case((1, 64, 9, 13), (20, 64, 3, 3), stride=2, padding=1),
+                conv_case((2, 64, 9, 13), (20, 64, 3, 3), padding=1),
+                conv_case((2, 64, 16, 17), (20, 64, 3, 3), stride=2, padding=1),
+                conv_case((2, 64, 9, 13), (20, 64, 1, 1), stride=2), CONV_CASES["lenet_5x5"]]:
+        assert not chosen(cfg), cfg
 
 
 def conv_pads(cfg):

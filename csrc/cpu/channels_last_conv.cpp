@@ -12,6 +12,12 @@
 // then M is transposed into y's (k, p, q) order with the bias. Every output is summed over the taps and
 // then the channels in the same order whatever the blocks and the thread count: bit-for-bit reproducible.
 // Its products are exactly im2col's, zeros of the padding included, so NaN and inf come out as the GEMM's.
+//
+// Backward-input of strided layers on small images is the same with the roles swapped: per tap, D (positions
+// x C) = grad_y channels-last (positions x K, rows read in place) times the tap's weights (K x C), the
+// input channels across the lanes; each row of D is then added into the channels-last row of grad_x at the
+// position that tap of that output reads (col2im's adds, taps in order, a whole row of channels at a time
+// instead of a value or two), and grad_x transposed back.
 #include <algorithm>
 #include <vector>
 
@@ -30,46 +36,49 @@ constexpr int64_t kTapWeightBytes = 256 << 10;   // a block of output channels' 
 constexpr int64_t kImageBytes = 256 << 10;       // an image's channels-last copy within L2 (see the rule)
 constexpr int64_t kRowsPerBlockMultiple = 24;    // whole register tiles of 6 and 8 rows
 
-// The weights in blocks of output channels, each block's taps' B (C x width) within kTapWeightBytes (a
-// 256 -> 256 layer's 9 taps take 2.4 MB): block b's tap t at packed + starts[b] + t * layouts[b].size().
+// Each tap's weights as the B (depth x columns) of its GEMMs, in blocks of columns whose taps' B stay in
+// L2 together (a 256 -> 256 layer's 9 taps take 2.4 MB): B[d][j] at w + d * d_stride + j * j_stride + t,
+// over the input channels and output channels for the forward (d = c, j = k) and the other way round for
+// backward-input. Block b's tap t at packed + starts[b] + t * layouts[b].size(); columns [b * width, ...).
 struct TapWeights {
-  int64_t width = 0;  // output channels per block: whole strips
+  int64_t width = 0;  // columns per block: whole strips
   std::vector<PackedBLayout> layouts;
   std::vector<int64_t> starts;
   int64_t size = 0;
 };
 
 template <typename T>
-TapWeights tap_weights(const Conv2dShape& s) {
+TapWeights tap_weights(int64_t taps, int64_t depth, int64_t columns, int64_t max_width) {
   TapWeights tw;
-  const int64_t RS = s.R * s.S, nr = packed_b_layout<T>(s.C, s.K).nr;
-  tw.width = std::min(s.K, std::max<int64_t>(1, kTapWeightBytes / (RS * s.C * int64_t(sizeof(T))) / nr) * nr);
-  for (int64_t k0 = 0; k0 < s.K; k0 += tw.width) {
-    tw.layouts.push_back(packed_b_layout<T>(s.C, std::min(tw.width, s.K - k0)));
+  const int64_t nr = packed_b_layout<T>(depth, columns).nr;
+  const int64_t fits = std::max<int64_t>(1, kTapWeightBytes / (taps * depth * int64_t(sizeof(T))) / nr) * nr;
+  tw.width = std::min({columns, fits, std::max(nr, max_width / nr * nr)});
+  for (int64_t j0 = 0; j0 < columns; j0 += tw.width) {
+    tw.layouts.push_back(packed_b_layout<T>(depth, std::min(tw.width, columns - j0)));
     tw.starts.push_back(tw.size);
-    tw.size += RS * tw.layouts.back().size();
+    tw.size += taps * tw.layouts.back().size();
   }
   return tw;
 }
 
-// Tap t's weights of block b as B: B[c][j] = w[k0 + j][c][t], written in the layout's strips (depth blocks
-// of kc rows, each as strips of nr columns, nr values per row; columns past the block's zero). Threads take
-// whole taps.
+// Every block's B in its layout's strips (depth blocks of kc rows, each as strips of nr columns, nr values
+// per row; columns past the block's zero). Threads take whole taps.
 template <typename T>
-void pack_tap_weights(const Conv2dShape& s, const T* w, const TapWeights& tw, bool parallel, T* packed) {
-  const int64_t C = s.C, RS = s.R * s.S;
-  for_each_index(RS, parallel, [&](int64_t t) {
+void pack_tap_weights(const T* w, int64_t taps, int64_t d_stride, int64_t j_stride, const TapWeights& tw,
+                      bool parallel, T* packed) {
+  for_each_index(taps, parallel, [&](int64_t t) {
     for (size_t b = 0; b < tw.layouts.size(); ++b) {
       const PackedBLayout& layout = tw.layouts[b];
-      const int64_t padded = layout.padded_columns(), k0 = int64_t(b) * tw.width;
-      for (int64_t pc = 0; pc < C; pc += layout.kc) {
-        const int64_t kc = std::min(layout.kc, C - pc);
-        T* block = packed + tw.starts[b] + t * layout.size() + pc * padded;
+      const int64_t padded = layout.padded_columns(), first = int64_t(b) * tw.width;
+      for (int64_t pd = 0; pd < layout.depth; pd += layout.kc) {
+        const int64_t kc = std::min(layout.kc, layout.depth - pd);
+        T* block = packed + tw.starts[b] + t * layout.size() + pd * padded;
         for (int64_t j0 = 0; j0 < padded; j0 += layout.nr)
-          for (int64_t c = pc; c < pc + kc; ++c) {
-            T* row = block + j0 * kc + (c - pc) * layout.nr;
+          for (int64_t d = pd; d < pd + kc; ++d) {
+            T* row = block + j0 * kc + (d - pd) * layout.nr;
             const int64_t filled = std::min(layout.nr, layout.columns - j0);
-            for (int64_t j = 0; j < filled; ++j) row[j] = w[((k0 + j0 + j) * C + c) * RS + t];
+            const T* from = w + d * d_stride + (first + j0) * j_stride + t;
+            for (int64_t j = 0; j < filled; ++j) row[j] = from[j * j_stride];
             std::fill(row + filled, row + layout.nr, T(0));
           }
       }
@@ -155,10 +164,11 @@ template <typename T>
 void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   const int64_t C = s.C, K = s.K, HW = s.H * s.W, PQ = s.P * s.Q;
   const int threads = available_threads();
-  const bool parallel = threads > 1 && double(s.N) * double(K * C * s.R * s.S) * double(PQ) >= kMinParallelWork;
-  const TapWeights tw = tap_weights<T>(s);
+  const int64_t RS = s.R * s.S;
+  const bool parallel = threads > 1 && double(s.N) * double(K * C * RS) * double(PQ) >= kMinParallelWork;
+  const TapWeights tw = tap_weights<T>(RS, C, K, K);
   T* packed = reusable_buffer<T, 2>(tw.size);
-  pack_tap_weights(s, w, tw, parallel, packed);
+  pack_tap_weights(w, RS, RS, C * RS, tw, parallel, packed);
   const int64_t sum_rows = std::max<int64_t>(kRowsPerBlockMultiple, kBlockSumBytes / (K * int64_t(sizeof(T))) /
                                                                        kRowsPerBlockMultiple * kRowsPerBlockMultiple);
   ParallelErrors errors;
@@ -195,6 +205,94 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
   }
   errors.rethrow();
 }
+
+namespace {
+
+// Input channels [c0, c0 + block.columns) of image n's grad_x: for each tap t in order, D = gy_n (PQ x K,
+// channels-last in `gyt`) * B_t (K x those channels), a block of output positions at a time, each row j of
+// D then added into grad_x's channels-last row of the input position tap t of output j reads (none where
+// that lies in the padding); then transposed into grad_x's (c, h, w) order. A position sums its terms by
+// tap, then output position: the order of col2im's adds, whatever the blocks.
+template <typename T>
+void backward_input_columns(const Conv2dShape& s, const T* gyt, const PackedBLayout& layout, const T* packed,
+                            int64_t c0, int64_t block_rows, T* gx_n) {
+  const int64_t K = s.K, HW = s.H * s.W, PQ = s.P * s.Q, RS = s.R * s.S, cols = layout.columns;
+  T* D = reusable_buffer<T, 3>(block_rows * cols);
+  T* gxt = reusable_buffer<T, 5>(HW * cols);  // grad_x's block of channels, channels-last
+  int64_t* offsets = reusable_buffer<int64_t, 4>(PQ + kGemmMaxTileRows);
+  for (int64_t j = 0; j < PQ + kGemmMaxTileRows; ++j) offsets[j] = std::min(j, PQ - 1) * K;
+  std::fill(gxt, gxt + HW * cols, T(0));
+  for (int64_t t = 0; t < RS; ++t) {
+    const int64_t dh = t / s.S * s.win.dilation_h - s.win.pad_top, dw = t % s.S * s.win.dilation_w - s.win.pad_left;
+    for (int64_t pq0 = 0; pq0 < PQ; pq0 += block_rows) {
+      const int64_t rows = std::min(block_rows, PQ - pq0);
+      gemm_rows_of_a<T>(layout, rows, gyt, offsets + pq0, packed + t * layout.size(), D, cols, false);
+      for (int64_t j = 0, p = pq0 / s.Q, q = pq0 % s.Q; j < rows; ++j) {
+        const int64_t h = p * s.win.stride_h + dh, v = q * s.win.stride_w + dw;
+        if (uint64_t(h) < uint64_t(s.H) && uint64_t(v) < uint64_t(s.W)) {
+          T* to = gxt + (h * s.W + v) * cols;
+          const T* from = D + j * cols;
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
+        }
+        if (++q == s.Q) q = 0, ++p;
+      }
+    }
+  }
+  transpose_into_strip(gxt, cols, cols, HW, HW, gx_n + c0 * HW);
+}
+
+}  // namespace
+
+// Float32 strided layers (stride-1 ones run as the transposed forward or on Winograd) under the forward's
+// conditions with the roles of C and K swapped (the input channels fill whole strips; 16 output channels or
+// more), on images of at most 64 KB. Against col2im's path (loop, 2 threads, AVX-512): 64 -> 128 3x3
+// stride 2 onto 4x4 at batch 64 0.64 -> 0.45 ms, 64 -> 64 5x5 stride 2 onto 8x8 at batch 32 2.1 -> 1.3,
+// 3x3 onto 8x8 at batch 64 1.38 -> 1.13, 128 -> 128 onto 4x4 at batch 16 0.31 -> 0.26. On larger images
+// the batch GEMM's col2im held its own: 64 -> 128 channels from 32x32 at batch 8 1.02 -> 1.21, 128 -> 256
+// from 16x16 0.84 -> 0.93, 256 -> 256 from 14x14 1.40 -> 1.48 (but 64 -> 128 from 28x28 0.73 -> 0.64).
+constexpr int64_t kBackwardImageBytes = 64 << 10;
+
+bool conv2d_backward_input_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || sums_directly(s) || s.K < 16 ||
+      (s.win.stride_h == 1 && s.win.stride_w == 1))
+    return false;
+  const int64_t nr = packed_b_layout<float>(s.K, s.C).nr;
+  return s.C % nr == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kBackwardImageBytes);
+}
+
+template <typename T>
+void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  const int64_t C = s.C, K = s.K, HW = s.H * s.W, PQ = s.P * s.Q, RS = s.R * s.S;
+  const int threads = available_threads();
+  const bool parallel = threads > 1 && double(s.N) * double(K * C * RS) * double(PQ) >= kMinParallelWork;
+  // Blocks of input channels: about 4 tasks per thread with few images (blocks of channels do not change
+  // any sum, so their number may follow the thread count).
+  const int64_t per_image = parallel ? (4 * int64_t(threads) + s.N - 1) / s.N : 1;
+  const TapWeights tw = tap_weights<T>(RS, K, C, (C + per_image - 1) / per_image);
+  T* packed = reusable_buffer<T, 2>(tw.size);
+  pack_tap_weights(w, RS, C * RS, RS, tw, parallel, packed);
+  const int64_t blocks = int64_t(tw.layouts.size());
+  ParallelErrors errors;
+  for_each_index(s.N * blocks, parallel, [&](int64_t task) {
+    errors.run([&] {
+      const int64_t n = task / blocks, b = task % blocks;
+      T* gyt = reusable_buffer<T, 1>(PQ * K);  // grad_y's image channels-last
+      transpose_into_strip(grad_y + n * K * PQ, PQ, PQ, K, K, gyt);
+      const PackedBLayout& layout = tw.layouts[static_cast<size_t>(b)];
+      // Sums within L1, by the layer alone (the order of the adds into grad_x does not depend on it).
+      const int64_t block_rows = std::max<int64_t>(
+          kRowsPerBlockMultiple,
+          kBlockSumBytes / (layout.columns * int64_t(sizeof(T))) / kRowsPerBlockMultiple * kRowsPerBlockMultiple);
+      backward_input_columns(s, gyt, layout, packed + tw.starts[static_cast<size_t>(b)], b * tw.width, block_rows,
+                             grad_x + n * C * HW);
+    });
+  });
+  errors.rethrow();
+}
+
+template void conv2d_backward_input_channels_last<float>(const Conv2dShape&, const float*, const float*, float*);
+template void conv2d_backward_input_channels_last<double>(const Conv2dShape&, const double*, const double*, double*);
 
 template void conv2d_forward_channels_last<float>(const Conv2dShape&, const float*, const float*, const float*,
                                                   float*);

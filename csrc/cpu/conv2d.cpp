@@ -22,7 +22,8 @@
 //   (GatheredColumns), where im2col's packing went a few values at a time.
 // - Forward of layers whose output channels fill whole register strips and whose outputs are too few per
 //   row for those plans to keep more than 80 % of the lanes (CIFAR's 3x3 stride-2 layers onto 8x8): one
-//   GEMM per tap over channels-last copies of the images (channels_last_conv.cpp).
+//   GEMM per tap over channels-last copies of the images (channels_last_conv.cpp); backward-input of
+//   strided layers on small images likewise, in place of col2im.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
@@ -481,6 +482,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   if (sums_directly(s) && all_finite(w, s.w_numel())) return backward_input_directly(s, grad_y, w, grad_x);
   if (backward_input_as_transposed_forward(s, grad_y, w, grad_x)) return;
+  if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) return conv2d_backward_input_channels_last(s, grad_y, w, grad_x);
   // One GEMM over the batch when packing the weights for every image would cost more than it saves:
   // many weights, few output positions (resnet_3x3_512; not LeNet, 150 weights for 576 positions).
   // Pointwise layers, whose GEMM per image writes grad_x in place (no col2im), only with far more weights

@@ -57,6 +57,12 @@ void conv2d_backward_weight_wide(const Conv2dShape& s, const T* grad_y, const T*
 bool conv2d_forward_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+// Backward-input likewise, one GEMM per tap (grad_y channels-last times the tap's weights, the input channels
+// across the lanes) whose rows are added into grad_x's channels-last rows, for the strided layers this
+// picks. Same contract as conv2d_backward_input.
+bool conv2d_backward_input_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
 
 // Which algorithm convolutions use: "auto" (Winograd F(4x4,3x3) or F(2x2,3x3) for the 3x3 stride-1 layers
 // they suit, implicit GEMM otherwise) or "gemm" (implicit GEMM always). Tests run both; returns false on an
