@@ -1,6 +1,7 @@
 """conv2d forward, backward-data and backward-weight on every shape of design.md's table, and on the layers
-beyond it (pykernels/shapes.py MORE_CONV_SHAPES: depthwise and grouped layers, summed directly, and a 5x5
-layer whose backward-data runs as the transposed convolution)."""
+beyond it (pykernels/shapes.py MORE_CONV_SHAPES: depthwise and grouped layers, summed directly, a 5x5
+layer whose backward-data runs as the transposed convolution, and a CIFAR ResNet's stride-2 layer whose
+forward runs channels-last)."""
 
 import pytest
 
