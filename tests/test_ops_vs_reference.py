@@ -465,17 +465,20 @@ def test_forward_runs_channels_last_where_meant_to(isa, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_backward_input_runs_channels_last_where_meant_to(isa, dtype):
-    """The named channels_last_backward cases' backward-input (and weight_blocks') takes channels_last_conv.cpp's
-    path in float32 on every build; float64, batch 1, stride 1, images over 64 KB and 1x1 layers do not."""
+    """The named strided channels_last cases' backward-input takes channels_last_conv.cpp's path in float32 on
+    every build; float64, batch 1, stride 1, images over 256 KB, input channels in part vectors and 1x1
+    layers do not."""
     def chosen(cfg):
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_backward_input_channels_last(cfg["x_shape"], cfg["w_shape"], stride, pads,
                                                                   dilation, cfg["groups"], np.dtype(dtype).itemsize)
-    for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks"]:
+    for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks",
+                 "channels_last_few_images", "channels_last_blocks"]:
         assert chosen(CONV_CASES[name]) == (dtype == np.float32), name
     for cfg in [conv_case((1, 64, 9, 13), (20, 64, 3, 3), stride=2, padding=1),
                 conv_case((2, 64, 9, 13), (20, 64, 3, 3), padding=1),
-                conv_case((2, 64, 16, 17), (20, 64, 3, 3), stride=2, padding=1),
+                conv_case((2, 64, 32, 33), (20, 64, 3, 3), stride=2, padding=1),
+                conv_case((2, 24, 9, 13), (20, 24, 3, 3), stride=2, padding=1),
                 conv_case((2, 64, 9, 13), (20, 64, 1, 1), stride=2), CONV_CASES["lenet_5x5"]]:
         assert not chosen(cfg), cfg
 

@@ -49,8 +49,7 @@ PYKERNELS_DECLARE_CHANNELS_LAST(avx512)
 namespace {
 
 constexpr int64_t kTapWeightBytes = 256 << 10;       // a block of columns' weights, all taps, within L2
-constexpr int64_t kImageBytes = 256 << 10;           // forward: an image's channels-last copy within L2
-constexpr int64_t kBackwardImageBytes = 64 << 10;    // backward-input: see its rule
+constexpr int64_t kImageBytes = 256 << 10;           // an image's channels-last copy within L2
 
 template <typename T>
 TapWeights tap_weights(int64_t taps, int64_t depth, int64_t columns, int64_t max_width) {
@@ -121,19 +120,18 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa, channels_last_forward<T>(s, x, tw, packed, bias, parallel, y))
 }
 
-// Float32 strided layers (stride-1 ones run as the transposed forward or on Winograd) under the forward's
-// conditions with the roles of C and K swapped (the input channels fill whole strips; 16 output channels or
-// more), on images of at most 64 KB. Against col2im's path (loop, 2 threads, AVX-512): 64 -> 128 3x3
-// stride 2 onto 4x4 at batch 64 0.64 -> 0.45 ms, 64 -> 64 5x5 stride 2 onto 8x8 at batch 32 2.1 -> 1.3,
-// 3x3 onto 8x8 at batch 64 1.38 -> 1.13, 128 -> 128 onto 4x4 at batch 16 0.31 -> 0.26. On larger images
-// the batch GEMM's col2im held its own: 64 -> 128 channels from 32x32 at batch 8 1.02 -> 1.21, 128 -> 256
-// from 16x16 0.84 -> 0.93, 256 -> 256 from 14x14 1.40 -> 1.48 (but 64 -> 128 from 28x28 0.73 -> 0.64).
+// Float32 strided layers (stride-1 ones run as the transposed forward or on Winograd) of one group, 2
+// images or more, not 1x1, with 16 output channels or more, input channels in whole vectors (a multiple of
+// 16: 32 take the GEMM's 2-vector tiles on AVX-512) and images whose channels-last grad_x stays in L2.
+// Against col2im's path (loop, 2 threads, AVX-512): 32 -> 64 3x3 stride 2 onto 8x8 at batch 64 0.65 ->
+// 0.41 ms, onto 16x16 3.15 -> 2.26, 16 -> 32 onto 16x16 0.81 -> 0.72, 64 -> 128 onto 4x4 0.64 -> 0.43,
+// from 28x28 at batch 8 0.70 -> 0.55, 64 -> 64 5x5 stride 2 onto 8x8 at batch 32 2.1 -> 1.1, 256 -> 256
+// from 14x14 1.36 -> 1.29; 64 -> 128 from 32x32 0.86 -> 0.92 (cold caches 0.98 -> 0.95).
 bool conv2d_backward_input_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
   if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || sums_directly(s) || s.K < 16 ||
       (s.win.stride_h == 1 && s.win.stride_w == 1))
     return false;
-  const int64_t nr = packed_b_layout<float>(s.K, s.C).nr;
-  return s.C % nr == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kBackwardImageBytes);
+  return s.C % 16 == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kImageBytes);
 }
 
 template <typename T>
