@@ -444,13 +444,16 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_forward_channels_last(xl.shape, wl.shape, (2, 2), (1, 1, 1, 1), (1, 1), 1,
                                                        xl.itemsize) == (dtype == np.float32)
     channels_last = (pk.conv2d(xl, wl, stride=2, padding=1), pk.conv2d(xl[:2], wl, stride=2, padding=1))
-    # and backward-input: 3 images of 128 channels, in blocks of channels as many as the threads make
+    # and backward-input: 3 images of 128 channels, in blocks of channels as many as the threads make;
+    # backward-weight, a task per tap and half of the batch (image 0; images 1 and 2)
     xb = rng.standard_normal((3, 128, 7, 5)).astype(dtype)
     wb = rng.standard_normal((20, 128, 3, 3)).astype(dtype)
     assert _pykernels_cpu.conv2d_backward_input_channels_last(xb.shape, wb.shape, (2, 2), (1, 1, 1, 1), (1, 1), 1,
                                                               xb.itemsize) == (dtype == np.float32)
     yb = pk.conv2d(xb, wb, stride=2, padding=1)
-    channels_last += (pk.conv2d_backward(yb, xb, wb, stride=2, padding=1, need_weight=False, need_bias=False)[0],)
+    assert _pykernels_cpu.conv2d_backward_weight_channels_last(xb.shape, wb.shape, (2, 2), (1, 1, 1, 1), (1, 1), 1,
+                                                               xb.itemsize) == (dtype == np.float32)
+    channels_last += tuple(pk.conv2d_backward(yb, xb, wb, stride=2, padding=1, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
             gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, *channels_last)
 

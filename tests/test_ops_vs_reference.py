@@ -483,6 +483,25 @@ def test_backward_input_runs_channels_last_where_meant_to(isa, dtype):
         assert not chosen(cfg), cfg
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_backward_weight_runs_channels_last_where_meant_to(isa, dtype):
+    """The named strided channels_last cases with 32 input channels or a multiple take channels_last_conv.cpp's
+    backward-weight in float32 on every build; float64, batch 1, stride 1, 16 input channels, over 64 KB of
+    weights per tap and images over 256 KB do not."""
+    def chosen(cfg):
+        stride, pads, dilation = conv_pads(cfg)
+        return _pykernels_cpu.conv2d_backward_weight_channels_last(cfg["x_shape"], cfg["w_shape"], stride, pads,
+                                                                   dilation, cfg["groups"], np.dtype(dtype).itemsize)
+    for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks"]:
+        assert chosen(CONV_CASES[name]) == (dtype == np.float32), name
+    for cfg in [conv_case((1, 64, 9, 13), (20, 64, 3, 3), stride=2, padding=1),
+                conv_case((2, 64, 9, 13), (20, 64, 3, 3), padding=1),
+                conv_case((2, 16, 9, 13), (20, 16, 3, 3), stride=2, padding=1),
+                conv_case((2, 128, 9, 13), (160, 128, 3, 3), stride=2, padding=1),
+                conv_case((2, 64, 32, 33), (20, 64, 3, 3), stride=2, padding=1), CONV_CASES["channels_last_blocks"]]:
+        assert not chosen(cfg), cfg
+
+
 def conv_pads(cfg):
     sh, sw = ref._pair(cfg["stride"])
     dh, dw = ref._pair(cfg["dilation"])

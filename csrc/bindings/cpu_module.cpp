@@ -531,6 +531,18 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("groups"), py::arg("itemsize"),
       "Whether conv2d backward-input on these shapes, at itemsize bytes per value, runs as one GEMM per tap "
       "added into channels-last rows of grad_x (channels_last_conv.cpp) (for tests).");
+  m.def(
+      "conv2d_backward_weight_channels_last",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return !pykernels::cpu::conv2d_backward_weight_winograd_chosen(s) &&
+               !pykernels::cpu::conv2d_backward_weight_split_winograd_chosen(s, itemsize) &&
+               pykernels::cpu::conv2d_backward_weight_channels_last_chosen(s, itemsize);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize"),
+      "Whether conv2d backward-weight on these shapes, at itemsize bytes per value, runs as one GEMM per tap "
+      "over channels-last copies of x (channels_last_conv.cpp) (for tests).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
         "Convolution algorithm: 'auto' (Winograd for 3x3 stride-1 layers) or 'gemm' (implicit GEMM always).");
   m.def(

@@ -17,7 +17,9 @@
 // x C) = grad_y channels-last (positions x K, rows read in place) times the tap's weights (K x C), the
 // input channels across the lanes; each row of D is then added into the channels-last row of grad_x at the
 // position that tap of that output reads (col2im's adds, taps in order, a whole row of channels at a time
-// instead of a value or two), and grad_x transposed back.
+// instead of a value or two), and grad_x transposed back. Backward-weight of such layers: per tap, the
+// sums (K x C) += grad_y (K x positions, packed as the GEMM's A once per image) times the rows that tap
+// reads from the channels-last copy, in place as the GEMM's B (gemm_packed_rows), image after image.
 //
 // Here: which layers take these passes, and the weights packed per tap; the passes themselves are in
 // channels_last_impl.inc, built once per instruction set.
@@ -38,6 +40,8 @@ namespace pykernels::cpu {
   void channels_last_forward(const Conv2dShape&, const T*, const TapWeights&, const T*, const T*, bool, T*);  \
   template <typename T>                                                                                       \
   void channels_last_backward_input(const Conv2dShape&, const T*, const TapWeights&, const T*, bool, T*);     \
+  template <typename T>                                                                                       \
+  void channels_last_backward_weight(const Conv2dShape&, const T*, const PackedLayout&, const T*, bool, T*);  \
   }
 PYKERNELS_DECLARE_CHANNELS_LAST(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -149,11 +153,43 @@ void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, 
                             channels_last_backward_input<T>(s, grad_y, tw, packed, parallel, grad_x))
 }
 
+// Backward-weight of float32 strided layers of one group, 2 images or more, not 1x1, with 16 output
+// channels or more, input channels a multiple of 32 (16 take the GEMM's 1-vector tiles: 16 -> 32 3x3 stride
+// 2 onto 16x16 0.50 -> 0.65 ms), images whose copy stays in L2, and each tap's sums (K x C) within 64 KB
+// (256 -> 256 from 14x14, 256 KB a tap with 49 positions per image to add: 1.16 -> 1.40). Against conv_rows.cpp's
+// wide rows (loop, 2 threads, AVX-512, cores sharing an L3): 32 -> 64 3x3 stride 2 onto 8x8 at batch 64
+// 0.46 -> 0.43 ms, 64 -> 128 onto 4x4 0.49 -> 0.43, 128 -> 128 at batch 16 0.275 -> 0.262, 64 -> 64 5x5
+// onto 8x8 at batch 32 1.43 -> 1.14, 32 -> 64 onto 16x16 2.5 -> 1.9; 64 -> 128 from 28x28 level. Where
+// the host put the two cores on different L3s, 0.70 -> 0.45 on the first (each task reads one tap's rows
+// of the copies, not every tap's).
+bool conv2d_backward_weight_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || s.K < 16 ||
+      sums_weight_gradient_directly(s) || (s.win.stride_h == 1 && s.win.stride_w == 1))
+    return false;
+  return s.C % 32 == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kImageBytes) &&
+         double(s.K) * double(s.C) * double(element_bytes) <= double(64 << 10);
+}
+
+template <typename T>
+void conv2d_backward_weight_channels_last(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  const int64_t K = s.K, PQ = s.P * s.Q;
+  const bool parallel =
+      available_threads() > 1 && double(s.N) * double(K * s.C * s.R * s.S) * double(PQ) >= kMinParallelWork;
+  // Each image's grad_y (K x PQ) packed once as the A of its taps' GEMMs.
+  const PackedLayout layout = packed_layout<T>(K, PQ);
+  T* packed = reusable_buffer<T, 1>(s.N * layout.size());
+  for_each_index(s.N, parallel && s.N > 1,
+                 [&](int64_t n) { pack_a<T>(layout, grad_y + n * K * PQ, {PQ, 1}, packed + n * layout.size()); });
+  PYKERNELS_RETURN_ON_BUILD(layout.isa, channels_last_backward_weight<T>(s, x, layout, packed, parallel, grad_w))
+}
+
 template void conv2d_forward_channels_last<float>(const Conv2dShape&, const float*, const float*, const float*,
                                                   float*);
 template void conv2d_forward_channels_last<double>(const Conv2dShape&, const double*, const double*, const double*,
                                                    double*);
 template void conv2d_backward_input_channels_last<float>(const Conv2dShape&, const float*, const float*, float*);
 template void conv2d_backward_input_channels_last<double>(const Conv2dShape&, const double*, const double*, double*);
+template void conv2d_backward_weight_channels_last<float>(const Conv2dShape&, const float*, const float*, float*);
+template void conv2d_backward_weight_channels_last<double>(const Conv2dShape&, const double*, const double*, double*);
 
 }  // namespace pykernels::cpu

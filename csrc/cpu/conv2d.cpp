@@ -22,8 +22,8 @@
 //   (GatheredColumns), where im2col's packing went a few values at a time.
 // - Forward of layers whose output channels fill whole register strips and whose outputs are too few per
 //   row for those plans to keep more than 80 % of the lanes (CIFAR's 3x3 stride-2 layers onto 8x8): one
-//   GEMM per tap over channels-last copies of the images (channels_last_conv.cpp); backward-input of
-//   strided layers on small images likewise, in place of col2im.
+//   GEMM per tap over channels-last copies of the images (channels_last_conv.cpp); backward-input and
+//   backward-weight of strided layers on small images likewise (in place of col2im, and of wide rows).
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
@@ -561,6 +561,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   } else if (conv2d_backward_weight_split_winograd(s, grad_y, x, grad_w)) {
     if (all_finite(grad_w, s.w_numel())) return;  // likewise
+  } else if (conv2d_backward_weight_channels_last_chosen(s, sizeof(T))) {
+    return conv2d_backward_weight_channels_last(s, grad_y, x, grad_w);
   } else if (conv2d_backward_weight_reads_wide_rows(s, sizeof(T))) {
     conv2d_backward_weight_wide(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (kernels.hpp)
