@@ -363,12 +363,14 @@ CONV_CASES = {
 
 CONV_CASE_IDS = list(CONV_CASES)
 
-# A subset run on every instruction set (AVX-512, AVX2 and portable): GEMM (each build's own im2col
-# packers, wide rows' packed grad_y among them; _wide spans two B panels), pointwise, and direct (few
-# weights per group: stride 1 on the wide-row path, strided or dilated) layers.
+# A subset run on every instruction set (AVX-512, AVX2 and portable): channels-last (each build's own
+# copies, transposes and row adds), GEMM (each build's own im2col packers, wide rows' packed grad_y among
+# them; _wide spans two B panels), pointwise, and direct (few weights per group: stride 1 on the wide-row
+# path, strided or dilated) layers.
 ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
                 "channels_last_weight_blocks", "transposed_1x7_channels_last", "channels_last_backward_strided",
-                "channels_last_backward_blocks", "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
+                "channels_last_backward_blocks",
+                "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
                 "dilation3", "depthwise_many_channels", "grouped_batch_gemm", "wide_strided_strips",

@@ -117,7 +117,8 @@ bool conv2d_forward_channels_last_chosen(const Conv2dShape& s, int64_t element_b
 template <typename T>
 void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   const int64_t C = s.C, K = s.K, RS = s.R * s.S;
-  const bool parallel = available_threads() > 1 && double(s.N) * double(K * C * RS) * double(s.P * s.Q) >= kMinParallelWork;
+  const bool parallel =
+      available_threads() > 1 && double(s.N) * double(K * C * RS) * double(s.P * s.Q) >= kMinParallelWork;
   const TapWeights tw = tap_weights<T>(RS, C, K, K);
   T* packed = reusable_buffer<T, 0>(tw.size);
   pack_tap_weights(w, RS, RS, C * RS, tw, parallel, packed);
@@ -154,14 +155,14 @@ void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, 
 }
 
 // Backward-weight of float32 strided layers of one group, 2 images or more, not 1x1, with 16 output
-// channels or more, input channels a multiple of 32 (16 take the GEMM's 1-vector tiles: 16 -> 32 3x3 stride
-// 2 onto 16x16 0.50 -> 0.65 ms), images whose copy stays in L2, and each tap's sums (K x C) within 64 KB
-// (256 -> 256 from 14x14, 256 KB a tap with 49 positions per image to add: 1.16 -> 1.40). Against conv_rows.cpp's
-// wide rows (loop, 2 threads, AVX-512, cores sharing an L3): 32 -> 64 3x3 stride 2 onto 8x8 at batch 64
-// 0.46 -> 0.43 ms, 64 -> 128 onto 4x4 0.49 -> 0.43, 128 -> 128 at batch 16 0.275 -> 0.262, 64 -> 64 5x5
-// onto 8x8 at batch 32 1.43 -> 1.14, 32 -> 64 onto 16x16 2.5 -> 1.9; 64 -> 128 from 28x28 level. Where
-// the host put the two cores on different L3s, 0.70 -> 0.45 on the first (each task reads one tap's rows
-// of the copies, not every tap's).
+// channels or more, input channels a multiple of 32 (16 take the GEMM's 1-vector tiles: 16 -> 32 3x3
+// stride 2 onto 16x16 0.50 -> 0.65 ms), images whose copy stays in L2, and each tap's sums (K x C) within
+// 64 KB (256 -> 256 from 14x14, 256 KB a tap and 49 positions per image to add: 1.16 -> 1.40). Against
+// conv_rows.cpp's wide rows (loop, 2 threads, AVX-512, cores sharing an L3): 32 -> 64 3x3 stride 2 onto
+// 8x8 at batch 64 0.46 -> 0.43 ms, 64 -> 128 onto 4x4 0.49 -> 0.43, 128 -> 128 at batch 16 0.275 ->
+// 0.262, 64 -> 64 5x5 onto 8x8 at batch 32 1.43 -> 1.14, 32 -> 64 onto 16x16 2.5 -> 1.9; 64 -> 128 from
+// 28x28 level. Where the host put the two cores on different L3s, 0.70 -> 0.45 on the first (each task
+// reads one tap's rows of the copies, not every tap's).
 bool conv2d_backward_weight_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
   if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || s.K < 16 ||
       sums_weight_gradient_directly(s) || (s.win.stride_h == 1 && s.win.stride_w == 1))

@@ -482,7 +482,8 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   if (sums_directly(s) && all_finite(w, s.w_numel())) return backward_input_directly(s, grad_y, w, grad_x);
   if (backward_input_as_transposed_forward(s, grad_y, w, grad_x)) return;
-  if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) return conv2d_backward_input_channels_last(s, grad_y, w, grad_x);
+  if (conv2d_backward_input_channels_last_chosen(s, sizeof(T)))
+    return conv2d_backward_input_channels_last(s, grad_y, w, grad_x);
   // One GEMM over the batch when packing the weights for every image would cost more than it saves:
   // many weights, few output positions (resnet_3x3_512; not LeNet, 150 weights for 576 positions).
   // Pointwise layers, whose GEMM per image writes grad_x in place (no col2im), only with far more weights
