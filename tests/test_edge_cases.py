@@ -437,6 +437,10 @@ def _copy_and_shared_paths(dtype):
     wq = rng.standard_normal((20, 3, 3, 3)).astype(dtype)
     assert _pykernels_cpu.conv2d_sums_directly(xq.shape, wq.shape, (1, 1), (1, 1, 1, 1), (1, 1), 1) == (False, True)
     gq = pk.conv2d_backward(pk.conv2d(xq, wq, padding=1), xq, wq, padding=1, need_input=False, need_bias=False)[1]
+    # and 144 taps (16 -> 16 channels, as CIFAR ResNet-20's first stage), directly with AVX-512's blocks
+    xr = rng.standard_normal((5, 16, 11, 13)).astype(dtype)
+    wr = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
+    gr = pk.conv2d_backward(pk.conv2d(xr, wr, padding=1), xr, wr, padding=1, need_input=False, need_bias=False)[1]
     # forward as one GEMM per tap over channels-last copies (float32): 3 and 2 images of 77 positions, an
     # image at a time on one thread, else split into blocks of positions, about 4 per thread
     xl = rng.standard_normal((3, 17, 21, 14)).astype(dtype)
@@ -455,7 +459,7 @@ def _copy_and_shared_paths(dtype):
                                                                xb.itemsize) == (dtype == np.float32)
     channels_last += tuple(pk.conv2d_backward(yb, xb, wb, stride=2, padding=1, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, *channels_last)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last)
 
 
 def _run_all(x, w, b, go):
