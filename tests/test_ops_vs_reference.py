@@ -673,6 +673,33 @@ def test_direct_convolution_non_finite_values_reach_exactly_their_sums(name, at,
         assert not all(np.isfinite(b).all() for b in want)
 
 
+# The channels-last passes (float32 only) multiply exactly im2col's products, padding zeros included: a NaN
+# or inf reaches the outputs and gradients the reference's sums reach, no more and no fewer. The first case
+# takes the channels-last forward, the second its backward-input and backward-weight (the tests above
+# assert which).
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("operand", ["x", "weight", "grad_out"])
+@pytest.mark.parametrize("at", ["first", "inside", "last"])
+@pytest.mark.parametrize("name", ["channels_last_strided", "channels_last_backward_blocks"])
+def test_channels_last_non_finite_values_reach_exactly_their_sums(name, at, operand, bad):
+    cfg = CONV_CASES[name]
+    x, w, _ = make_conv_inputs(cfg, np.float32, False, 15)
+    p, q = conv_out_hw(cfg)
+    g = np.random.default_rng(16).standard_normal((cfg["x_shape"][0], cfg["w_shape"][0], p, q)).astype(np.float32)
+    target = {"x": x, "weight": w, "grad_out": g}[operand]
+    index = {"first": (0, 0, 0, 0), "inside": tuple(d // 2 for d in target.shape), "last": (-1, -1, -1, -1)}[at]
+    target[index] = bad
+    with np.errstate(invalid="ignore", over="ignore"):
+        got = [pk.conv2d(x, w, **conv_kwargs(cfg)),
+               *pk.conv2d_backward(g, x, w, **conv_kwargs(cfg), need_bias=False)[:2]]
+        x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+        want = [ref.conv2d(x64, w64, **conv_kwargs(cfg)),
+                *ref.conv2d_backward(g64, x64, w64, **conv_kwargs(cfg))[:2]]
+    for what, a, b in zip(["y", "grad_x", "grad_w"], got, want):
+        assert np.array_equal(np.isnan(a), np.isnan(b)), what
+        assert np.array_equal(np.isinf(a), np.isinf(b)), what
+
+
 def test_conv2d_backward_need_flags():
     cfg = CONV_CASES["grouped_3"]
     x, w, _ = make_conv_inputs(cfg, np.float64, False, 2)
