@@ -458,6 +458,13 @@ def _copy_and_shared_paths(dtype):
     assert _pykernels_cpu.conv2d_backward_weight_channels_last(xb.shape, wb.shape, (2, 2), (1, 1, 1, 1), (1, 1), 1,
                                                                xb.itemsize) == (dtype == np.float32)
     channels_last += tuple(pk.conv2d_backward(yb, xb, wb, stride=2, padding=1, need_bias=False)[:2])
+    # and grouped: 3 groups of 32 input channels, a task per group, tap and half of the batch
+    wgl = rng.standard_normal((48, 32, 3, 3)).astype(dtype)
+    xg = xb[:, :96]
+    assert _pykernels_cpu.conv2d_backward_weight_channels_last(xg.shape, wgl.shape, (1, 1), (1, 1, 1, 1), (1, 1), 3,
+                                                               xg.itemsize) == (dtype == np.float32)
+    channels_last += (pk.conv2d_backward(pk.conv2d(xg, wgl, padding=1, groups=3), xg, wgl, padding=1, groups=3,
+                                         need_input=False, need_bias=False)[1],)
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
             gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last)
 

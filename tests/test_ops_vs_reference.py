@@ -359,6 +359,11 @@ CONV_CASES = {
     "channels_last_backward_strided": conv_case((3, 64, 9, 13), (20, 64, 3, 3), stride=2,
                                                 padding=((1, 0), (0, 1)), dilation=(1, 2)),
     "channels_last_backward_blocks": conv_case((2, 128, 5, 7), (24, 128, 3, 2), stride=(2, 1), padding=1),
+    # backward-weight of grouped layers, 32 input channels a group, in place of the direct sums (100 output
+    # positions or more): 2 groups of 24 output channels at stride 1; 3 groups of 20, strided and dilated
+    "channels_last_grouped": conv_case((3, 64, 10, 11), (48, 32, 3, 3), padding=1, groups=2),
+    "channels_last_grouped_strided": conv_case((2, 96, 21, 19), (60, 32, 3, 3), stride=2, padding=(1, 2),
+                                               dilation=(1, 2), groups=3),
 }
 
 CONV_CASE_IDS = list(CONV_CASES)
@@ -369,7 +374,7 @@ CONV_CASE_IDS = list(CONV_CASES)
 # path, strided or dilated) layers.
 ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
                 "channels_last_weight_blocks", "transposed_1x7_channels_last", "channels_last_backward_strided",
-                "channels_last_backward_blocks",
+                "channels_last_backward_blocks", "channels_last_grouped", "channels_last_grouped_strided",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -487,20 +492,29 @@ def test_backward_input_runs_channels_last_where_meant_to(isa, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_backward_weight_runs_channels_last_where_meant_to(isa, dtype):
-    """The named strided channels_last cases with 32 input channels or a multiple take channels_last_conv.cpp's
-    backward-weight in float32 on every build; float64, batch 1, stride 1, 16 input channels, over 64 KB of
-    weights per tap and images over 256 KB do not."""
+    """The named strided and grouped channels_last cases with 32 input channels (a group) or a multiple take
+    channels_last_conv.cpp's backward-weight in float32 on every build, the grouped ones in place of the
+    direct sums; float64, batch 1, stride 1 of one group, 16 input channels, over 64 KB of weights per tap,
+    images over 256 KB and groups of more than 32 output channels do not."""
     def chosen(cfg):
         stride, pads, dilation = conv_pads(cfg)
         return _pykernels_cpu.conv2d_backward_weight_channels_last(cfg["x_shape"], cfg["w_shape"], stride, pads,
                                                                    dilation, cfg["groups"], np.dtype(dtype).itemsize)
-    for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks"]:
+    for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks",
+                 "channels_last_grouped", "channels_last_grouped_strided"]:
         assert chosen(CONV_CASES[name]) == (dtype == np.float32), name
+    # the grouped ones are also the direct sums' (which run them in float64)
+    for name in ["channels_last_grouped", "channels_last_grouped_strided"]:
+        stride, pads, dilation = conv_pads(CONV_CASES[name])
+        assert _pykernels_cpu.conv2d_sums_directly(CONV_CASES[name]["x_shape"], CONV_CASES[name]["w_shape"], stride,
+                                                   pads, dilation, CONV_CASES[name]["groups"])[1], name
     for cfg in [conv_case((1, 64, 9, 13), (20, 64, 3, 3), stride=2, padding=1),
                 conv_case((2, 64, 9, 13), (20, 64, 3, 3), padding=1),
                 conv_case((2, 16, 9, 13), (20, 16, 3, 3), stride=2, padding=1),
                 conv_case((2, 128, 9, 13), (160, 128, 3, 3), stride=2, padding=1),
-                conv_case((2, 64, 32, 33), (20, 64, 3, 3), stride=2, padding=1), CONV_CASES["channels_last_blocks"]]:
+                conv_case((2, 64, 32, 33), (20, 64, 3, 3), stride=2, padding=1), CONV_CASES["channels_last_blocks"],
+                conv_case((2, 64, 9, 11), (80, 32, 3, 3), padding=1, groups=2),
+                conv_case((2, 32, 9, 11), (32, 16, 3, 3), padding=1, groups=2)]:
         assert not chosen(cfg), cfg
 
 
@@ -675,12 +689,12 @@ def test_direct_convolution_non_finite_values_reach_exactly_their_sums(name, at,
 
 # The channels-last passes (float32 only) multiply exactly im2col's products, padding zeros included: a NaN
 # or inf reaches the outputs and gradients the reference's sums reach, no more and no fewer. The first case
-# takes the channels-last forward, the second its backward-input and backward-weight (the tests above
-# assert which).
+# takes the channels-last forward, the second its backward-input and backward-weight, the third its grouped
+# backward-weight (the tests above assert which).
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("operand", ["x", "weight", "grad_out"])
 @pytest.mark.parametrize("at", ["first", "inside", "last"])
-@pytest.mark.parametrize("name", ["channels_last_strided", "channels_last_backward_blocks"])
+@pytest.mark.parametrize("name", ["channels_last_strided", "channels_last_backward_blocks", "channels_last_grouped"])
 def test_channels_last_non_finite_values_reach_exactly_their_sums(name, at, operand, bad):
     cfg = CONV_CASES[name]
     x, w, _ = make_conv_inputs(cfg, np.float32, False, 15)

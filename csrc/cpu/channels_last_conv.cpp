@@ -154,33 +154,42 @@ void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, 
                             channels_last_backward_input<T>(s, grad_y, tw, packed, parallel, grad_x))
 }
 
-// Backward-weight of float32 strided layers of one group, 2 images or more, not 1x1, with 16 output
-// channels or more, input channels a multiple of 32 (16 take the GEMM's 1-vector tiles: 16 -> 32 3x3
-// stride 2 onto 16x16 0.50 -> 0.65 ms), images whose copy stays in L2, and each tap's sums (K x C) within
-// 64 KB (256 -> 256 from 14x14, 256 KB a tap and 49 positions per image to add: 1.16 -> 1.40). Against
-// conv_rows.cpp's wide rows (loop, 2 threads, AVX-512, cores sharing an L3): 32 -> 64 3x3 stride 2 onto
-// 8x8 at batch 64 0.46 -> 0.43 ms, 64 -> 128 onto 4x4 0.49 -> 0.43, 128 -> 128 at batch 16 0.275 ->
-// 0.262, 64 -> 64 5x5 onto 8x8 at batch 32 1.43 -> 1.14, 32 -> 64 onto 16x16 2.5 -> 1.9; 64 -> 128 from
-// 28x28 level. Where the host put the two cores on different L3s, 0.70 -> 0.45 on the first (each task
-// reads one tap's rows of the copies, not every tap's).
+// Backward-weight of float32 layers, 2 images or more, not 1x1, with 16 output channels per group or
+// more, input channels per group a multiple of 32 (16 take the GEMM's 1-vector tiles: 16 -> 32 3x3 stride
+// 2 onto 16x16 0.50 -> 0.65 ms), images (one group's channels) whose copy stays in L2, and each tap's
+// sums (Kg x Cg) within 64 KB (256 -> 256 from 14x14, 256 KB a tap and 49 positions per image to add:
+// 1.16 -> 1.40): strided layers of one group that the direct sums do not take, in place of conv_rows.cpp's
+// wide rows; and grouped layers of up to 32 output channels per group, at any stride, in place of the
+// direct sums (so conv2d_backward_weight asks first). Loop, 2 threads, AVX-512, cores sharing an L3: 32 ->
+// 64 3x3 stride 2 onto 8x8 at batch 64 0.46 -> 0.43 ms, 64 -> 128 onto 4x4 0.49 -> 0.43, 128 -> 128 at
+// batch 16 0.275 -> 0.262, 64 -> 64 5x5 onto 8x8 at batch 32 1.43 -> 1.14, 32 -> 64 onto 16x16 2.5 -> 1.9;
+// 64 -> 128 from 28x28 level; where the host put the two cores on different L3s, 0.70 -> 0.45 on the
+// first (each task reads one tap's rows of the copies, not every tap's). Grouped, against the direct
+// sums: 64 channels in 2 groups on 28x28 at batch 8 0.74 -> 0.59, stride 2 onto 8x8 at batch 32 0.49 ->
+// 0.39, 1024 in 32 groups on 7x7 (ResNeXt's last stage) 1.17 -> 0.92, 256 in 8 groups on 14x14 1.04 ->
+// 0.62; 64 in 2 groups on 56x56 (400 KB a group's image) 2.66 -> 2.79; 64 output channels a group (not
+// summed directly) level.
 bool conv2d_backward_weight_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || s.K < 16 ||
-      sums_weight_gradient_directly(s) || (s.win.stride_h == 1 && s.win.stride_w == 1))
+  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group();
+  if (element_bytes != 4 || s.N < 2 || s.R * s.S < 2 || Kg < 16 || Cg % 32 != 0 ||
+      double(Cg) * double(s.H * s.W) * double(element_bytes) > double(kImageBytes) ||
+      double(Kg) * double(Cg) * double(element_bytes) > double(64 << 10))
     return false;
-  return s.C % 32 == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kImageBytes) &&
-         double(s.K) * double(s.C) * double(element_bytes) <= double(64 << 10);
+  if (s.groups > 1) return Kg <= 32;
+  return !sums_weight_gradient_directly(s) && (s.win.stride_h > 1 || s.win.stride_w > 1);
 }
 
 template <typename T>
 void conv2d_backward_weight_channels_last(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  const int64_t K = s.K, PQ = s.P * s.Q;
-  const bool parallel =
-      available_threads() > 1 && double(s.N) * double(K * s.C * s.R * s.S) * double(PQ) >= kMinParallelWork;
-  // Each image's grad_y (K x PQ) packed once as the A of its taps' GEMMs.
-  const PackedLayout layout = packed_layout<T>(K, PQ);
-  T* packed = reusable_buffer<T, 1>(s.N * layout.size());
-  for_each_index(s.N, parallel && s.N > 1,
-                 [&](int64_t n) { pack_a<T>(layout, grad_y + n * K * PQ, {PQ, 1}, packed + n * layout.size()); });
+  const int64_t Kg = s.K_per_group(), PQ = s.P * s.Q, items = s.N * s.groups;
+  const bool parallel = available_threads() > 1 &&
+                        double(s.N) * double(s.K * s.C_per_group() * s.R * s.S) * double(PQ) >= kMinParallelWork;
+  // Each image's grad_y, a group's Kg x PQ block at a time, packed once as the A of its taps' GEMMs.
+  const PackedLayout layout = packed_layout<T>(Kg, PQ);
+  T* packed = reusable_buffer<T, 1>(items * layout.size());
+  for_each_index(items, parallel && items > 1, [&](int64_t item) {
+    pack_a<T>(layout, grad_y + item * Kg * PQ, {PQ, 1}, packed + item * layout.size());
+  });
   PYKERNELS_RETURN_ON_BUILD(layout.isa, channels_last_backward_weight<T>(s, x, layout, packed, parallel, grad_w))
 }
 

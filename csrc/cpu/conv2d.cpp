@@ -553,6 +553,9 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  // First: for grouped layers it takes the place of the direct sums (channels_last_conv.cpp).
+  if (conv2d_backward_weight_channels_last_chosen(s, sizeof(T)))
+    return conv2d_backward_weight_channels_last(s, grad_y, x, grad_w);
   if (sums_weight_gradient_directly(s)) {
     conv2d_backward_weight_direct(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
@@ -562,8 +565,6 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   } else if (conv2d_backward_weight_split_winograd(s, grad_y, x, grad_w)) {
     if (all_finite(grad_w, s.w_numel())) return;  // likewise
-  } else if (conv2d_backward_weight_channels_last_chosen(s, sizeof(T))) {
-    return conv2d_backward_weight_channels_last(s, grad_y, x, grad_w);
   } else if (conv2d_backward_weight_reads_wide_rows(s, sizeof(T))) {
     conv2d_backward_weight_wide(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (kernels.hpp)
