@@ -465,6 +465,13 @@ def _copy_and_shared_paths(dtype):
                                                                xg.itemsize) == (dtype == np.float32)
     channels_last += (pk.conv2d_backward(pk.conv2d(xg, wgl, padding=1, groups=3), xg, wgl, padding=1, groups=3,
                                          need_input=False, need_bias=False)[1],)
+    # forward and backward-input of a grouped layer (6 items of image and group: one at a time on one thread,
+    # else blocks of positions, and blocks of channels)
+    x32 = rng.standard_normal((3, 64, 7, 9)).astype(dtype)
+    w32 = rng.standard_normal((64, 32, 3, 3)).astype(dtype)
+    y32 = pk.conv2d(x32, w32, padding=1, groups=2)
+    channels_last += (y32, pk.conv2d_backward(y32, x32, w32, padding=1, groups=2, need_weight=False,
+                                              need_bias=False)[0])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
             gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last)
 

@@ -364,6 +364,8 @@ CONV_CASES = {
     "channels_last_grouped": conv_case((3, 64, 10, 11), (48, 32, 3, 3), padding=1, groups=2),
     "channels_last_grouped_strided": conv_case((2, 96, 21, 19), (60, 32, 3, 3), stride=2, padding=(1, 2),
                                                dilation=(1, 2), groups=3),
+    # all three passes channels-last, a group at a time, in place of the direct sums: 2 groups of 32 on 7x9
+    "channels_last_grouped_32": conv_case((2, 64, 7, 9), (64, 32, 3, 3), padding=1, groups=2),
 }
 
 CONV_CASE_IDS = list(CONV_CASES)
@@ -375,6 +377,7 @@ CONV_CASE_IDS = list(CONV_CASES)
 ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
                 "channels_last_weight_blocks", "transposed_1x7_channels_last", "channels_last_backward_strided",
                 "channels_last_backward_blocks", "channels_last_grouped", "channels_last_grouped_strided",
+                "channels_last_grouped_32",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -436,7 +439,7 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
 
 
 CHANNELS_LAST_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
-                          "channels_last_weight_blocks"]
+                          "channels_last_weight_blocks", "channels_last_grouped_32"]
 
 
 def runs_channels_last(cfg, dtype):
@@ -451,9 +454,9 @@ def runs_channels_last(cfg, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_forward_runs_channels_last_where_meant_to(isa, dtype):
     """The named channels-last cases take channels_last_conv.cpp's path in float32 on every build (so the
-    tests above and test_conv2d_both_isas cover it); float64 (never faster there), batch 1, layers whose
-    im2col-based plans keep most lanes full, 1x1 layers, groups, and output channels that leave a strip
-    part empty do not."""
+    tests above and test_conv2d_both_isas cover it), a grouped one in place of the direct sums; float64
+    (never faster there), batch 1, layers whose im2col-based plans keep most lanes full, 1x1 layers,
+    grouped layers with many positions, and output channels that leave a strip part empty do not."""
     f32 = dtype == np.float32
     for name in CHANNELS_LAST_CASE_IDS:
         assert runs_channels_last(CONV_CASES[name], dtype) == f32, name
@@ -468,6 +471,7 @@ def test_forward_runs_channels_last_where_meant_to(isa, dtype):
     assert not runs_channels_last(conv_case((64, 32, 32, 32), (64, 32, 3, 3), stride=2, padding=1), dtype)
     if isa == "avx512":
         assert not runs_channels_last(conv_case((64, 32, 16, 16), (80, 32, 3, 3), stride=2, padding=1), dtype)
+    assert not runs_channels_last(conv_case((2, 64, 28, 28), (64, 32, 3, 3), padding=1, groups=2), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -480,7 +484,8 @@ def test_backward_input_runs_channels_last_where_meant_to(isa, dtype):
         return _pykernels_cpu.conv2d_backward_input_channels_last(cfg["x_shape"], cfg["w_shape"], stride, pads,
                                                                   dilation, cfg["groups"], np.dtype(dtype).itemsize)
     for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks",
-                 "channels_last_few_images", "channels_last_blocks"]:
+                 "channels_last_few_images", "channels_last_blocks", "channels_last_grouped",
+                 "channels_last_grouped_strided", "channels_last_grouped_32"]:
         assert chosen(CONV_CASES[name]) == (dtype == np.float32), name
     for cfg in [conv_case((1, 64, 9, 13), (20, 64, 3, 3), stride=2, padding=1),
                 conv_case((2, 64, 9, 13), (20, 64, 3, 3), padding=1),
@@ -501,7 +506,7 @@ def test_backward_weight_runs_channels_last_where_meant_to(isa, dtype):
         return _pykernels_cpu.conv2d_backward_weight_channels_last(cfg["x_shape"], cfg["w_shape"], stride, pads,
                                                                    dilation, cfg["groups"], np.dtype(dtype).itemsize)
     for name in ["channels_last_backward_strided", "channels_last_backward_blocks", "channels_last_weight_blocks",
-                 "channels_last_grouped", "channels_last_grouped_strided"]:
+                 "channels_last_grouped", "channels_last_grouped_strided", "channels_last_grouped_32"]:
         assert chosen(CONV_CASES[name]) == (dtype == np.float32), name
     # the grouped ones are also the direct sums' (which run them in float64)
     for name in ["channels_last_grouped", "channels_last_grouped_strided"]:
@@ -689,12 +694,13 @@ def test_direct_convolution_non_finite_values_reach_exactly_their_sums(name, at,
 
 # The channels-last passes (float32 only) multiply exactly im2col's products, padding zeros included: a NaN
 # or inf reaches the outputs and gradients the reference's sums reach, no more and no fewer. The first case
-# takes the channels-last forward, the second its backward-input and backward-weight, the third its grouped
-# backward-weight (the tests above assert which).
+# takes the channels-last forward, the second its backward-input and backward-weight, the last two the
+# grouped passes (the tests above assert which).
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("operand", ["x", "weight", "grad_out"])
 @pytest.mark.parametrize("at", ["first", "inside", "last"])
-@pytest.mark.parametrize("name", ["channels_last_strided", "channels_last_backward_blocks", "channels_last_grouped"])
+@pytest.mark.parametrize("name", ["channels_last_strided", "channels_last_backward_blocks", "channels_last_grouped",
+                                  "channels_last_grouped_32"])
 def test_channels_last_non_finite_values_reach_exactly_their_sums(name, at, operand, bad):
     cfg = CONV_CASES[name]
     x, w, _ = make_conv_inputs(cfg, np.float32, False, 15)

@@ -23,7 +23,9 @@
 // - Forward of layers whose output channels fill whole register strips and whose outputs are too few per
 //   row for those plans to keep more than 80 % of the lanes (CIFAR's 3x3 stride-2 layers onto 8x8): one
 //   GEMM per tap over channels-last copies of the images (channels_last_conv.cpp); backward-input and
-//   backward-weight of strided layers on small images likewise (in place of col2im, and of wide rows).
+//   backward-weight of strided layers on small images likewise (in place of col2im, and of wide rows);
+//   and grouped layers with 32 output channels a group or fewer on few positions (ResNeXt's last stage),
+//   a group at a time, in place of the direct sums.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
@@ -309,9 +311,10 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   } else if (conv2d_forward_split_winograd(s, x, w, bias, y)) {
     if (all_finite(y, s.y_numel())) return;  // likewise
   }
+  // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
+  if (conv2d_forward_channels_last_chosen(s, sizeof(T))) return conv2d_forward_channels_last(s, x, w, bias, y);
   if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (conv2d_forward_subsampled(s, x, w, bias, y)) return;
-  if (conv2d_forward_channels_last_chosen(s, sizeof(T))) return conv2d_forward_channels_last(s, x, w, bias, y);
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
   if (s.N > 1 && s.P * s.Q < kBatchGemmMaxPQ && !is_pointwise(s)) return forward_as_batch_gemm(s, x, w, bias, y);
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
@@ -480,10 +483,11 @@ void backward_input_directly(const Conv2dShape& s, const T* grad_y, const T* w, 
 template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
-  if (sums_directly(s) && all_finite(w, s.w_numel())) return backward_input_directly(s, grad_y, w, grad_x);
-  if (backward_input_as_transposed_forward(s, grad_y, w, grad_x)) return;
+  // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T)))
     return conv2d_backward_input_channels_last(s, grad_y, w, grad_x);
+  if (sums_directly(s) && all_finite(w, s.w_numel())) return backward_input_directly(s, grad_y, w, grad_x);
+  if (backward_input_as_transposed_forward(s, grad_y, w, grad_x)) return;
   // One GEMM over the batch when packing the weights for every image would cost more than it saves:
   // many weights, few output positions (resnet_3x3_512; not LeNet, 150 weights for 576 positions).
   // Pointwise layers, whose GEMM per image writes grad_x in place (no col2im), only with far more weights
