@@ -524,7 +524,6 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
         return !pykernels::cpu::conv2d_backward_input_winograd_chosen(s, itemsize) &&
-               !pykernels::cpu::conv2d_backward_input_transposed_chosen(s, itemsize) &&
                pykernels::cpu::conv2d_backward_input_channels_last_chosen(s, itemsize);
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
@@ -535,9 +534,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "conv2d_backward_weight_channels_last",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return !pykernels::cpu::conv2d_backward_weight_winograd_chosen(s) &&
-               !pykernels::cpu::conv2d_backward_weight_split_winograd_chosen(s, itemsize) &&
-               pykernels::cpu::conv2d_backward_weight_channels_last_chosen(s, itemsize);
+        return pykernels::cpu::conv2d_backward_weight_channels_last_chosen(s, itemsize);  // asked first
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::arg("itemsize"),

@@ -69,23 +69,28 @@ TapWeights tap_weights(int64_t taps, int64_t depth, int64_t columns, int64_t max
   return tw;
 }
 
-// Every block's B in its layout's strips (depth blocks of kc rows, each as strips of nr columns, nr values
-// per row; columns past the block's zero). Threads take whole taps.
+// Every group's blocks' B in their layouts' strips (depth blocks of kc rows, each as strips of nr columns, nr
+// values per row; columns past the block's zero): group g's weights from w + g * group_values, packed at
+// packed + g * tw.size. Threads take whole taps of a group, all in one parallel region.
 template <typename T>
-void pack_tap_weights(const T* w, int64_t taps, int64_t d_stride, int64_t j_stride, const TapWeights& tw,
+void pack_tap_weights(const Conv2dShape& s, const T* w, int64_t d_stride, int64_t j_stride, const TapWeights& tw,
                       bool parallel, T* packed) {
-  for_each_index(taps, parallel, [&](int64_t t) {
+  const int64_t taps = s.R * s.S, group_values = s.K_per_group() * s.C_per_group() * taps;
+  for_each_index(s.groups * taps, parallel, [&](int64_t task) {
+    const int64_t g = task / taps, t = task % taps;
+    const T* w_g = w + g * group_values;
+    T* packed_g = packed + g * tw.size;
     for (size_t b = 0; b < tw.layouts.size(); ++b) {
       const PackedBLayout& layout = tw.layouts[b];
       const int64_t padded = layout.padded_columns(), first = int64_t(b) * tw.width;
       for (int64_t pd = 0; pd < layout.depth; pd += layout.kc) {
         const int64_t kc = std::min(layout.kc, layout.depth - pd);
-        T* block = packed + tw.starts[b] + t * layout.size() + pd * padded;
+        T* block = packed_g + tw.starts[b] + t * layout.size() + pd * padded;
         for (int64_t j0 = 0; j0 < padded; j0 += layout.nr)
           for (int64_t d = pd; d < pd + kc; ++d) {
             T* row = block + j0 * kc + (d - pd) * layout.nr;
             const int64_t filled = std::min(layout.nr, layout.columns - j0);
-            const T* from = w + d * d_stride + (first + j0) * j_stride + t;
+            const T* from = w_g + d * d_stride + (first + j0) * j_stride + t;
             for (int64_t j = 0; j < filled; ++j) row[j] = from[j * j_stride];
             std::fill(row + filled, row + layout.nr, T(0));
           }
@@ -121,8 +126,9 @@ bool grouped_layer_taken(const Conv2dShape& s, int64_t element_bytes) {
 // split in 2), and in float64, whose strips of 24 the im2col plans fill better (at best level, 5x5 stride
 // 2 9 % slower).
 bool conv2d_forward_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.groups > 1) return grouped_layer_taken(s, element_bytes) && s.C_per_group() >= 16 && s.K_per_group() % 16 == 0;
-  if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || sums_directly(s) || s.C < 16) return false;
+  if (s.groups > 1)
+    return grouped_layer_taken(s, element_bytes) && s.C_per_group() >= 16 && s.K_per_group() % 16 == 0;
+  if (element_bytes != 4 || s.N < 2 || s.R * s.S < 2 || sums_directly(s) || s.C < 16) return false;
   const int64_t nr = packed_b_layout<float>(s.C, s.K).nr;
   return s.K % nr == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kImageBytes) &&
          conv2d_forward_packed_share(s, element_bytes) <= 0.8;
@@ -135,8 +141,7 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
       available_threads() > 1 && double(s.N) * double(s.K * Cg * RS) * double(s.P * s.Q) >= kMinParallelWork;
   const TapWeights tw = tap_weights<T>(RS, Cg, Kg, Kg);  // each group's, group g's at packed + g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  for (int64_t g = 0; g < s.groups; ++g)
-    pack_tap_weights(w + g * Kg * Cg * RS, RS, RS, Cg * RS, tw, parallel, packed + g * tw.size);
+  pack_tap_weights(s, w, RS, Cg * RS, tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa, channels_last_forward<T>(s, x, tw, packed, bias, parallel, y))
 }
 
@@ -148,8 +153,9 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
 // from 28x28 at batch 8 0.70 -> 0.55, 64 -> 64 5x5 stride 2 onto 8x8 at batch 32 2.1 -> 1.1, 256 -> 256
 // from 14x14 1.36 -> 1.29; 64 -> 128 from 32x32 0.86 -> 0.92 (cold caches 0.98 -> 0.95).
 bool conv2d_backward_input_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.groups > 1) return grouped_layer_taken(s, element_bytes) && s.C_per_group() % 16 == 0 && s.K_per_group() >= 16;
-  if (element_bytes != 4 || s.N < 2 || s.groups != 1 || s.R * s.S < 2 || sums_directly(s) || s.K < 16 ||
+  if (s.groups > 1)
+    return grouped_layer_taken(s, element_bytes) && s.C_per_group() % 16 == 0 && s.K_per_group() >= 16;
+  if (element_bytes != 4 || s.N < 2 || s.R * s.S < 2 || sums_directly(s) || s.K < 16 ||
       (s.win.stride_h == 1 && s.win.stride_w == 1))
     return false;
   return s.C % 16 == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kImageBytes);
@@ -165,8 +171,7 @@ void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, 
   const int64_t per_item = parallel ? (4 * int64_t(threads) + items - 1) / items : 1;
   const TapWeights tw = tap_weights<T>(RS, Kg, Cg, (Cg + per_item - 1) / per_item);  // group g's at g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  for (int64_t g = 0; g < s.groups; ++g)
-    pack_tap_weights(w + g * Kg * Cg * RS, RS, Cg * RS, RS, tw, parallel, packed + g * tw.size);
+  pack_tap_weights(s, w, Cg * RS, RS, tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa,
                             channels_last_backward_input<T>(s, grad_y, tw, packed, parallel, grad_x))
 }
