@@ -472,8 +472,18 @@ def _copy_and_shared_paths(dtype):
     y32 = pk.conv2d(x32, w32, padding=1, groups=2)
     channels_last += (y32, pk.conv2d_backward(y32, x32, w32, padding=1, groups=2, need_weight=False,
                                               need_bias=False)[0])
+    # depthwise with the channels across the lanes (depthwise_conv.cpp): tasks of image and block of
+    # channels; backward-weight's 5 images in parts fixed by the layer, added in order; stride 1 and 2
+    lanes = ()
+    xl = rng.standard_normal((5, 48, 9, 10)).astype(dtype)
+    wl = rng.standard_normal((48, 1, 3, 3)).astype(dtype)
+    for stride in (1, 2):
+        assert _pykernels_cpu.conv2d_depthwise_channels_last(xl.shape, wl.shape, (stride, stride), (1, 1, 1, 1),
+                                                             (1, 1), 48, xl.itemsize) == (True, True)
+        yl = pk.conv2d(xl, wl, stride=stride, padding=1, groups=48)
+        lanes += (yl, *pk.conv2d_backward(yl, xl, wl, stride=stride, padding=1, groups=48, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes)
 
 
 def _run_all(x, w, b, go):

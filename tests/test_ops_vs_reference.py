@@ -281,7 +281,8 @@ CONV_CASES = {
     "grouped_3": conv_case((2, 6, 7, 7), (9, 2, 3, 3), padding=1, groups=3),
     "depthwise": conv_case((2, 7, 9, 11), (7, 1, 3, 3), stride=2, padding=1, groups=7),
     "depthwise_multiplier2": conv_case((1, 5, 8, 8), (10, 1, 3, 3), padding="same", groups=5),
-    "depthwise_many_channels": conv_case((1, 33, 10, 10), (33, 1, 5, 5), padding=2, groups=33),
+    # (31 channels: from 32 on such planes the channels go across the lanes, depthwise_lanes_* below)
+    "depthwise_many_channels": conv_case((1, 31, 10, 10), (31, 1, 5, 5), padding=2, groups=31),
     "grouped_pointwise": conv_case((2, 8, 5, 5), (12, 2, 1, 1), groups=4),
     # few weights per group (direct_conv_impl.inc): x split into stride phases, sums over "wide" rows
     "depthwise_stride2_dilated": conv_case((2, 6, 13, 12), (6, 1, 3, 3), stride=2, padding=2, dilation=2, groups=6),
@@ -336,6 +337,20 @@ CONV_CASES = {
     "depthwise_dilated_rows": conv_case((1, 2, 12, 11), (2, 1, 3, 3), padding=2, dilation=2, groups=2),
     # wider than a span of any build (128 floats on AVX-512), one channel
     "depthwise_wide_rows": conv_case((1, 3, 5, 150), (3, 1, 3, 5), stride=(1, 2), padding=(1, 2), groups=3),
+    # depthwise with 32 or more channels on small planes (depthwise_conv.cpp): the channels across the lanes,
+    # a part-empty last block (37 = 16 + 16 + 5 on AVX-512), runs of 8, 4, 2, 1 outputs; kernel rows of 3,
+    # 5, 7 at stride 1 and 2 with their loads shared, any other row (4 wide, dilated) the general way
+    "depthwise_lanes_3x3": conv_case((2, 37, 7, 15), (37, 1, 3, 3), padding=1, groups=37),
+    "depthwise_lanes_strided": conv_case((3, 40, 14, 13), (40, 1, 3, 3), stride=2, padding=((1, 0), (1, 1)),
+                                         groups=40),
+    "depthwise_lanes_5x5_s2": conv_case((2, 32, 11, 12), (32, 1, 5, 5), stride=2, padding=2, groups=32),
+    "depthwise_lanes_7x7_n1": conv_case((1, 48, 9, 10), (48, 1, 7, 7), padding=3, groups=48),
+    "depthwise_lanes_general": conv_case((2, 33, 12, 11), (33, 1, 3, 4), stride=(2, 3), padding=((2, 1), (3, 0)),
+                                         dilation=(1, 2), groups=33),
+    # padding past the kernel at stride 1 (no transposed forward: backward-input scatters); 5 images in 4
+    # fixed parts for backward-weight's sums (2 blocks of channels on AVX-512)
+    "depthwise_lanes_wide_padding": conv_case((2, 32, 6, 5), (32, 1, 3, 3), padding=3, groups=32),
+    "depthwise_lanes_parts": conv_case((5, 32, 8, 8), (32, 1, 3, 3), padding="same", groups=32),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
@@ -377,7 +392,9 @@ CONV_CASE_IDS = list(CONV_CASES)
 ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
                 "channels_last_weight_blocks", "transposed_1x7_channels_last", "channels_last_backward_strided",
                 "channels_last_backward_blocks", "channels_last_grouped", "channels_last_grouped_strided",
-                "channels_last_grouped_32",
+                "channels_last_grouped_32", "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_5x5_s2",
+                "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
+                "depthwise_lanes_parts",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -436,6 +453,41 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
                                np.float32) == "wide"
     # short rows and many output channels: packing im2col costs less than dropping 2 columns of every 9
     assert reads_rows_in_place(conv_case((8, 512, 7, 7), (512, 512, 3, 3), padding=2, dilation=2), dtype) is None
+
+
+DEPTHWISE_LANES_CASE_IDS = ["depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_5x5_s2",
+                            "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
+                            "depthwise_lanes_parts"]
+
+
+def runs_depthwise_lanes(cfg, dtype):
+    """(forward and backward-input, backward-weight) with the channels across the lanes."""
+    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
+    return _pykernels_cpu.conv2d_depthwise_channels_last(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw),
+                                                         cfg["groups"], np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_depthwise_runs_across_lanes_where_meant_to(isa, dtype):
+    """The named depthwise_lanes cases take depthwise_conv.cpp's passes on every build and in both types (so
+    the tests above and test_conv2d_both_isas cover them); fewer than 32 channels (the other depthwise cases),
+    a channel multiplier of 2, and planes whose padded copy passes 1 MiB do not."""
+    for name in DEPTHWISE_LANES_CASE_IDS:
+        assert runs_depthwise_lanes(CONV_CASES[name], dtype) == (True, True), name
+    for name in ["depthwise", "depthwise_many_channels", "depthwise_multiplier2", "depthwise_stride2_dilated",
+                 "depthwise_rows_5x5_wide", "grouped_3"]:
+        assert runs_depthwise_lanes(CONV_CASES[name], dtype) == (False, False), name
+    assert runs_depthwise_lanes(conv_case((2, 64, 8, 8), (128, 1, 3, 3), padding=1, groups=64), dtype) == (False,
+                                                                                                          False)
+    assert runs_depthwise_lanes(conv_case((1, 32, 320, 320), (32, 1, 3, 3), stride=2, padding=1, groups=32),
+                                dtype) == (False, False)
+    # MobileNet's 3x3 layers from 7x7 to 56x56, at stride 1 and 2
+    for hw, stride in [(7, 1), (14, 1), (28, 2), (56, 1), (56, 2)]:
+        assert runs_depthwise_lanes(conv_case((8, 144, hw, hw), (144, 1, 3, 3), stride=stride, padding=1,
+                                              groups=144), dtype) == (True, True), (hw, stride)
 
 
 CHANNELS_LAST_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
@@ -662,7 +714,10 @@ def test_isas_agree_with_each_other(request):
 # inside, the end of the first row (read by the dropped columns of other taps), the last.
 DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "depthwise_rows_7x3_dilated",
                            "few_weights_channel_blocks", "few_weights_lenet_strided", "wide_rows_batch2",
-                           "wide_rows_batch1", "wide_rows_grouped"]
+                           "wide_rows_batch1", "wide_rows_grouped",
+                           # the channels across the lanes: every product, the padding's zeros included; at
+                           # stride 1 backward-input runs as the transposed forward only with finite weights
+                           "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_general"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])

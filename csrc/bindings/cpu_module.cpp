@@ -495,6 +495,17 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "Whether conv2d on these shapes sums directly (direct_conv_impl.inc): (forward and backward-input, "
       "backward-weight) (for tests).");
   m.def(
+      "conv2d_depthwise_channels_last",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return std::pair<bool, bool>(pykernels::cpu::conv2d_depthwise_channels_last_chosen(s, itemsize),
+                                     pykernels::cpu::conv2d_depthwise_weight_channels_last_chosen(s, itemsize));
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize"),
+      "Whether conv2d on these depthwise shapes, at itemsize bytes per value, runs with the channels across "
+      "the vector lanes (depthwise_conv.cpp): (forward and backward-input, backward-weight) (for tests).");
+  m.def(
       "conv2d_forward_reads_rows_in_place",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) -> py::object {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);

@@ -26,6 +26,8 @@
 //   backward-weight of strided layers on small images likewise (in place of col2im, and of wide rows);
 //   and grouped layers with 32 output channels a group or fewer on few positions (ResNeXt's last stage),
 //   a group at a time, in place of the direct sums.
+// - Depthwise layers of 32 channels or more on planes up to about 112x112, all three passes, with the
+//   channels across the vector lanes (depthwise_conv.cpp), before the direct sums.
 // - Layers with few weights per group (has_few_weights: LeNet, depthwise) are summed directly, all
 //   three passes (direct_conv_impl.inc); so are grouped layers with few output channels per group
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
@@ -313,6 +315,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   }
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_forward_channels_last_chosen(s, sizeof(T))) return conv2d_forward_channels_last(s, x, w, bias, y);
+  if (conv2d_depthwise_channels_last_chosen(s, sizeof(T))) return conv2d_depthwise_forward(s, x, w, bias, y);
   if (sums_directly(s)) return conv2d_forward_direct(s, x, w, bias, y);
   if (conv2d_forward_subsampled(s, x, w, bias, y)) return;
   if (conv2d_forward_by_rows_chosen(s, sizeof(T))) return conv2d_forward_by_rows(s, x, w, bias, y);
@@ -478,6 +481,17 @@ void backward_input_directly(const Conv2dShape& s, const T* grad_y, const T* w, 
   conv2d_backward_input_direct(s, grad_y, w, grad_x);
 }
 
+// Depthwise on small planes (depthwise_conv.cpp): at stride 1 with finite weights as the transposed forward,
+// each grad_x cell summed in registers, else as the reference's scatter.
+template <typename T>
+void depthwise_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
+  if (t && all_finite(w, s.w_numel()))
+    return conv2d_depthwise_forward(*t, grad_y, transposed_weights(s, w).data(), static_cast<const T*>(nullptr),
+                                    grad_x);
+  conv2d_depthwise_backward_input(s, grad_y, w, grad_x);
+}
+
 }  // namespace
 
 template <typename T>
@@ -486,6 +500,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T)))
     return conv2d_backward_input_channels_last(s, grad_y, w, grad_x);
+  if (conv2d_depthwise_channels_last_chosen(s, sizeof(T))) return depthwise_backward_input(s, grad_y, w, grad_x);
   if (sums_directly(s) && all_finite(w, s.w_numel())) return backward_input_directly(s, grad_y, w, grad_x);
   if (backward_input_as_transposed_forward(s, grad_y, w, grad_x)) return;
   // One GEMM over the batch when packing the weights for every image would cost more than it saves:
@@ -560,6 +575,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   // First: for grouped layers it takes the place of the direct sums (channels_last_conv.cpp).
   if (conv2d_backward_weight_channels_last_chosen(s, sizeof(T)))
     return conv2d_backward_weight_channels_last(s, grad_y, x, grad_w);
+  if (conv2d_depthwise_weight_channels_last_chosen(s, sizeof(T)))
+    return conv2d_depthwise_backward_weight(s, grad_y, x, grad_w);
   if (sums_weight_gradient_directly(s)) {
     conv2d_backward_weight_direct(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)

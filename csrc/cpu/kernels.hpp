@@ -32,6 +32,20 @@ void conv2d_backward_input_direct(const Conv2dShape& s, const T* grad_y, const T
 template <typename T>
 void conv2d_backward_weight_direct(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
+// depthwise_conv.cpp -- depthwise layers (one input and one output channel per group) on small planes,
+// the channels across the vector lanes, for the layers conv2d_depthwise_channels_last_chosen picks (at
+// element_bytes per value; before the direct sums). Same contracts as conv2d_forward and
+// conv2d_backward_input.
+bool conv2d_depthwise_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+void conv2d_depthwise_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void conv2d_depthwise_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
+// Backward-weight likewise, for the layers conv2d_depthwise_weight_channels_last_chosen picks.
+bool conv2d_depthwise_weight_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes);
+template <typename T>
+void conv2d_depthwise_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+
 // conv_rows.cpp -- forward as GEMMs reading x from a padded copy split into its stride phases instead of
 // packing im2col columns: one per output row for the layers conv2d_forward_by_rows_applies to (at
 // element_bytes per value), one per block of rows for the stride-1 layers conv2d_forward_reads_wide_rows

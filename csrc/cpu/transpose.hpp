@@ -215,4 +215,128 @@ static inline void transpose_runs_into_strip(const T* const* runs, int64_t lengt
     for (int64_t k = 0; k < length; ++k) fill_short(out + k * nr + cols, nr - cols, T(0));
 }
 
+// The side of the square blocks transposed in registers: 8 floats or 4 doubles with AVX, 4 floats or 2
+// doubles with SSE2, else 1 (value by value).
+#if defined(__AVX__)
+template <typename T>
+constexpr int kTransposeBlock = std::is_same_v<T, float> ? 8 : 4;
+#elif defined(__SSE2__)
+template <typename T>
+constexpr int kTransposeBlock = std::is_same_v<T, float> ? 4 : 2;
+#else
+template <typename T>
+constexpr int kTransposeBlock = 1;
+#endif
+
+// to[k][i] = from[i][k] for i, k < kTransposeBlock<T>: a block whose rows lie anywhere.
+template <typename T>
+static inline void transpose_block(const T* const* from, T* const* to) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(from[i]);
+    transpose_8x8_in_registers(a);
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(to[k], a[k]);
+  } else {
+    __m256d a[4];
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_pd(from[i]);
+    transpose_4x4_in_registers(a);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_pd(to[k], a[k]);
+  }
+#elif defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m128 a = _mm_loadu_ps(from[0]), b = _mm_loadu_ps(from[1]), c = _mm_loadu_ps(from[2]), d = _mm_loadu_ps(from[3]);
+    _MM_TRANSPOSE4_PS(a, b, c, d);
+    _mm_storeu_ps(to[0], a), _mm_storeu_ps(to[1], b), _mm_storeu_ps(to[2], c), _mm_storeu_ps(to[3], d);
+  } else {
+    const __m128d a = _mm_loadu_pd(from[0]), b = _mm_loadu_pd(from[1]);
+    _mm_storeu_pd(to[0], _mm_unpacklo_pd(a, b)), _mm_storeu_pd(to[1], _mm_unpackhi_pd(a, b));
+  }
+#else
+  to[0][0] = from[0][0];
+#endif
+}
+
+// Planes (channel c's value i at planes[c * stride + i]) into cells of `lanes` channels that lie anywhere:
+// cells[cell[i] + c] = planes[c * stride + i] for i < count and c < cn, and zero for cn <= c < lanes.
+template <typename T>
+static inline void planes_into_cells(const T* planes, int64_t stride, int64_t count, int64_t cn, int64_t lanes,
+                                     const int64_t* cell, T* cells) {
+  constexpr int B = kTransposeBlock<T>;
+  int64_t c0 = 0;
+#if defined(__AVX512F__)
+  // 16 channels of 8 cells at once: two 8 x 8 blocks side by side in __m512 registers, whose columns are
+  // then the cells' 16 channels, one store each (192 channels of 28x28, depthwise 3x3 forward: 0.25 -> 0.19 ms)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c0 + 16 <= cn; c0 += 16) {
+      int64_t i = 0;
+      for (; i + 8 <= count; i += 8) {
+        __m512 a[8];
+        for (int k = 0; k < 8; ++k)
+          a[k] = load_two_halves(planes + (c0 + k) * stride + i, planes + (c0 + 8 + k) * stride + i);
+        transpose_8x8_in_registers(a);
+        for (int k = 0; k < 8; ++k) _mm512_storeu_ps(cells + cell[i + k] + c0, a[k]);
+      }
+      for (; i < count; ++i)
+        for (int k = 0; k < 16; ++k) cells[cell[i] + c0 + k] = planes[(c0 + k) * stride + i];
+    }
+  }
+#endif
+  for (; B > 1 && c0 + B <= cn; c0 += B) {
+    int64_t i = 0;
+    for (; i + B <= count; i += B) {
+      const T* from[B];
+      T* to[B];
+      for (int k = 0; k < B; ++k) from[k] = planes + (c0 + k) * stride + i, to[k] = cells + cell[i + k] + c0;
+      transpose_block(from, to);
+    }
+    for (; i < count; ++i)
+      for (int k = 0; k < B; ++k) cells[cell[i] + c0 + k] = planes[(c0 + k) * stride + i];
+  }
+  for (; c0 < cn; ++c0)
+    for (int64_t i = 0; i < count; ++i) cells[cell[i] + c0] = planes[c0 * stride + i];
+  if (cn < lanes)
+    for (int64_t i = 0; i < count; ++i) fill_short(cells + cell[i] + cn, lanes - cn, T(0));
+}
+
+// The inverse for channels [0, cn): planes[c * stride + i] = cells[cell[i] + c].
+template <typename T>
+static inline void cells_into_planes(const T* cells, const int64_t* cell, int64_t count, int64_t cn, T* planes,
+                                     int64_t stride) {
+  constexpr int B = kTransposeBlock<T>;
+  int64_t c0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // as planes_into_cells, the other way
+    for (; c0 + 16 <= cn; c0 += 16) {
+      int64_t i = 0;
+      for (; i + 8 <= count; i += 8) {
+        __m512 a[8];
+        for (int k = 0; k < 8; ++k) a[k] = _mm512_loadu_ps(cells + cell[i + k] + c0);
+        transpose_8x8_in_registers(a);  // a[k]: channel c0 + k's 8 values, then channel c0 + 8 + k's
+        for (int k = 0; k < 8; ++k) {
+          _mm256_storeu_ps(planes + (c0 + k) * stride + i, _mm512_castps512_ps256(a[k]));
+          _mm256_storeu_ps(planes + (c0 + 8 + k) * stride + i,
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[k]), 1)));
+        }
+      }
+      for (; i < count; ++i)
+        for (int k = 0; k < 16; ++k) planes[(c0 + k) * stride + i] = cells[cell[i] + c0 + k];
+    }
+  }
+#endif
+  for (; B > 1 && c0 + B <= cn; c0 += B) {
+    int64_t i = 0;
+    for (; i + B <= count; i += B) {
+      const T* from[B];
+      T* to[B];
+      for (int k = 0; k < B; ++k) from[k] = cells + cell[i + k] + c0, to[k] = planes + (c0 + k) * stride + i;
+      transpose_block(from, to);
+    }
+    for (; i < count; ++i)
+      for (int k = 0; k < B; ++k) planes[(c0 + k) * stride + i] = cells[cell[i] + c0 + k];
+  }
+  for (; c0 < cn; ++c0)
+    for (int64_t i = 0; i < count; ++i) planes[c0 * stride + i] = cells[cell[i] + c0];
+}
+
 }  // namespace pykernels::cpu
