@@ -257,6 +257,11 @@ static inline void transpose_block(const T* const* from, T* const* to) {
 #endif
 }
 
+// GCC 12 warns that the undefined pass-through operand inside AVX-512 intrinsics (_mm512_undefined_ps) may
+// be used uninitialized where the functions below inline them; it is not used.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // Planes (channel c's value i at planes[c * stride + i]) into cells of `lanes` channels that lie anywhere:
 // cells[cell[i] + c] = planes[c * stride + i] for i < count and c < cn, and zero for cn <= c < lanes.
 template <typename T>
@@ -338,5 +343,6 @@ static inline void cells_into_planes(const T* cells, const int64_t* cell, int64_
   for (; c0 < cn; ++c0)
     for (int64_t i = 0; i < count; ++i) planes[c0 * stride + i] = cells[cell[i] + c0];
 }
+#pragma GCC diagnostic pop
 
 }  // namespace pykernels::cpu
