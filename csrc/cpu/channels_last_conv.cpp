@@ -31,6 +31,7 @@
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/transpose.hpp"
 
 namespace pykernels::cpu {
 
@@ -70,15 +71,28 @@ TapWeights tap_weights(int64_t taps, int64_t depth, int64_t columns, int64_t max
 }
 
 // Every group's blocks' B in their layouts' strips (depth blocks of kc rows, each as strips of nr columns, nr
-// values per row; columns past the block's zero): group g's weights from w + g * group_values, packed at
-// packed + g * tw.size. Threads take whole taps of a group, all in one parallel region.
+// values per row; columns past the block's zero): group g's weights from w + g * Kg * Cg * taps, packed at
+// packed + g * tw.size. B of tap t is the tap's Kg x Cg weights, or their transpose where the columns are
+// the output channels (forward). The weights are first transposed tap by tap (their taps lie 1 apart, so
+// gathering a tap's matrix value by value had been a tenth of ResNeXt's last stage's backward-input), then
+// threads take whole taps of a group, each strip a transpose or row copies of its tap's matrix.
 template <typename T>
-void pack_tap_weights(const Conv2dShape& s, const T* w, int64_t d_stride, int64_t j_stride, const TapWeights& tw,
+void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs, const TapWeights& tw,
                       bool parallel, T* packed) {
-  const int64_t taps = s.R * s.S, group_values = s.K_per_group() * s.C_per_group() * taps;
+  const int64_t taps = s.R * s.S, Cg = s.C_per_group(), KC = s.K_per_group() * Cg;
+  T* by_tap = reusable_buffer<T, 2>(s.groups * taps * KC);  // [(g * taps + t) * KC + k * Cg + c]
+  constexpr int64_t kChunk = 1024;  // (k, c) pairs a task transposes
+  const int64_t chunks = (KC + kChunk - 1) / kChunk;
+  std::vector<int64_t> tap_cells(static_cast<size_t>(taps));
+  for (int64_t t = 0; t < taps; ++t) tap_cells[t] = t * KC;
+  for_each_index(s.groups * chunks, parallel, [&](int64_t task) {
+    const int64_t g = task / chunks, i0 = task % chunks * kChunk, n = std::min(kChunk, KC - i0);
+    // pairs i0.. as "planes" of `taps` values, their taps into rows KC apart
+    planes_into_cells(w + (g * KC + i0) * taps, taps, taps, n, n, tap_cells.data(), by_tap + g * taps * KC + i0);
+  });
   for_each_index(s.groups * taps, parallel, [&](int64_t task) {
     const int64_t g = task / taps, t = task % taps;
-    const T* w_g = w + g * group_values;
+    const T* tap = by_tap + task * KC;  // the tap's weights, (k, c) at k * Cg + c
     T* packed_g = packed + g * tw.size;
     for (size_t b = 0; b < tw.layouts.size(); ++b) {
       const PackedBLayout& layout = tw.layouts[b];
@@ -86,14 +100,19 @@ void pack_tap_weights(const Conv2dShape& s, const T* w, int64_t d_stride, int64_
       for (int64_t pd = 0; pd < layout.depth; pd += layout.kc) {
         const int64_t kc = std::min(layout.kc, layout.depth - pd);
         T* block = packed_g + tw.starts[b] + t * layout.size() + pd * padded;
-        for (int64_t j0 = 0; j0 < padded; j0 += layout.nr)
-          for (int64_t d = pd; d < pd + kc; ++d) {
-            T* row = block + j0 * kc + (d - pd) * layout.nr;
-            const int64_t filled = std::min(layout.nr, layout.columns - j0);
-            const T* from = w_g + d * d_stride + (first + j0) * j_stride + t;
-            for (int64_t j = 0; j < filled; ++j) row[j] = from[j * j_stride];
-            std::fill(row + filled, row + layout.nr, T(0));
+        for (int64_t j0 = 0; j0 < padded; j0 += layout.nr) {
+          const int64_t filled = std::max<int64_t>(0, std::min(layout.nr, layout.columns - j0));
+          T* strip = block + j0 * kc;
+          if (columns_are_outputs) {  // B[c][k]: row d of the strip is input channel pd + d of outputs first + j0..
+            transpose_into_strip(tap + (first + j0) * Cg + pd, Cg, kc, filled, layout.nr, strip);
+          } else {  // B[k][c]: output channel pd + d's run of input channels first + j0..
+            for (int64_t d = 0; d < kc; ++d) {
+              T* row = strip + d * layout.nr;
+              std::copy(tap + (pd + d) * Cg + first + j0, tap + (pd + d) * Cg + first + j0 + filled, row);
+              std::fill(row + filled, row + layout.nr, T(0));
+            }
           }
+        }
       }
     }
   });
@@ -141,7 +160,7 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
       available_threads() > 1 && double(s.N) * double(s.K * Cg * RS) * double(s.P * s.Q) >= kMinParallelWork;
   const TapWeights tw = tap_weights<T>(RS, Cg, Kg, Kg);  // each group's, group g's at packed + g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  pack_tap_weights(s, w, RS, Cg * RS, tw, parallel, packed);
+  pack_tap_weights(s, w, true, tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa, channels_last_forward<T>(s, x, tw, packed, bias, parallel, y))
 }
 
@@ -171,7 +190,7 @@ void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, 
   const int64_t per_item = parallel ? (4 * int64_t(threads) + items - 1) / items : 1;
   const TapWeights tw = tap_weights<T>(RS, Kg, Cg, (Cg + per_item - 1) / per_item);  // group g's at g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  pack_tap_weights(s, w, Cg * RS, RS, tw, parallel, packed);
+  pack_tap_weights(s, w, false, tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa,
                             channels_last_backward_input<T>(s, grad_y, tw, packed, parallel, grad_x))
 }
