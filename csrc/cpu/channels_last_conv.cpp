@@ -73,11 +73,11 @@ TapWeights tap_weights(int64_t taps, int64_t depth, int64_t columns, int64_t max
 // Every group's blocks' B in their layouts' strips (depth blocks of kc rows, each as strips of nr columns, nr
 // values per row; columns past the block's zero): group g's weights from w + g * Kg * Cg * taps, packed at
 // packed + g * tw.size. B of tap t is the tap's Kg x Cg weights, or their transpose where the columns are
-// the output channels (forward). The weights are first transposed tap by tap (their taps lie 1 apart, so
+// the output channels (forward); tap R * S - 1 - t's where `rotated` (the transposed convolution's). The weights are first transposed tap by tap (their taps lie 1 apart, so
 // gathering a tap's matrix value by value had been a tenth of ResNeXt's last stage's backward-input), then
 // threads take whole taps of a group, each strip a transpose or row copies of its tap's matrix.
 template <typename T>
-void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs, const TapWeights& tw,
+void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs, bool rotated, const TapWeights& tw,
                       bool parallel, T* packed) {
   const int64_t taps = s.R * s.S, Cg = s.C_per_group(), KC = s.K_per_group() * Cg;
   T* by_tap = reusable_buffer<T, 2>(s.groups * taps * KC);  // [(g * taps + t) * KC + k * Cg + c]
@@ -92,7 +92,7 @@ void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs
   });
   for_each_index(s.groups * taps, parallel, [&](int64_t task) {
     const int64_t g = task / taps, t = task % taps;
-    const T* tap = by_tap + task * KC;  // the tap's weights, (k, c) at k * Cg + c
+    const T* tap = by_tap + (g * taps + (rotated ? taps - 1 - t : t)) * KC;  // its weights, (k, c) at k * Cg + c
     T* packed_g = packed + g * tw.size;
     for (size_t b = 0; b < tw.layouts.size(); ++b) {
       const PackedBLayout& layout = tw.layouts[b];
@@ -160,8 +160,24 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
       available_threads() > 1 && double(s.N) * double(s.K * Cg * RS) * double(s.P * s.Q) >= kMinParallelWork;
   const TapWeights tw = tap_weights<T>(RS, Cg, Kg, Kg);  // each group's, group g's at packed + g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  pack_tap_weights(s, w, true, tw, parallel, packed);
+  pack_tap_weights(s, w, true, false, tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa, channels_last_forward<T>(s, x, tw, packed, bias, parallel, y))
+}
+
+// The transposed forward t of a stride-1 layer s over grad_y: its weights packed straight from w's rotated
+// taps as backward-input packs them (B[k][c] is the transposed forward's B), with no flipped copy of w.
+template <typename T>
+void conv2d_backward_input_as_forward_channels_last(const Conv2dShape& s, const Conv2dShape& t, const T* grad_y,
+                                                    const T* w, T* grad_x) {
+  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), RS = s.R * s.S;
+  const bool parallel =
+      available_threads() > 1 && double(t.N) * double(t.K * Kg * RS) * double(t.P * t.Q) >= kMinParallelWork;
+  const TapWeights tw = tap_weights<T>(RS, Kg, Cg, Cg);  // as conv2d_forward_channels_last's for t
+  T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
+  pack_tap_weights(s, w, false, true, tw, parallel, packed);
+  PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa,
+                            channels_last_forward<T>(t, grad_y, tw, packed, static_cast<const T*>(nullptr), parallel,
+                                                     grad_x))
 }
 
 // Float32 strided layers (stride-1 ones run as the transposed forward or on Winograd) of one group, 2
@@ -190,7 +206,7 @@ void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, 
   const int64_t per_item = parallel ? (4 * int64_t(threads) + items - 1) / items : 1;
   const TapWeights tw = tap_weights<T>(RS, Kg, Cg, (Cg + per_item - 1) / per_item);  // group g's at g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  pack_tap_weights(s, w, false, tw, parallel, packed);
+  pack_tap_weights(s, w, false, false, tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa,
                             channels_last_backward_input<T>(s, grad_y, tw, packed, parallel, grad_x))
 }
@@ -238,6 +254,10 @@ template void conv2d_forward_channels_last<float>(const Conv2dShape&, const floa
                                                   float*);
 template void conv2d_forward_channels_last<double>(const Conv2dShape&, const double*, const double*, const double*,
                                                    double*);
+template void conv2d_backward_input_as_forward_channels_last<float>(const Conv2dShape&, const Conv2dShape&,
+                                                                    const float*, const float*, float*);
+template void conv2d_backward_input_as_forward_channels_last<double>(const Conv2dShape&, const Conv2dShape&,
+                                                                     const double*, const double*, double*);
 template void conv2d_backward_input_channels_last<float>(const Conv2dShape&, const float*, const float*, float*);
 template void conv2d_backward_input_channels_last<double>(const Conv2dShape&, const double*, const double*, double*);
 template void conv2d_backward_weight_channels_last<float>(const Conv2dShape&, const float*, const float*, float*);

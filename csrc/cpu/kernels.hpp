@@ -77,6 +77,11 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
 bool conv2d_backward_input_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_backward_input_channels_last(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
+// Backward-input of a stride-1 layer s as its transposed forward t (the transposed convolution's shape), which
+// conv2d_forward_channels_last_chosen picks, over grad_y with w's weights (finite) rotated.
+template <typename T>
+void conv2d_backward_input_as_forward_channels_last(const Conv2dShape& s, const Conv2dShape& t, const T* grad_y,
+                                                    const T* w, T* grad_x);
 // Backward-weight likewise for the strided and grouped layers this picks (grouped ones also taken by the
 // direct sums' rule, which this one precedes), grad_y packed as A and each tap's rows of the copies read in
 // place as B. Same contract as conv2d_backward_weight.
