@@ -533,6 +533,14 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   const int threads = available_threads();
   const bool per_item_threads = items >= threads;
   const bool worth_threads = double(items) * double(Kg * CRS) * double(PQ) >= kMinParallelWork;  // double: no overflow
+  // Pointwise with an image per thread: the weights (w^T, CRS x Kg a group) packed once, not in every
+  // image's GEMM (1024 -> 256 channels on 14x14 at batch 8: packing was an eighth of the time).
+  const PackedLayout layout = packed_layout<T>(CRS, Kg);
+  T* packed = pointwise && per_item_threads ? reusable_buffer<T, 5>(G * layout.size()) : nullptr;
+  if (packed)
+    for_each_index(G, G > 1 && worth_threads, [&](int64_t g) {
+      pack_a<T>(layout, w + g * Kg * CRS, {1, CRS}, packed + g * layout.size());
+    });
   ParallelErrors errors;
   for_each_index(items, per_item_threads && items > 1 && worth_threads, [&](int64_t item) {
     errors.run([&] {
@@ -541,8 +549,8 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
       T* gx_g = grad_x + (n * s.C + g * Cg) * HW;
       const T* A = w + g * Kg * CRS;  // read transposed: (crs, k) at k*CRS + crs
       if (pointwise) {                 // col has x's layout: written in place
-        if (per_item_threads)
-          gemm<T>(CRS, PQ, Kg, A, {1, CRS}, gy_g, {PQ, 1}, gx_g, PQ, false);
+        if (packed)
+          gemm_packed<T>(layout, packed + g * layout.size(), PQ, gy_g, {PQ, 1}, gx_g, PQ, false);
         else
           gemm_parallel<T>(CRS, PQ, Kg, A, {1, CRS}, gy_g, {PQ, 1}, gx_g, PQ, false);
         return;
