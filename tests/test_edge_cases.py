@@ -482,8 +482,15 @@ def _copy_and_shared_paths(dtype):
                                                              (1, 1), 48, xl.itemsize) == (True, True)
         yl = pk.conv2d(xl, wl, stride=stride, padding=1, groups=48)
         lanes += (yl, *pk.conv2d_backward(yl, xl, wl, stride=stride, padding=1, groups=48, need_bias=False)[:2])
+    # a dilated layer as its undilated one over x's 2 x 2 dilation phases, on Winograd (dilated_phases.cpp)
+    xp = rng.standard_normal((2, 8, 16, 24)).astype(dtype)
+    wp = rng.standard_normal((12, 8, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_by_phases(xp.shape, wp.shape, (1, 1), (2, 2, 2, 2), (2, 2), 1,
+                                           xp.itemsize) == (True, True, True)
+    yp = pk.conv2d(xp, wp, padding=2, dilation=2)
+    phases = (yp, *pk.conv2d_backward(yp, xp, wp, padding=2, dilation=2, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes, *phases)
 
 
 def _run_all(x, w, b, go):

@@ -351,6 +351,12 @@ CONV_CASES = {
     # fixed parts for backward-weight's sums (2 blocks of channels on AVX-512)
     "depthwise_lanes_wide_padding": conv_case((2, 32, 6, 5), (32, 1, 3, 3), padding=3, groups=32),
     "depthwise_lanes_parts": conv_case((5, 32, 8, 8), (32, 1, 3, 3), padding="same", groups=32),
+    # dilated at stride 1 with padding and size multiples of the dilation (dilated_phases.cpp): the undilated
+    # layer on Winograd over a batch of x's dilation phases (2 x 2 phases; 3 x 2 with asymmetric padding,
+    # one side none; 4 x 4 with 'same' padding, whose phases are 4x4), all three passes where chosen
+    "dilated_phases_2": conv_case((2, 8, 16, 24), (12, 8, 3, 3), padding=2, dilation=2),
+    "dilated_phases_3x2": conv_case((3, 9, 24, 20), (10, 9, 3, 3), padding=((3, 6), (2, 0)), dilation=(3, 2)),
+    "dilated_phases_4_same": conv_case((1, 16, 16, 16), (16, 16, 3, 3), padding="same", dilation=4),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
@@ -394,7 +400,7 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "channels_last_backward_blocks", "channels_last_grouped", "channels_last_grouped_strided",
                 "channels_last_grouped_32", "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_5x5_s2",
                 "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
-                "depthwise_lanes_parts",
+                "depthwise_lanes_parts", "dilated_phases_2", "dilated_phases_3x2", "dilated_phases_4_same",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -488,6 +494,35 @@ def test_depthwise_runs_across_lanes_where_meant_to(isa, dtype):
     for hw, stride in [(7, 1), (14, 1), (28, 2), (56, 1), (56, 2)]:
         assert runs_depthwise_lanes(conv_case((8, 144, hw, hw), (144, 1, 3, 3), stride=stride, padding=1,
                                               groups=144), dtype) == (True, True), (hw, stride)
+
+
+def runs_by_phases(cfg, dtype):
+    """(forward, backward-input, backward-weight) as the undilated layer over x's dilation phases."""
+    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
+    return _pykernels_cpu.conv2d_by_phases(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw), cfg["groups"],
+                                           np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_dilated_layers_run_by_phases_where_meant_to(dtype):
+    """The named dilated_phases cases run as the undilated layer over x's phases (so the tests above cover
+    it); padding or a size that the dilation does not divide, a stride, groups, or phases too small for
+    Winograd do not."""
+    assert runs_by_phases(CONV_CASES["dilated_phases_2"], dtype) == (True, True, True)
+    assert runs_by_phases(CONV_CASES["dilated_phases_3x2"], dtype) == (True, True, True)
+    assert runs_by_phases(CONV_CASES["dilated_phases_4_same"], dtype) == (True, True, False)
+    for name in ["dilation3", "transposed_dilated", "rows_stride1_dilated", "depthwise_lanes_general",
+                 "asym_padding_strided_dilated"]:
+        assert runs_by_phases(CONV_CASES[name], dtype) == (False, False, False), name
+    for cfg in [conv_case((2, 16, 16, 16), (16, 16, 3, 3), padding=1, dilation=2),
+                conv_case((2, 16, 15, 16), (16, 16, 3, 3), padding=2, dilation=2),
+                conv_case((2, 16, 16, 16), (16, 16, 3, 3), stride=2, padding=2, dilation=2),
+                conv_case((2, 16, 16, 16), (16, 8, 3, 3), padding=2, dilation=2, groups=2),
+                conv_case((1, 16, 8, 8), (16, 16, 3, 3), padding=2, dilation=2)]:
+        assert runs_by_phases(cfg, dtype) == (False, False, False), cfg
 
 
 CHANNELS_LAST_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
@@ -717,7 +752,9 @@ DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "depthwise_
                            "wide_rows_batch1", "wide_rows_grouped",
                            # the channels across the lanes: every product, the padding's zeros included; at
                            # stride 1 backward-input runs as the transposed forward only with finite weights
-                           "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_general"]
+                           "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_general",
+                           # a batch of dilation phases on Winograd (which recomputes a non-finite result)
+                           "dilated_phases_2", "dilated_phases_3x2"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])

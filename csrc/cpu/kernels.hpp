@@ -46,6 +46,19 @@ bool conv2d_depthwise_weight_channels_last_chosen(const Conv2dShape& s, int64_t 
 template <typename T>
 void conv2d_depthwise_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
+// dilated_phases.cpp -- dilated stride-1 layers as their undilated layer over a batch of x's dilation phases,
+// for the layers these pick (where that undilated layer takes Winograd; at element_bytes per value). Same
+// contracts as conv2d_forward, conv2d_backward_input and conv2d_backward_weight.
+bool conv2d_forward_by_phases_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_input_by_phases_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_weight_by_phases_chosen(const Conv2dShape& s);
+template <typename T>
+void conv2d_forward_by_phases(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void conv2d_backward_input_by_phases(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
+template <typename T>
+void conv2d_backward_weight_by_phases(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+
 // conv_rows.cpp -- forward as GEMMs reading x from a padded copy split into its stride phases instead of
 // packing im2col columns: one per output row for the layers conv2d_forward_by_rows_applies to (at
 // element_bytes per value), one per block of rows for the stride-1 layers conv2d_forward_reads_wide_rows
