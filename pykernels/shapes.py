@@ -277,8 +277,9 @@ ALL_SHAPES = CONV_SHAPES + RELU_SHAPES + POOL_SHAPES
 #: Beyond design.md's table: conv2d layers whose paths the table does not reach (depthwise layers with the
 #: channels across the vector lanes, from MobileNet's 56x56 to its last 7x7 stage; grouped layers summed
 #: directly, a 5x5 layer whose backward-data runs as the transposed convolution, a CIFAR ResNet's stride-2
-#: layer onto 8x8 whose forward runs channels-last). Timed by
-#: benchmarks/test_bench_conv2d.py (test_conv2d_beyond_the_table), and by ``bench --shape NAME`` when named.
+#: layer onto 8x8 whose forward runs channels-last, a 2-dilated 3x3 layer run over x's dilation phases).
+#: Timed by benchmarks/test_bench_conv2d.py (test_conv2d_beyond_the_table), and by ``bench --shape NAME``
+#: when named.
 MORE_CONV_SHAPES: Tuple[ConvShape, ...] = (
     ConvShape("depthwise_3x3_128", (8, 128, 56, 56), (128, 1, 3, 3), stride=1, padding=1, groups=128),
     ConvShape("depthwise_3x3_s2_128", (8, 128, 56, 56), (128, 1, 3, 3), stride=2, padding=1, groups=128),
@@ -286,6 +287,7 @@ MORE_CONV_SHAPES: Tuple[ConvShape, ...] = (
     ConvShape("resnext_3x3_256_g32", (8, 256, 28, 28), (256, 8, 3, 3), stride=1, padding=1, groups=32),
     ConvShape("conv_5x5_64", (8, 64, 28, 28), (64, 64, 5, 5), stride=1, padding=2),
     ConvShape("cifar_3x3_s2_64", (64, 32, 16, 16), (64, 32, 3, 3), stride=2, padding=1),
+    ConvShape("dilated_3x3_64", (8, 64, 56, 56), (64, 64, 3, 3), stride=1, padding=2, dilation=2),
 )
 
 
