@@ -489,8 +489,16 @@ def _copy_and_shared_paths(dtype):
                                            xp.itemsize) == (True, True, True)
     yp = pk.conv2d(xp, wp, padding=2, dilation=2)
     phases = (yp, *pk.conv2d_backward(yp, xp, wp, padding=2, dilation=2, need_bias=False)[:2])
+    # a grouped layer of 2 groups of 128 as one Winograd layer per group (grouped_winograd.cpp)
+    xw = rng.standard_normal((2, 256, 12, 12)).astype(dtype)
+    ww = rng.standard_normal((256, 128, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_per_group(xw.shape, ww.shape, (1, 1), (1, 1, 1, 1), (1, 1), 2,
+                                           xw.itemsize) == (True, True, True)
+    yw = pk.conv2d(xw, ww, padding=1, groups=2)
+    per_group = (yw, *pk.conv2d_backward(yw, xw, ww, padding=1, groups=2, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
-            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes, *phases)
+            gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes, *phases,
+            *per_group)
 
 
 def _run_all(x, w, b, go):

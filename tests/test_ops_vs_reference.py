@@ -357,6 +357,10 @@ CONV_CASES = {
     "dilated_phases_2": conv_case((2, 8, 16, 24), (12, 8, 3, 3), padding=2, dilation=2),
     "dilated_phases_3x2": conv_case((3, 9, 24, 20), (10, 9, 3, 3), padding=((3, 6), (2, 0)), dilation=(3, 2)),
     "dilated_phases_4_same": conv_case((1, 16, 16, 16), (16, 16, 3, 3), padding="same", dilation=4),
+    # grouped with large groups (grouped_winograd.cpp): one Winograd layer per group over the batch (2 groups
+    # of 128 x 128 channels), all three passes; 3 groups of 64 on 28x28 with asymmetric padding
+    "grouped_winograd_128": conv_case((2, 256, 12, 12), (256, 128, 3, 3), padding=1, groups=2),
+    "grouped_winograd_64_28": conv_case((1, 192, 28, 28), (192, 64, 3, 3), padding=((0, 2), (1, 1)), groups=3),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
@@ -401,6 +405,7 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "channels_last_grouped_32", "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_5x5_s2",
                 "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
                 "depthwise_lanes_parts", "dilated_phases_2", "dilated_phases_3x2", "dilated_phases_4_same",
+                "grouped_winograd_128", "grouped_winograd_64_28",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -523,6 +528,32 @@ def test_dilated_layers_run_by_phases_where_meant_to(dtype):
                 conv_case((2, 16, 16, 16), (16, 8, 3, 3), padding=2, dilation=2, groups=2),
                 conv_case((1, 16, 8, 8), (16, 16, 3, 3), padding=2, dilation=2)]:
         assert runs_by_phases(cfg, dtype) == (False, False, False), cfg
+
+
+def runs_per_group(cfg, dtype):
+    """(forward, backward-input, backward-weight) as one Winograd layer per group."""
+    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
+    sh, sw = ref._pair(cfg["stride"])
+    dh, dw = ref._pair(cfg["dilation"])
+    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
+    return _pykernels_cpu.conv2d_per_group(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw), cfg["groups"],
+                                           np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_grouped_layers_run_per_group_where_meant_to(dtype):
+    """The named grouped_winograd cases run as one Winograd layer per group (so the tests above cover it);
+    groups under 64 channels, 64-channel groups on small planes, strided or 5x5 layers do not."""
+    assert runs_per_group(CONV_CASES["grouped_winograd_128"], dtype) == (True, True, True)
+    assert runs_per_group(CONV_CASES["grouped_winograd_64_28"], dtype) == (True, True, True)
+    for name in ["grouped_3", "channels_last_grouped", "channels_last_grouped_32", "grouped_batch_gemm",
+                 "transposed_grouped_even_kernel"]:
+        assert runs_per_group(CONV_CASES[name], dtype) == (False, False, False), name
+    for cfg in [conv_case((8, 256, 14, 14), (256, 64, 3, 3), padding=1, groups=4),
+                conv_case((2, 256, 12, 12), (256, 128, 3, 3), stride=2, padding=1, groups=2),
+                conv_case((2, 256, 12, 12), (256, 128, 5, 5), padding=2, groups=2),
+                conv_case((2, 192, 28, 28), (192, 48, 3, 3), padding=1, groups=4)]:
+        assert runs_per_group(cfg, dtype) == (False, False, False), cfg
 
 
 CHANNELS_LAST_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",
@@ -754,7 +785,7 @@ DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "depthwise_
                            # stride 1 backward-input runs as the transposed forward only with finite weights
                            "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_general",
                            # a batch of dilation phases on Winograd (which recomputes a non-finite result)
-                           "dilated_phases_2", "dilated_phases_3x2"]
+                           "dilated_phases_2", "dilated_phases_3x2", "grouped_winograd_128"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])

@@ -495,6 +495,18 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "Whether conv2d on these shapes sums directly (direct_conv_impl.inc): (forward and backward-input, "
       "backward-weight) (for tests).");
   m.def(
+      "conv2d_per_group",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+        return std::make_tuple(pykernels::cpu::conv2d_forward_per_group_chosen(s, itemsize),
+                               pykernels::cpu::conv2d_backward_input_per_group_chosen(s, itemsize),
+                               pykernels::cpu::conv2d_backward_weight_per_group_chosen(s));
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize"),
+      "Whether conv2d's (forward, backward-input, backward-weight) on these grouped shapes, at itemsize bytes "
+      "per value, run as one layer per group on Winograd (grouped_winograd.cpp) (for tests).");
+  m.def(
       "conv2d_by_phases",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);

@@ -33,6 +33,8 @@
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
 // - Dilated stride-1 layers whose padding and size the dilation divides: as their undilated layer over a
 //   batch of x's dilation phases, where that takes Winograd (dilated_phases.cpp), all three passes.
+// - Grouped layers of 64 or more channels a group whose groups alone take Winograd: one layer per group over
+//   the whole batch (grouped_winograd.cpp), all three passes.
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
 //   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,
 //   backward-weight, and backward-input where it runs as the transposed forward (below).
@@ -310,6 +312,7 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) 
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   if (conv2d_forward_by_phases_chosen(s, sizeof(T))) return conv2d_forward_by_phases(s, x, w, bias, y);
+  if (conv2d_forward_per_group_chosen(s, sizeof(T))) return conv2d_forward_per_group(s, x, w, bias, y);
   if (conv2d_winograd_chosen(s, sizeof(T))) {
     conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
     if (all_finite(y, s.y_numel())) return;  // else the GEMM below recomputes y (see all_finite)
@@ -515,6 +518,8 @@ template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   if (conv2d_backward_input_by_phases_chosen(s, sizeof(T)))
     return conv2d_backward_input_by_phases(s, grad_y, w, grad_x);
+  if (conv2d_backward_input_per_group_chosen(s, sizeof(T)))
+    return conv2d_backward_input_per_group(s, grad_y, w, grad_x);
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) {
@@ -602,6 +607,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (conv2d_backward_weight_by_phases_chosen(s)) return conv2d_backward_weight_by_phases(s, grad_y, x, grad_w);
+  if (conv2d_backward_weight_per_group_chosen(s)) return conv2d_backward_weight_per_group(s, grad_y, x, grad_w);
   // First: for grouped layers it takes the place of the direct sums (channels_last_conv.cpp).
   if (conv2d_backward_weight_channels_last_chosen(s, sizeof(T)))
     return conv2d_backward_weight_channels_last(s, grad_y, x, grad_w);

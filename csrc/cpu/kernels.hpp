@@ -59,6 +59,19 @@ void conv2d_backward_input_by_phases(const Conv2dShape& s, const T* grad_y, cons
 template <typename T>
 void conv2d_backward_weight_by_phases(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
+// grouped_winograd.cpp -- grouped layers of large groups (64 or more channels) as one layer per group over the
+// whole batch, where that layer takes Winograd (at element_bytes per value). Same contracts as conv2d_forward,
+// conv2d_backward_input and conv2d_backward_weight.
+bool conv2d_forward_per_group_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_input_per_group_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_weight_per_group_chosen(const Conv2dShape& s);
+template <typename T>
+void conv2d_forward_per_group(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void conv2d_backward_input_per_group(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
+template <typename T>
+void conv2d_backward_weight_per_group(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+
 // conv_rows.cpp -- forward as GEMMs reading x from a padded copy split into its stride phases instead of
 // packing im2col columns: one per output row for the layers conv2d_forward_by_rows_applies to (at
 // element_bytes per value), one per block of rows for the stride-1 layers conv2d_forward_reads_wide_rows
