@@ -543,7 +543,7 @@ def runs_per_group(cfg, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_grouped_layers_run_per_group_where_meant_to(dtype):
     """The named grouped_winograd cases run as one Winograd layer per group (so the tests above cover it);
-    groups under 64 channels, 64-channel groups on small planes, strided or 5x5 layers do not."""
+    groups under 48 channels, 64-channel groups on small planes, strided or 5x5 layers do not."""
     assert runs_per_group(CONV_CASES["grouped_winograd_128"], dtype) == (True, True, True)
     assert runs_per_group(CONV_CASES["grouped_winograd_64_28"], dtype) == (True, True, True)
     for name in ["grouped_3", "channels_last_grouped", "channels_last_grouped_32", "grouped_batch_gemm",
@@ -552,8 +552,12 @@ def test_grouped_layers_run_per_group_where_meant_to(dtype):
     for cfg in [conv_case((8, 256, 14, 14), (256, 64, 3, 3), padding=1, groups=4),
                 conv_case((2, 256, 12, 12), (256, 128, 3, 3), stride=2, padding=1, groups=2),
                 conv_case((2, 256, 12, 12), (256, 128, 5, 5), padding=2, groups=2),
-                conv_case((2, 192, 28, 28), (192, 48, 3, 3), padding=1, groups=4)]:
+                conv_case((8, 432, 14, 14), (432, 48, 3, 3), padding=1, groups=9),
+                conv_case((2, 160, 28, 28), (160, 40, 3, 3), padding=1, groups=4)]:
         assert runs_per_group(cfg, dtype) == (False, False, False), cfg
+    # RegNet's groups of 48 on 28x28
+    assert runs_per_group(conv_case((8, 192, 28, 28), (192, 48, 3, 3), padding=1, groups=4), dtype) == (True, True,
+                                                                                                       True)
 
 
 CHANNELS_LAST_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_last_blocks",

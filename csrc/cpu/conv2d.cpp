@@ -33,7 +33,7 @@
 //   (sums_directly: up to 32 per group; backward-weight not 17-32 on fewer than 100 positions).
 // - Dilated stride-1 layers whose padding and size the dilation divides: as their undilated layer over a
 //   batch of x's dilation phases, where that takes Winograd (dilated_phases.cpp), all three passes.
-// - Grouped layers of 64 or more channels a group whose groups alone take Winograd: one layer per group over
+// - Grouped layers of 48 or more channels a group whose groups alone take Winograd: one layer per group over
 //   the whole batch (grouped_winograd.cpp), all three passes.
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
 //   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,

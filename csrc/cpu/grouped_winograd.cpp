@@ -1,4 +1,4 @@
-// Grouped layers whose groups are large enough for Winograd (3x3 stride 1, 64 or more channels a group, as
+// Grouped layers whose groups are large enough for Winograd (3x3 stride 1, 48 or more channels a group, as
 // in wide grouped ResNets and RegNets) as one layer per group, each over the whole batch on the usual
 // one-group paths, where Winograd takes them: the grouped path's per-group GEMM does 2.25-4x the
 // multiplications.
@@ -36,14 +36,16 @@ void copy_group(int64_t N, int64_t total, int64_t c0, int64_t channels, int64_t 
   });
 }
 
-// At least 64 channels a group in and out, at least 128 x 128 channel pairs a group or 28x28 outputs, and the
+// At least 48 channels a group in and out, at least 128 x 128 channel pairs a group or 28x28 outputs, and the
 // group's layer on Winograd. Against the grouped path (float32, batch 8, AVX-512, loop, forward /
 // backward-input / backward-weight, ms): 256 channels in 2 groups on 28x28 8.7 / 9.2 / 8.7 -> 4.0 / 4.2 /
 // 3.6; 128 in 2 groups on 56x56 8.5 / 8.6 / 9.9 -> 5.2 / 4.7 / 5.0; 512 in 4 groups on 7x7 1.62 / 2.15 /
-// 1.25 -> 1.52 / 1.55 / 0.86. Not 256 in 4 groups of 64 on 14x14 (1.33 / 1.36 / 1.21 -> 1.42 / 1.45 / 1.17).
+// 1.25 -> 1.52 / 1.55 / 0.86; RegNet-style groups of 48: 192 channels on 28x28 2.53 / 2.60 / 2.68 -> 1.68 /
+// 1.72 / 1.91, 96 on 56x56 4.8 / 4.9 / 5.4 -> 2.8 / 2.8 / 3.5. Not 256 in 4 groups of 64 on 14x14 (1.33 /
+// 1.36 / 1.21 -> 1.42 / 1.45 / 1.17), nor 48 a group on 14x14 (level in a first try).
 bool large_groups(const Conv2dShape& s) {
   const int64_t Cg = s.C_per_group(), Kg = s.K_per_group();
-  return s.groups > 1 && Cg >= 64 && Kg >= 64 && (Cg * Kg >= 128 * 128 || s.P * s.Q >= 28 * 28);
+  return s.groups > 1 && Cg >= 48 && Kg >= 48 && (Cg * Kg >= 128 * 128 || s.P * s.Q >= 28 * 28);
 }
 
 }  // namespace

@@ -59,7 +59,7 @@ void conv2d_backward_input_by_phases(const Conv2dShape& s, const T* grad_y, cons
 template <typename T>
 void conv2d_backward_weight_by_phases(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
-// grouped_winograd.cpp -- grouped layers of large groups (64 or more channels) as one layer per group over the
+// grouped_winograd.cpp -- grouped layers of large groups (48 or more channels) as one layer per group over the
 // whole batch, where that layer takes Winograd (at element_bytes per value). Same contracts as conv2d_forward,
 // conv2d_backward_input and conv2d_backward_weight.
 bool conv2d_forward_per_group_chosen(const Conv2dShape& s, int64_t element_bytes);
