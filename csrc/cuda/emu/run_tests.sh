@@ -5,7 +5,12 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 csrc="$(cd "$here/../.." && pwd)"
-out="${PYKERNELS_EMU_BUILD:-$(mktemp -d)}"
+if [ -n "${PYKERNELS_EMU_BUILD:-}" ]; then
+  out="$PYKERNELS_EMU_BUILD"
+else  # a scratch folder of its own (41 MB), removed when the run ends
+  out="$(mktemp -d)"
+  trap 'rm -rf "$out"' EXIT
+fi
 mkdir -p "$out"
 flags=(-std=c++17 -O1 -g -DPYKERNELS_CUDA_EMU -I"$csrc" -Wall -Wextra -Wno-unknown-pragmas
        -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
