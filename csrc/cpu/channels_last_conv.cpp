@@ -126,6 +126,10 @@ void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs
 // the direct sums (loop, 2 threads, AVX-512, batch 8): ResNeXt's last stage, 1024 channels in 32 groups on
 // 7x7, forward 1.06 -> 0.90 ms, backward-input 1.06 -> 0.79; 256 in 8 groups on 14x14 0.68 -> 0.63 and
 // level; 64 in 2 groups on 28x28 (784 positions, left to the direct sums) 0.59 -> 0.62 and 0.58 -> 0.66.
+// Groups whose lanes would be one vector (16 channels: ResNeXt's third stage, 512 channels in 32 groups on
+// 14x14) stay with the direct sums, but a strided forward: there forward 0.76 -> 1.01 ms and backward-input
+// 0.81 -> 1.00 channels-last; 512 in 32 groups from 28x28 at stride 2, forward 1.49 -> 1.13, backward-input
+// 1.26 -> 1.44.
 namespace {
 bool grouped_layer_taken(const Conv2dShape& s, int64_t element_bytes) {
   return element_bytes == 4 && s.N >= 2 && s.R * s.S >= 2 && sums_directly(s) && s.P * s.Q <= 196 &&
@@ -146,7 +150,8 @@ bool grouped_layer_taken(const Conv2dShape& s, int64_t element_bytes) {
 // 2 9 % slower).
 bool conv2d_forward_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
   if (s.groups > 1)
-    return grouped_layer_taken(s, element_bytes) && s.C_per_group() >= 16 && s.K_per_group() % 16 == 0;
+    return grouped_layer_taken(s, element_bytes) && s.C_per_group() >= 16 && s.K_per_group() % 16 == 0 &&
+           (s.K_per_group() >= 32 || s.win.stride_h > 1 || s.win.stride_w > 1);
   if (element_bytes != 4 || s.N < 2 || s.R * s.S < 2 || sums_directly(s) || s.C < 16) return false;
   const int64_t nr = packed_b_layout<float>(s.C, s.K).nr;
   return s.K % nr == 0 && double(s.C) * double(s.H * s.W) * double(element_bytes) <= double(kImageBytes) &&
@@ -189,7 +194,8 @@ void conv2d_backward_input_as_forward_channels_last(const Conv2dShape& s, const 
 // from 14x14 1.36 -> 1.29; 64 -> 128 from 32x32 0.86 -> 0.92 (cold caches 0.98 -> 0.95).
 bool conv2d_backward_input_channels_last_chosen(const Conv2dShape& s, int64_t element_bytes) {
   if (s.groups > 1)
-    return grouped_layer_taken(s, element_bytes) && s.C_per_group() % 16 == 0 && s.K_per_group() >= 16;
+    return grouped_layer_taken(s, element_bytes) && s.C_per_group() % 16 == 0 && s.C_per_group() >= 32 &&
+           s.K_per_group() >= 16;
   if (element_bytes != 4 || s.N < 2 || s.R * s.S < 2 || sums_directly(s) || s.K < 16 ||
       (s.win.stride_h == 1 && s.win.stride_w == 1))
     return false;
