@@ -473,12 +473,8 @@ DEPTHWISE_LANES_CASE_IDS = ["depthwise_lanes_3x3", "depthwise_lanes_strided", "d
 
 def runs_depthwise_lanes(cfg, dtype):
     """(forward and backward-input, backward-weight) with the channels across the lanes."""
-    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
-    sh, sw = ref._pair(cfg["stride"])
-    dh, dw = ref._pair(cfg["dilation"])
-    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
-    return _pykernels_cpu.conv2d_depthwise_channels_last(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw),
-                                                         cfg["groups"], np.dtype(dtype).itemsize)
+    return _pykernels_cpu.conv2d_depthwise_channels_last(cfg["x_shape"], cfg["w_shape"], *conv_pads(cfg), cfg["groups"],
+                                                         np.dtype(dtype).itemsize)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -503,11 +499,7 @@ def test_depthwise_runs_across_lanes_where_meant_to(isa, dtype):
 
 def runs_by_phases(cfg, dtype):
     """(forward, backward-input, backward-weight) as the undilated layer over x's dilation phases."""
-    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
-    sh, sw = ref._pair(cfg["stride"])
-    dh, dw = ref._pair(cfg["dilation"])
-    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
-    return _pykernels_cpu.conv2d_by_phases(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw), cfg["groups"],
+    return _pykernels_cpu.conv2d_by_phases(cfg["x_shape"], cfg["w_shape"], *conv_pads(cfg), cfg["groups"],
                                            np.dtype(dtype).itemsize)
 
 
@@ -532,11 +524,7 @@ def test_dilated_layers_run_by_phases_where_meant_to(dtype):
 
 def runs_per_group(cfg, dtype):
     """(forward, backward-input, backward-weight) as one Winograd layer per group."""
-    x_shape, w_shape = cfg["x_shape"], cfg["w_shape"]
-    sh, sw = ref._pair(cfg["stride"])
-    dh, dw = ref._pair(cfg["dilation"])
-    (pt, pb), (pl, pr) = ref.normalize_padding(cfg["padding"], x_shape[2:], w_shape[2:], (sh, sw), (dh, dw))
-    return _pykernels_cpu.conv2d_per_group(x_shape, w_shape, (sh, sw), (pt, pb, pl, pr), (dh, dw), cfg["groups"],
+    return _pykernels_cpu.conv2d_per_group(cfg["x_shape"], cfg["w_shape"], *conv_pads(cfg), cfg["groups"],
                                            np.dtype(dtype).itemsize)
 
 
