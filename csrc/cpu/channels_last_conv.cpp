@@ -73,9 +73,10 @@ TapWeights tap_weights(int64_t taps, int64_t depth, int64_t columns, int64_t max
 // Every group's blocks' B in their layouts' strips (depth blocks of kc rows, each as strips of nr columns, nr
 // values per row; columns past the block's zero): group g's weights from w + g * Kg * Cg * taps, packed at
 // packed + g * tw.size. B of tap t is the tap's Kg x Cg weights, or their transpose where the columns are
-// the output channels (forward); tap R * S - 1 - t's where `rotated` (the transposed convolution's). The weights are first transposed tap by tap (their taps lie 1 apart, so
-// gathering a tap's matrix value by value had been a tenth of ResNeXt's last stage's backward-input), then
-// threads take whole taps of a group, each strip a transpose or row copies of its tap's matrix.
+// the output channels (forward); tap R * S - 1 - t's where `rotated` (the transposed convolution's). The
+// weights are first transposed tap by tap (their taps lie 1 apart, so gathering a tap's matrix value by
+// value had been a tenth of ResNeXt's last stage's backward-input), then threads take whole taps of a
+// group, each strip a transpose or row copies of its tap's matrix.
 template <typename T>
 void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs, bool rotated, const TapWeights& tw,
                       bool parallel, T* packed) {
@@ -127,9 +128,10 @@ void pack_tap_weights(const Conv2dShape& s, const T* w, bool columns_are_outputs
 // 7x7, forward 1.06 -> 0.90 ms, backward-input 1.06 -> 0.79; 256 in 8 groups on 14x14 0.68 -> 0.63 and
 // level; 64 in 2 groups on 28x28 (784 positions, left to the direct sums) 0.59 -> 0.62 and 0.58 -> 0.66.
 // Groups whose lanes would be one vector (16 channels: ResNeXt's third stage, 512 channels in 32 groups on
-// 14x14) stay with the direct sums, but a strided forward: there forward 0.76 -> 1.01 ms and backward-input
-// 0.81 -> 1.00 channels-last; 512 in 32 groups from 28x28 at stride 2, forward 1.49 -> 1.13, backward-input
-// 1.26 -> 1.44.
+// 14x14) stay with the direct sums, but a strided forward: there, direct sums against channels-last,
+// forward 0.72 against 0.87 ms (cores sharing an L3) and backward-input 0.81 against 1.00 (cores sharing
+// none); 512 in 32 groups from 28x28 at stride 2, forward 1.49 against 1.13, backward-input 1.26 against
+// 1.44 (sharing none).
 namespace {
 bool grouped_layer_taken(const Conv2dShape& s, int64_t element_bytes) {
   return element_bytes == 4 && s.N >= 2 && s.R * s.S >= 2 && sums_directly(s) && s.P * s.Q <= 196 &&
@@ -158,15 +160,25 @@ bool conv2d_forward_channels_last_chosen(const Conv2dShape& s, int64_t element_b
          conv2d_forward_packed_share(s, element_bytes) <= 0.8;
 }
 
-template <typename T>
-void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+namespace {
+// The forward of layer s over x, its weights packed by pack(tw, parallel, packed) into each group's layout.
+template <typename T, typename Pack>
+void forward_channels_last_packing(const Conv2dShape& s, const T* x, const T* bias, T* y, Pack&& pack) {
   const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), RS = s.R * s.S;
   const bool parallel =
       available_threads() > 1 && double(s.N) * double(s.K * Cg * RS) * double(s.P * s.Q) >= kMinParallelWork;
   const TapWeights tw = tap_weights<T>(RS, Cg, Kg, Kg);  // each group's, group g's at packed + g * tw.size
   T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  pack_tap_weights(s, w, true, false, tw, parallel, packed);
+  pack(tw, parallel, packed);
   PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa, channels_last_forward<T>(s, x, tw, packed, bias, parallel, y))
+}
+}  // namespace
+
+template <typename T>
+void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+  forward_channels_last_packing(s, x, bias, y, [&](const TapWeights& tw, bool parallel, T* packed) {
+    pack_tap_weights(s, w, true, false, tw, parallel, packed);
+  });
 }
 
 // The transposed forward t of a stride-1 layer s over grad_y: its weights packed straight from w's rotated
@@ -174,15 +186,10 @@ void conv2d_forward_channels_last(const Conv2dShape& s, const T* x, const T* w, 
 template <typename T>
 void conv2d_backward_input_as_forward_channels_last(const Conv2dShape& s, const Conv2dShape& t, const T* grad_y,
                                                     const T* w, T* grad_x) {
-  const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), RS = s.R * s.S;
-  const bool parallel =
-      available_threads() > 1 && double(t.N) * double(t.K * Kg * RS) * double(t.P * t.Q) >= kMinParallelWork;
-  const TapWeights tw = tap_weights<T>(RS, Kg, Cg, Cg);  // as conv2d_forward_channels_last's for t
-  T* packed = reusable_buffer<T, 0>(s.groups * tw.size);
-  pack_tap_weights(s, w, false, true, tw, parallel, packed);
-  PYKERNELS_RETURN_ON_BUILD(tw.layouts.front().isa,
-                            channels_last_forward<T>(t, grad_y, tw, packed, static_cast<const T*>(nullptr), parallel,
-                                                     grad_x))
+  forward_channels_last_packing(t, grad_y, static_cast<const T*>(nullptr), grad_x,
+                                [&](const TapWeights& tw, bool parallel, T* packed) {
+                                  pack_tap_weights(s, w, false, true, tw, parallel, packed);
+                                });
 }
 
 // Float32 strided layers (stride-1 ones run as the transposed forward or on Winograd) of one group, 2

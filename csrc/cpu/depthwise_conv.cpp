@@ -6,8 +6,9 @@
 // zero-padded copy, so that tap (r, t) of output (p, q) reads the L channels of cell (p * sh + r * dh,
 // q * sw + t * dw) as one vector; the outputs are summed a run of up to 8 of a row at a time in registers,
 // and transposed back. The products are exactly the reference's, the padding's zeros included.
-// Backward-input is the reference's scatter: each grad_y cell times each tap's weights, added into the
-// padded grad_x cell that tap reads, in order.
+// Backward-input at stride 1 with finite weights runs as the transposed forward (conv2d.cpp); otherwise as
+// the reference's scatter: each grad_y cell times each tap's weights, added into the padded grad_x cell
+// that tap reads, in order.
 //
 // Here: which layers take these passes, and which build runs them (depthwise_impl.inc, once per
 // instruction set).
@@ -26,6 +27,8 @@ namespace pykernels::cpu {
   void depthwise_backward_input(const Conv2dShape&, const T*, const T*, T*);         \
   template <typename T>                                                              \
   void depthwise_backward_weight(const Conv2dShape&, const T*, const T*, T*);        \
+  template <typename T>                                                              \
+  int64_t depthwise_block_channels();                                                \
   }
 PYKERNELS_DECLARE_DEPTHWISE(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -38,9 +41,13 @@ namespace {
 
 bool is_depthwise(const Conv2dShape& s) { return s.groups > 1 && s.C_per_group() == 1 && s.K_per_group() == 1; }
 
+template <typename T>
+int64_t block_channels() {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), depthwise_block_channels<T>())
+}
+// The active build's vector lanes, the channels of a block.
 int64_t vector_lanes(int64_t element_bytes) {
-  const Isa isa = active_build();
-  return (isa == Isa::avx512 ? 64 : isa == Isa::avx2 ? 32 : 16) / element_bytes;
+  return element_bytes == int64_t(sizeof(float)) ? block_channels<float>() : block_channels<double>();
 }
 
 // Bytes of a task's zero-padded copy of a block of channels.
