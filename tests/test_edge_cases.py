@@ -468,7 +468,7 @@ def _copy_and_shared_paths(dtype):
     # forward and backward-input of a grouped layer (6 items of image and group: one at a time on one thread,
     # else blocks of positions, and blocks of channels)
     x32 = rng.standard_normal((3, 64, 7, 9)).astype(dtype)
-    w32 = rng.standard_normal((64, 32, 3, 3)).astype(dtype)
+    w32 = rng.standard_normal((64, 32, 3, 2)).astype(dtype)  # 3x2: a 3x3 kernel takes small_group_winograd.cpp
     y32 = pk.conv2d(x32, w32, padding=1, groups=2)
     channels_last += (y32, pk.conv2d_backward(y32, x32, w32, padding=1, groups=2, need_weight=False,
                                               need_bias=False)[0])
@@ -496,9 +496,17 @@ def _copy_and_shared_paths(dtype):
                                            xw.itemsize) == (True, True, True)
     yw = pk.conv2d(xw, ww, padding=1, groups=2)
     per_group = (yw, *pk.conv2d_backward(yw, xw, ww, padding=1, groups=2, need_bias=False)[:2])
+    # 8 groups of 16 channels on F(2x2, 3x3) over the group's vectors (small_group_winograd.cpp): forward's tasks
+    # of image and group, backward-weight's of group over the batch in order
+    xs16 = rng.standard_normal((3, 128, 9, 7)).astype(dtype)
+    ws16 = rng.standard_normal((128, 16, 3, 3)).astype(dtype)
+    assert _pykernels_cpu.conv2d_small_group_winograd(xs16.shape, ws16.shape, (1, 1), (1, 1, 1, 1), (1, 1), 8,
+                                                      xs16.itemsize)[2]
+    ys16 = pk.conv2d(xs16, ws16, padding=1, groups=8)
+    small_groups = (ys16, *pk.conv2d_backward(ys16, xs16, ws16, padding=1, groups=8, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
             gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes, *phases,
-            *per_group)
+            *per_group, *small_groups)
 
 
 def _run_all(x, w, b, go):

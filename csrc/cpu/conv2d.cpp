@@ -200,6 +200,11 @@ bool conv2d_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
   return winograd_enabled.load() && winograd_applies(s, element_bytes);
 }
 
+bool conv2d_backward_input_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
+  return t && conv2d_small_group_winograd_chosen(*t, element_bytes);
+}
+
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
   return winograd_transposed_shape(s, element_bytes).has_value();
 }
@@ -319,6 +324,10 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   } else if (conv2d_forward_split_winograd(s, x, w, bias, y)) {
     if (all_finite(y, s.y_numel())) return;  // likewise
   }
+  // Else the paths below recompute a y that came out not finite (see all_finite)
+  if (conv2d_small_group_winograd_chosen(s, sizeof(T)) &&
+      conv2d_small_group_winograd(s, x, WinogradFilters<T>{w, s.C_per_group() * 9, 9, false}, bias, y))
+    return;
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_forward_channels_last_chosen(s, sizeof(T))) return conv2d_forward_channels_last(s, x, w, bias, y);
   if (conv2d_depthwise_channels_last_chosen(s, sizeof(T))) return conv2d_depthwise_forward(s, x, w, bias, y);
@@ -501,6 +510,17 @@ bool backward_input_as_channels_last_forward(const Conv2dShape& s, const T* grad
   return true;
 }
 
+// Grouped layers of one or two vectors of channels a group (small_group_winograd.cpp) as the transposed
+// forward on F(2x2, 3x3): true where grad_x came out finite (else the other paths recompute it; see all_finite).
+template <typename T>
+bool backward_input_as_small_group_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  if (!conv2d_backward_input_small_group_winograd_chosen(s, sizeof(T))) return false;
+  const std::optional<Conv2dShape> t = transposed_convolution_shape(s);
+  // The transposed layer's filter (c, k) is w's (k, c) rotated: k_stride 9, c_stride C/groups * 9.
+  return conv2d_small_group_winograd(*t, grad_y, WinogradFilters<T>{w, 9, s.C_per_group() * 9, true},
+                                     static_cast<const T*>(nullptr), grad_x);
+}
+
 // Depthwise on small planes (depthwise_conv.cpp): at stride 1 with finite weights as the transposed forward,
 // each grad_x cell summed in registers, else as the reference's scatter.
 template <typename T>
@@ -521,6 +541,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
   if (conv2d_backward_input_per_group_chosen(s, sizeof(T)))
     return conv2d_backward_input_per_group(s, grad_y, w, grad_x);
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
+  if (backward_input_as_small_group_winograd(s, grad_y, w, grad_x)) return;
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) {
     if (backward_input_as_channels_last_forward(s, grad_y, w, grad_x)) return;
@@ -608,6 +629,10 @@ template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (conv2d_backward_weight_by_phases_chosen(s)) return conv2d_backward_weight_by_phases(s, grad_y, x, grad_w);
   if (conv2d_backward_weight_per_group_chosen(s)) return conv2d_backward_weight_per_group(s, grad_y, x, grad_w);
+  if (conv2d_backward_weight_small_group_winograd_chosen(s, sizeof(T))) {
+    conv2d_backward_weight_small_group_winograd(s, grad_y, x, grad_w);
+    if (all_finite(grad_w, s.w_numel())) return;  // else the paths below recompute grad_w (see all_finite)
+  }
   // First: for grouped layers it takes the place of the direct sums (channels_last_conv.cpp).
   if (conv2d_backward_weight_channels_last_chosen(s, sizeof(T)))
     return conv2d_backward_weight_channels_last(s, grad_y, x, grad_w);
