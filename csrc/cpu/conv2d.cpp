@@ -35,6 +35,9 @@
 //   batch of x's dilation phases, where that takes Winograd (dilated_phases.cpp), all three passes.
 // - Grouped layers of 48 or more channels a group whose groups alone take Winograd: one layer per group over
 //   the whole batch (grouped_winograd.cpp), all three passes.
+// - Grouped 3x3 stride-1 layers of one or two vectors of channels a group (ResNeXt's 16 and 32 with AVX-512)
+//   on F(2x2, 3x3), a group's channels across the lanes (small_group_winograd.cpp), all three passes,
+//   backward-input as the transposed forward; before the channels-last and direct grouped passes.
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
 //   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,
 //   backward-weight, and backward-input where it runs as the transposed forward (below).
