@@ -468,7 +468,7 @@ def _copy_and_shared_paths(dtype):
     # forward and backward-input of a grouped layer (6 items of image and group: one at a time on one thread,
     # else blocks of positions, and blocks of channels)
     x32 = rng.standard_normal((3, 64, 7, 9)).astype(dtype)
-    w32 = rng.standard_normal((64, 32, 3, 2)).astype(dtype)  # 3x2: a 3x3 kernel takes small_group_winograd.cpp
+    w32 = rng.standard_normal((64, 32, 3, 2)).astype(dtype)  # 3x2: a 3x3 kernel takes small_group_conv.cpp
     y32 = pk.conv2d(x32, w32, padding=1, groups=2)
     channels_last += (y32, pk.conv2d_backward(y32, x32, w32, padding=1, groups=2, need_weight=False,
                                               need_bias=False)[0])
@@ -496,7 +496,7 @@ def _copy_and_shared_paths(dtype):
                                            xw.itemsize) == (True, True, True)
     yw = pk.conv2d(xw, ww, padding=1, groups=2)
     per_group = (yw, *pk.conv2d_backward(yw, xw, ww, padding=1, groups=2, need_bias=False)[:2])
-    # 8 groups of 16 channels on F(2x2, 3x3) over the group's vectors (small_group_winograd.cpp): forward's tasks
+    # 8 groups of 16 channels on F(2x2, 3x3) over the group's vectors (small_group_conv.cpp): forward's tasks
     # of image and group, backward-weight's of group over the batch in order
     xs16 = rng.standard_normal((3, 128, 9, 7)).astype(dtype)
     ws16 = rng.standard_normal((128, 16, 3, 3)).astype(dtype)

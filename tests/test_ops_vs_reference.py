@@ -361,8 +361,8 @@ CONV_CASES = {
     # of 128 x 128 channels), all three passes; 3 groups of 64 on 28x28 with asymmetric padding
     "grouped_winograd_128": conv_case((2, 256, 12, 12), (256, 128, 3, 3), padding=1, groups=2),
     "grouped_winograd_64_28": conv_case((1, 192, 28, 28), (192, 64, 3, 3), padding=((0, 2), (1, 1)), groups=3),
-    # grouped 3x3 stride-1 layers of one or two vectors of channels a group on F(2x2, 3x3) (small_group_winograd.cpp;
-    # which take it depends on the build's vector and the type: test_small_groups_run_on_winograd_where_meant_to):
+    # grouped 3x3 stride-1 layers of one or two vectors of channels a group on F(2x2, 3x3) (small_group_conv.cpp;
+    # which take it depends on the build's vector and the type: test_small_groups_run_across_lanes_where_meant_to):
     # 16 a group (AVX-512 float32, AVX2 float32, AVX-512 float64), 2x2 tiles past odd outputs; 32 a group with
     # asymmetric padding, one side none; 8 a group at batch 1 with padding 2 across; 4 a group (SSE2); padding
     # past the kernel (no transposed forward)
@@ -371,6 +371,12 @@ CONV_CASES = {
     "small_groups_8_n1": conv_case((1, 24, 13, 10), (24, 8, 3, 3), padding=(2, 0), groups=3),
     "small_groups_4": conv_case((2, 8, 5, 7), (8, 4, 3, 3), padding=1, groups=2),
     "small_groups_wide_padding": conv_case((2, 32, 4, 5), (32, 16, 3, 3), padding=3, groups=2),
+    # and backward-weight of other windows summed directly over the group's vectors: strided, asymmetric
+    # padding; 5x3 with dilation across and strides (1, 2); 1x1 at stride 2 of 32 a group
+    "small_groups_strided": conv_case((3, 64, 13, 12), (64, 16, 3, 3), stride=2, padding=(1, 0), groups=4),
+    "small_groups_dilated_5x3": conv_case((2, 64, 11, 14), (64, 16, 5, 3), stride=(1, 2), padding=(2, 1),
+                                          dilation=(1, 2), groups=4),
+    "small_groups_32_1x1": conv_case((2, 96, 5, 7), (96, 32, 1, 1), stride=2, groups=3),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
@@ -400,7 +406,8 @@ CONV_CASES = {
     "channels_last_grouped_strided": conv_case((2, 96, 21, 19), (60, 32, 3, 3), stride=2, padding=(1, 2),
                                                dilation=(1, 2), groups=3),
     # all three passes channels-last, a group at a time, in place of the direct sums: 2 groups of 32 on 7x9 (a
-    # 3x2 kernel: 3x3 ones take small_group_winograd.cpp on AVX-512)
+    # 3x2 kernel: 3x3 ones take small_group_conv.cpp's Winograd on AVX-512, where its backward-weight takes
+    # that file's direct sums; AVX2 and SSE2 run all three channels-last)
     "channels_last_grouped_32": conv_case((2, 64, 7, 9), (64, 32, 3, 2), padding=1, groups=2),
 }
 
@@ -417,7 +424,8 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
                 "depthwise_lanes_parts", "dilated_phases_2", "dilated_phases_3x2", "dilated_phases_4_same",
                 "grouped_winograd_128", "grouped_winograd_64_28", "small_groups_16", "small_groups_32_asym",
-                "small_groups_8_n1", "small_groups_4", "small_groups_wide_padding",
+                "small_groups_8_n1", "small_groups_4", "small_groups_wide_padding", "small_groups_strided",
+                "small_groups_dilated_5x3", "small_groups_32_1x1",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -561,42 +569,47 @@ def test_grouped_layers_run_per_group_where_meant_to(dtype):
 
 
 def runs_small_groups(cfg, dtype):
-    """(forward, backward-input, backward-weight) on F(2x2, 3x3), a group's channels in one or two vectors."""
+    """(forward, backward-input, backward-weight) with a group's channels in one or two vectors: forward and
+    backward-input on F(2x2, 3x3), backward-weight on it or summed directly."""
     return _pykernels_cpu.conv2d_small_group_winograd(cfg["x_shape"], cfg["w_shape"], *conv_pads(cfg), cfg["groups"],
                                                       np.dtype(dtype).itemsize)
 
 
-SMALL_GROUP_CASE_IDS = ["small_groups_16", "small_groups_32_asym", "small_groups_8_n1", "small_groups_4",
-                        "small_groups_wide_padding"]
+SMALL_GROUP_WINOGRAD_CASE_IDS = ["small_groups_16", "small_groups_32_asym", "small_groups_8_n1", "small_groups_4",
+                                 "small_groups_wide_padding"]
+SMALL_GROUP_CASE_IDS = SMALL_GROUP_WINOGRAD_CASE_IDS + ["small_groups_strided", "small_groups_dilated_5x3",
+                                                        "small_groups_32_1x1"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_small_groups_run_on_winograd_where_meant_to(isa, dtype):
-    """Grouped 3x3 stride-1 layers with as many output as input channels a group, one or two of the build's
-    vectors of them, run on small_group_winograd.cpp: all three passes, but forward and backward-input of one
-    vector of float64; backward-input not with padding past the kernel. So each named small_groups case runs
-    it on the builds where its channels make one or two vectors (test_conv2d_both_isas covers them there).
-    Strided, dilated, 5x5, ungrouped layers, and unequal channels in and out do not."""
+def test_small_groups_run_across_lanes_where_meant_to(isa, dtype):
+    """Grouped layers with as many output as input channels a group, one or two of the build's vectors of
+    them, run on small_group_conv.cpp: 3x3 stride-1 ones on F(2x2, 3x3), all three passes, but forward and
+    backward-input of one vector of float64, and backward-input not with padding past the kernel; any other
+    window its backward-weight alone, summed directly. So each named small_groups case runs it on the builds
+    where its channels make one or two vectors (test_conv2d_both_isas covers them there). Ungrouped layers
+    and unequal channels in and out do not."""
     lanes = {"avx512": 64, "avx2": 32, "portable": 16}[isa] // np.dtype(dtype).itemsize
     for name in SMALL_GROUP_CASE_IDS:
         cfg = CONV_CASES[name]
         vectors = {lanes: 1, 2 * lanes: 2}.get(cfg["w_shape"][1], 0)
-        forward = vectors == 2 or (vectors == 1 and dtype == np.float32)
-        wide_padding = name == "small_groups_wide_padding"
-        assert runs_small_groups(cfg, dtype) == (forward, forward and not wide_padding, vectors > 0), name
+        forward = name in SMALL_GROUP_WINOGRAD_CASE_IDS and (vectors == 2 or (vectors == 1 and dtype == np.float32))
+        backward_input = forward and name != "small_groups_wide_padding"
+        assert runs_small_groups(cfg, dtype) == (forward, backward_input, vectors > 0), name
     # ResNeXt-50's third and fourth stages on AVX-512: 16 and 32 channels a group (in float64, 16 are two vectors
-    # and 32 four)
+    # and 32 four), and their stride-2 first layers (backward-weight)
     if isa == "avx512":
         for hw, per_group in [(14, 16), (7, 32)]:
             cfg = conv_case((8, 32 * per_group, hw, hw), (32 * per_group, per_group, 3, 3), padding=1, groups=32)
             taken = dtype == np.float32 or per_group == 16
             assert runs_small_groups(cfg, dtype) == (taken, taken, taken), (hw, per_group)
-    for cfg in [conv_case((2, 64, 9, 11), (64, 16, 3, 3), stride=2, padding=1, groups=4),
-                conv_case((2, 64, 9, 11), (64, 16, 3, 3), padding=2, dilation=2, groups=4),
-                conv_case((2, 64, 9, 11), (64, 16, 5, 5), padding=2, groups=4),
-                conv_case((2, 16, 9, 11), (16, 16, 3, 3), padding=1),
+            cfg = conv_case((8, 32 * per_group, 2 * hw, 2 * hw), (32 * per_group, per_group, 3, 3), stride=2,
+                            padding=1, groups=32)
+            assert runs_small_groups(cfg, dtype) == (False, False, taken), (hw, per_group)
+    for cfg in [conv_case((2, 16, 9, 11), (16, 16, 3, 3), padding=1),
                 conv_case((2, 64, 9, 11), (128, 16, 3, 3), padding=1, groups=4),
-                CONV_CASES["grouped_3"], CONV_CASES["depthwise"], CONV_CASES["channels_last_grouped_32"]]:
+                conv_case((2, 64, 9, 11), (128, 16, 3, 3), stride=2, padding=1, groups=4),
+                CONV_CASES["grouped_3"], CONV_CASES["depthwise"]]:
         assert runs_small_groups(cfg, dtype) == (False, False, False), cfg
 
 
@@ -832,7 +845,9 @@ DIRECT_NON_FINITE_CASES = ["depthwise", "depthwise_stride2_dilated", "depthwise_
                            "dilated_phases_2", "dilated_phases_3x2", "grouped_winograd_128",
                            # F(2x2, 3x3) over a group's vectors (recomputed where not finite): 16 a group all
                            # three passes in float64 on AVX-512, 8 a group backward-weight
-                           "small_groups_16", "small_groups_8_n1"]
+                           "small_groups_16", "small_groups_8_n1",
+                           # and summed directly (recomputed where not finite: products with the padding)
+                           "small_groups_strided"]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])

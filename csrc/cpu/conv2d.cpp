@@ -36,8 +36,9 @@
 // - Grouped layers of 48 or more channels a group whose groups alone take Winograd: one layer per group over
 //   the whole batch (grouped_winograd.cpp), all three passes.
 // - Grouped 3x3 stride-1 layers of one or two vectors of channels a group (ResNeXt's 16 and 32 with AVX-512)
-//   on F(2x2, 3x3), a group's channels across the lanes (small_group_winograd.cpp), all three passes,
-//   backward-input as the transposed forward; before the channels-last and direct grouped passes.
+//   on F(2x2, 3x3), a group's channels across the lanes (small_group_conv.cpp), all three passes,
+//   backward-input as the transposed forward; backward-weight of such groups with any other window summed
+//   directly the same way; before the channels-last and direct grouped passes.
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
 //   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,
 //   backward-weight, and backward-input where it runs as the transposed forward (below).
@@ -632,8 +633,8 @@ template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (conv2d_backward_weight_by_phases_chosen(s)) return conv2d_backward_weight_by_phases(s, grad_y, x, grad_w);
   if (conv2d_backward_weight_per_group_chosen(s)) return conv2d_backward_weight_per_group(s, grad_y, x, grad_w);
-  if (conv2d_backward_weight_small_group_winograd_chosen(s, sizeof(T))) {
-    conv2d_backward_weight_small_group_winograd(s, grad_y, x, grad_w);
+  if (conv2d_backward_weight_small_groups_chosen(s, sizeof(T))) {
+    conv2d_backward_weight_small_groups(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the paths below recompute grad_w (see all_finite)
   }
   // First: for grouped layers it takes the place of the direct sums (channels_last_conv.cpp).

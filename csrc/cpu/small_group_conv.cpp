@@ -1,23 +1,32 @@
-// Winograd F(2x2, 3x3) for grouped 3x3 stride-1 layers of one or two vectors of channels a group (ResNeXt's
-// 16 channels a group with AVX-512), where the direct sums take 144 products per output and channel pair and
-// oneDNN, whose blocked layout holds a group in one vector, ran them 1.2-1.8x faster than we did.
+// Grouped layers of one or two vectors of channels a group (ResNeXt's 16 and 32 channels a group with
+// AVX-512), a group's channels across the vector lanes, where the direct sums ran them one plane at a time
+// and oneDNN, whose blocked layout holds a group in one vector, ran them 1.2-1.8x faster than we did.
 //
-// Each task takes one image's group, copied channels-last into a zero-padded copy (a cell: the group's
-// channels side by side). Per 2x2 output tile, V = B^T d B of its 4x4 patch, a vector of channels at a time;
-// per block of tiles and per point xi of the 16, M[t][xi] (a vector of output channels) = the sum over input
-// channels c of V[t][xi][c] times U[xi][c], the group's transformed filters (U = G w G^T, made once per
-// call), the sums of a block of tiles in registers; then y's 2x2 cells = A^T M A + bias, transposed back.
-// 16 products per 2x2 tile and channel pair instead of 36: 2.25x fewer than direct sums, and the transforms
-// run over whole vectors of channels. Backward-input runs as the transposed forward (conv2d.cpp); backward-
-// weight's task is a group over the whole batch: D[xi][k][c] = the sum over images, then tiles, of E[t][xi][k]
-// * V[t][xi][c] (E = A g A^T of grad_y's 2x2 cells g), the sums of a block of output channels in registers,
+// 3x3 stride-1 layers run on Winograd F(2x2, 3x3), all three passes. Each task takes one image's group,
+// copied channels-last into a zero-padded copy (a cell: the group's channels side by side). Per 2x2 output
+// tile, V = B^T d B of its 4x4 patch, a vector of channels at a time; per block of tiles and per point xi of
+// the 16, M[t][xi] (a vector of output channels) = the sum over input channels c of V[t][xi][c] times
+// U[xi][c], the group's transformed filters (U = G w G^T, made by each thread for the groups it meets), the
+// sums of a block of tiles in registers; then y's 2x2 cells = A^T M A + bias, transposed back. 16 products
+// per 2x2 tile and channel pair instead of 36: 2.25x fewer than direct sums, and the transforms run over
+// whole vectors of channels. Backward-input runs as the transposed forward (conv2d.cpp); backward-weight's
+// task is a group over the whole batch: D[xi][k][c] = the sum over images, then tiles, of E[t][xi][k] *
+// V[t][xi][c] (E = A g A^T of grad_y's 2x2 cells g), the sums of a block of output channels in registers,
 // then grad_w = G^T D G. Each sum runs in the same order whatever the thread count.
 //
 // The transforms' coefficients are 0, +-1 and 1/2, so the float32 rounding stays close to direct summation's.
 // Like the other Winograd paths, a NaN or inf in what a tile reads spreads over that tile: conv2d.cpp then
 // recomputes the pass on the other paths (all_finite).
 //
-// Here: which layers take it, and which build runs it (small_group_winograd_impl.inc, once per instruction set).
+// Backward-weight of the other such layers (strided, dilated, any kernel: ResNeXt's downsampling 3x3 layers)
+// sums directly, a task per group over the whole batch: per tap and block of output channels, the sums
+// (each a vector of input channels) in registers across the tap's output positions, image after image;
+// the group's x channels-last in a zero-padded copy, its grad_y channels-last. Its products with the
+// padding's zeros may turn an inf of grad_y into NaN where the reference has none: conv2d.cpp recomputes a
+// grad_w that is not finite.
+//
+// Here: which layers take these passes, and which build runs them (small_group_conv_impl.inc, once per
+// instruction set).
 #include <cstring>
 
 #include "cpu/gemm.hpp"
@@ -31,6 +40,8 @@ namespace pykernels::cpu {
   bool small_group_winograd_forward(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*); \
   template <typename T>                                                                                \
   void small_group_winograd_backward_weight(const Conv2dShape&, const T*, const T*, T*);              \
+  template <typename T>                                                                                \
+  void small_group_direct_backward_weight(const Conv2dShape&, const T*, const T*, T*);                 \
   template <typename T>                                                                                \
   int64_t small_group_lanes();                                                                         \
   }
@@ -48,16 +59,19 @@ int64_t lanes() {
   PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_lanes<T>())
 }
 
-// The vectors of the active build that hold a group's channels: 3x3, stride 1, undilated, grouped, as many
-// output as input channels a group, one or two vectors of them; 0 for layers it does not take, and where
-// Winograd is turned off (set_conv_algorithm("gemm")).
+// The vectors of the active build that hold a group's channels: grouped, as many output as input channels a
+// group, one or two vectors of them; 0 for other layers, and where Winograd is turned off
+// (set_conv_algorithm("gemm")).
 int64_t group_vectors(const Conv2dShape& s, int64_t element_bytes) {
-  const Window2d& win = s.win;
-  if (!(s.groups > 1 && s.R == 3 && s.S == 3 && win.stride_h == 1 && win.stride_w == 1 && win.dilation_h == 1 &&
-        win.dilation_w == 1 && s.C_per_group() == s.K_per_group() && std::strcmp(conv_algorithm(), "auto") == 0))
-    return 0;
+  if (!(s.groups > 1 && s.C_per_group() == s.K_per_group() && std::strcmp(conv_algorithm(), "auto") == 0)) return 0;
   const int64_t L = element_bytes == int64_t(sizeof(float)) ? lanes<float>() : lanes<double>();
   return s.C_per_group() == L ? 1 : s.C_per_group() == 2 * L ? 2 : 0;
+}
+
+bool winograd_window(const Conv2dShape& s) {
+  const Window2d& win = s.win;
+  return s.R == 3 && s.S == 3 && win.stride_h == 1 && win.stride_w == 1 && win.dilation_h == 1 &&
+         win.dilation_w == 1;
 }
 
 }  // namespace
@@ -78,11 +92,17 @@ int64_t group_vectors(const Conv2dShape& s, int64_t element_bytes) {
 //   1.67, 4 on 56x56 3.26 -> 3.67 (backward-weight 1.63 -> 1.36 and 4.49 -> 3.00): forward and backward-
 //   input stay with the direct sums there.
 bool conv2d_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  const int64_t vectors = group_vectors(s, element_bytes);
+  const int64_t vectors = winograd_window(s) ? group_vectors(s, element_bytes) : 0;
   return vectors == 2 || (vectors == 1 && element_bytes == int64_t(sizeof(float)));
 }
 
-bool conv2d_backward_weight_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
+// Backward-weight: on Winograd for 3x3 stride-1 layers, as above; directly for any other window. Against the
+// direct sums (loop, ms): ResNeXt-50's stride-2 layers, 512 channels in groups of 16 from 28x28 1.81 -> 0.65,
+// 1024 in groups of 32 from 14x14 1.02 -> 0.63, from 7x7 0.391 -> 0.074; groups of 16 on 28x28, 5x5 3.86 ->
+// 2.85, 3x3 dilated 2 1.48 -> 1.10; 1x1 in groups of 32 on 14x14 0.223 -> 0.171; AVX2, groups of 8 from
+// 56x56 at stride 2 3.17 -> 1.80; float64, groups of 16 from 28x28 3.19 -> 1.96, of 8 from 56x56 4.53 ->
+// 2.99. (Direct on 3x3 stride-1 layers, against Winograd: ResNeXt's stage 3 0.445 -> 0.550.)
+bool conv2d_backward_weight_small_groups_chosen(const Conv2dShape& s, int64_t element_bytes) {
   return group_vectors(s, element_bytes) > 0;
 }
 
@@ -93,14 +113,17 @@ bool conv2d_small_group_winograd(const Conv2dShape& s, const T* x, const Winogra
 }
 
 template <typename T>
-void conv2d_backward_weight_small_group_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
-  PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_winograd_backward_weight<T>(s, grad_y, x, grad_w))
+void conv2d_backward_weight_small_groups(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  if (winograd_window(s)) {
+    PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_winograd_backward_weight<T>(s, grad_y, x, grad_w))
+  }
+  PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_direct_backward_weight<T>(s, grad_y, x, grad_w))
 }
 
 #define PYKERNELS_INSTANTIATE(T)                                                                                 \
   template bool conv2d_small_group_winograd<T>(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, \
                                                T*);                                                              \
-  template void conv2d_backward_weight_small_group_winograd<T>(const Conv2dShape&, const T*, const T*, T*);
+  template void conv2d_backward_weight_small_groups<T>(const Conv2dShape&, const T*, const T*, T*);
 PYKERNELS_INSTANTIATE(float)
 PYKERNELS_INSTANTIATE(double)
 #undef PYKERNELS_INSTANTIATE
