@@ -37,8 +37,9 @@
 //   the whole batch (grouped_winograd.cpp), all three passes.
 // - Grouped 3x3 stride-1 layers of one or two vectors of channels a group (ResNeXt's 16 and 32 with AVX-512)
 //   on F(2x2, 3x3), a group's channels across the lanes (small_group_conv.cpp), all three passes,
-//   backward-input as the transposed forward; backward-weight of such groups with any other window summed
-//   directly the same way; before the channels-last and direct grouped passes.
+//   backward-input as the transposed forward; backward-weight of such groups with any other window, and
+//   backward-input of strided ones, summed directly the same way; before the channels-last and direct
+//   grouped passes.
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
 //   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,
 //   backward-weight, and backward-input where it runs as the transposed forward (below).
@@ -546,6 +547,8 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
     return conv2d_backward_input_per_group(s, grad_y, w, grad_x);
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   if (backward_input_as_small_group_winograd(s, grad_y, w, grad_x)) return;
+  if (conv2d_backward_input_small_groups_directly_chosen(s, sizeof(T)))
+    return conv2d_backward_input_small_groups_directly(s, grad_y, w, grad_x);
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) {
     if (backward_input_as_channels_last_forward(s, grad_y, w, grad_x)) return;
