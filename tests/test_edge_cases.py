@@ -507,11 +507,11 @@ def _copy_and_shared_paths(dtype):
                                                       xs16.itemsize)[2] == small_builds
     ys16 = pk.conv2d(xs16, ws16, padding=1, groups=8)
     small_groups = (ys16, *pk.conv2d_backward(ys16, xs16, ws16, padding=1, groups=8, need_bias=False)[:2])
-    # and at stride 2, backward-input and backward-weight summed directly over the group's vectors
+    # and at stride 2, all three passes summed directly over the group's vectors
     assert _pykernels_cpu.conv2d_small_group_winograd(xs16.shape, ws16.shape, (2, 2), (1, 1, 1, 1), (1, 1), 8,
                                                       xs16.itemsize)[2] == small_builds
     ys2 = pk.conv2d(xs16, ws16, stride=2, padding=1, groups=8)
-    small_groups += tuple(pk.conv2d_backward(ys2, xs16, ws16, stride=2, padding=1, groups=8, need_bias=False)[:2])
+    small_groups += (ys2, *pk.conv2d_backward(ys2, xs16, ws16, stride=2, padding=1, groups=8, need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
             gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes, *phases,
             *per_group, *small_groups)

@@ -371,7 +371,7 @@ CONV_CASES = {
     "small_groups_8_n1": conv_case((1, 24, 13, 10), (24, 8, 3, 3), padding=(2, 0), groups=3),
     "small_groups_4": conv_case((2, 8, 5, 7), (8, 4, 3, 3), padding=1, groups=2),
     "small_groups_wide_padding": conv_case((2, 32, 4, 5), (32, 16, 3, 3), padding=3, groups=2),
-    # and backward-weight and strided backward-input summed directly over the group's vectors: strided,
+    # and backward-weight, strided forward and backward-input summed directly over the group's vectors: strided,
     # asymmetric padding; 5x3 with dilation across and strides (1, 2); 1x1 at stride 2 of 32 a group
     "small_groups_strided": conv_case((3, 64, 13, 12), (64, 16, 3, 3), stride=2, padding=(1, 0), groups=4),
     "small_groups_dilated_5x3": conv_case((2, 64, 11, 14), (64, 16, 5, 3), stride=(1, 2), padding=(2, 1),
@@ -586,18 +586,17 @@ def test_small_groups_run_across_lanes_where_meant_to(isa, dtype):
     """Grouped layers with as many output as input channels a group, one or two of the build's vectors of
     them, run on small_group_conv.cpp: 3x3 stride-1 ones on F(2x2, 3x3), all three passes, but forward and
     backward-input of one vector of float64, and backward-input not with padding past the kernel; any other
-    window its backward-weight summed directly, and strided ones their backward-input too (not of one
-    vector of float64). So each named small_groups case runs it on the builds
+    window its backward-weight summed directly, and strided ones their forward and backward-input too (not
+    of one vector of float64). So each named small_groups case runs it on the builds
     where its channels make one or two vectors (test_conv2d_both_isas covers them there). Ungrouped layers
     and unequal channels in and out do not."""
     lanes = {"avx512": 64, "avx2": 32, "portable": 16}[isa] // np.dtype(dtype).itemsize
     for name in SMALL_GROUP_CASE_IDS:
         cfg = CONV_CASES[name]
         vectors = {lanes: 1, 2 * lanes: 2}.get(cfg["w_shape"][1], 0)
-        fits = vectors == 2 or (vectors == 1 and dtype == np.float32)
-        forward = name in SMALL_GROUP_WINOGRAD_CASE_IDS and fits
-        backward_input = fits and name != "small_groups_wide_padding"  # else on Winograd or strided
-        assert runs_small_groups(cfg, dtype) == (forward, backward_input, vectors > 0), name
+        fits = vectors == 2 or (vectors == 1 and dtype == np.float32)  # on Winograd, or strided
+        backward_input = fits and name != "small_groups_wide_padding"
+        assert runs_small_groups(cfg, dtype) == (fits, backward_input, vectors > 0), name
     # ResNeXt-50's third and fourth stages on AVX-512: 16 and 32 channels a group (in float64, 16 are two vectors
     # and 32 four), and their stride-2 first layers (backward-weight)
     if isa == "avx512":
@@ -607,7 +606,7 @@ def test_small_groups_run_across_lanes_where_meant_to(isa, dtype):
             assert runs_small_groups(cfg, dtype) == (taken, taken, taken), (hw, per_group)
             cfg = conv_case((8, 32 * per_group, 2 * hw, 2 * hw), (32 * per_group, per_group, 3, 3), stride=2,
                             padding=1, groups=32)
-            assert runs_small_groups(cfg, dtype) == (False, taken, taken), (hw, per_group)
+            assert runs_small_groups(cfg, dtype) == (taken, taken, taken), (hw, per_group)
     for cfg in [conv_case((2, 16, 9, 11), (16, 16, 3, 3), padding=1),
                 conv_case((2, 64, 9, 11), (128, 16, 3, 3), padding=1, groups=4),
                 conv_case((2, 64, 9, 11), (128, 16, 3, 3), stride=2, padding=1, groups=4),

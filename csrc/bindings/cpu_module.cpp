@@ -510,16 +510,17 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       "conv2d_small_group_winograd",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
-        return std::make_tuple(pykernels::cpu::conv2d_small_group_winograd_chosen(s, itemsize),
+        return std::make_tuple(pykernels::cpu::conv2d_small_group_winograd_chosen(s, itemsize) ||
+                                   pykernels::cpu::conv2d_small_groups_directly_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_input_small_group_winograd_chosen(s, itemsize) ||
-                                   pykernels::cpu::conv2d_backward_input_small_groups_directly_chosen(s, itemsize),
+                                   pykernels::cpu::conv2d_small_groups_directly_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_weight_small_groups_chosen(s, itemsize));
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::arg("itemsize"),
       "Whether conv2d's (forward, backward-input, backward-weight) on these grouped shapes, at itemsize bytes "
       "per value and on the active build, run with a group's channels in one or two vectors "
-      "(small_group_conv.cpp: forward on F(2x2, 3x3), backward-input and backward-weight on it or directly) "
+      "(small_group_conv.cpp: on F(2x2, 3x3) or summed directly) "
       "(for tests).");
   m.def(
       "conv2d_by_phases",

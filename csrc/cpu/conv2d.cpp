@@ -38,8 +38,8 @@
 // - Grouped 3x3 stride-1 layers of one or two vectors of channels a group (ResNeXt's 16 and 32 with AVX-512)
 //   on F(2x2, 3x3), a group's channels across the lanes (small_group_conv.cpp), all three passes,
 //   backward-input as the transposed forward; backward-weight of such groups with any other window, and
-//   backward-input of strided ones, summed directly the same way; before the channels-last and direct
-//   grouped passes.
+//   forward and backward-input of strided ones, summed directly the same way; before the channels-last and
+//   direct grouped passes.
 // - 4x4 to 6x6 kernels at stride 1 (conv_5x5_64) take the Winograd path as a 3x3 layer of four times the
 //   input channels, x read shifted four ways, where that costs less (split_kernel.cpp): forward,
 //   backward-weight, and backward-input where it runs as the transposed forward (below).
@@ -333,6 +333,7 @@ void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias,
   if (conv2d_small_group_winograd_chosen(s, sizeof(T)) &&
       conv2d_small_group_winograd(s, x, WinogradFilters<T>{w, s.C_per_group() * 9, 9, false}, bias, y))
     return;
+  if (conv2d_small_groups_directly_chosen(s, sizeof(T))) return conv2d_forward_small_groups_directly(s, x, w, bias, y);
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_forward_channels_last_chosen(s, sizeof(T))) return conv2d_forward_channels_last(s, x, w, bias, y);
   if (conv2d_depthwise_channels_last_chosen(s, sizeof(T))) return conv2d_depthwise_forward(s, x, w, bias, y);
@@ -547,7 +548,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
     return conv2d_backward_input_per_group(s, grad_y, w, grad_x);
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   if (backward_input_as_small_group_winograd(s, grad_y, w, grad_x)) return;
-  if (conv2d_backward_input_small_groups_directly_chosen(s, sizeof(T)))
+  if (conv2d_small_groups_directly_chosen(s, sizeof(T)))
     return conv2d_backward_input_small_groups_directly(s, grad_y, w, grad_x);
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) {

@@ -48,8 +48,9 @@ void conv2d_depthwise_backward_weight(const Conv2dShape& s, const T* grad_y, con
 
 // small_group_conv.cpp -- grouped layers of one or two vectors of channels a group, a group's channels across
 // the lanes: 3x3 stride-1 ones on Winograd F(2x2, 3x3), for the layers conv2d_small_group_winograd_chosen
-// picks (at element_bytes per value), backward-weight of any window (..._small_groups_chosen) and
-// backward-input of strided ones (..._directly_chosen; contract conv2d_backward_input's). Forward's
+// picks (at element_bytes per value), backward-weight of any window (..._small_groups_chosen) and forward
+// and backward-input of strided ones (..._directly_chosen; contracts conv2d_forward's and
+// conv2d_backward_input's). Forward's
 // contract is conv2d_winograd's (the filters read through `filters`, so that backward-input runs it as the
 // transposed forward), backward-weight's conv2d_backward_weight's. A NaN or inf in what a tile reads
 // reaches all of that tile's outputs: forward returns false where an output came out NaN or inf, and
@@ -57,7 +58,7 @@ void conv2d_depthwise_backward_weight(const Conv2dShape& s, const T* grad_y, con
 bool conv2d_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_backward_input_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);  // conv2d.cpp
 bool conv2d_backward_weight_small_groups_chosen(const Conv2dShape& s, int64_t element_bytes);
-bool conv2d_backward_input_small_groups_directly_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_small_groups_directly_chosen(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 struct WinogradFilters;
 template <typename T>
@@ -65,6 +66,8 @@ bool conv2d_small_group_winograd(const Conv2dShape& s, const T* x, const Winogra
                                  T* y);
 template <typename T>
 void conv2d_backward_weight_small_groups(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+template <typename T>
+void conv2d_forward_small_groups_directly(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 template <typename T>
 void conv2d_backward_input_small_groups_directly(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x);
 

@@ -18,9 +18,12 @@
 // Like the other Winograd paths, a NaN or inf in what a tile reads spreads over that tile: conv2d.cpp then
 // recomputes the pass on the other paths (all_finite).
 //
-// Backward-input of strided such layers is the reference's scatter: per output position, each tap's vector of
-// input channels summed over the output channels in registers (all 9 taps of a 3x3 window at once), then
-// added into the zero-padded channels-last grad_x cell the tap reads, positions and taps in order.
+// Forward of strided such layers sums directly: blocks of up to 2 rows x 8 columns of outputs, each a vector
+// of output channels in registers, over taps and input channels, the group's x channels-last in a zero-padded
+// copy. Backward-input of strided such layers is the reference's scatter (the same products, so a NaN or inf
+// reaches exactly the outputs it reaches there; so does the forward's): per output position, each tap's
+// vector of input channels summed over the output channels in registers (all 9 taps of a 3x3 window at once),
+// then added into the zero-padded channels-last grad_x cell the tap reads, positions and taps in order.
 //
 // Backward-weight of the other such layers (strided, dilated, any kernel: ResNeXt's downsampling 3x3 layers)
 // sums directly, a task per group over the whole batch: per tap and block of output channels, the sums
@@ -46,6 +49,8 @@ namespace pykernels::cpu {
   void small_group_winograd_backward_weight(const Conv2dShape&, const T*, const T*, T*);              \
   template <typename T>                                                                                \
   void small_group_direct_backward_weight(const Conv2dShape&, const T*, const T*, T*);                 \
+  template <typename T>                                                                                \
+  void small_group_direct_forward(const Conv2dShape&, const T*, const T*, const T*, T*);             \
   template <typename T>                                                                                \
   void small_group_direct_backward_input(const Conv2dShape&, const T*, const T*, T*);                  \
   template <typename T>                                                                                \
@@ -112,13 +117,17 @@ bool conv2d_backward_weight_small_groups_chosen(const Conv2dShape& s, int64_t el
   return group_vectors(s, element_bytes) > 0;
 }
 
-// Backward-input of strided layers as the reference's scatter over a group's vectors, all taps of an output's
-// position in registers (at stride 1 it runs as the transposed forward). Against the paths taken before
-// (loop, ms): ResNeXt-50's stride-2 layers, 512 channels in groups of 16 from 28x28 1.30 -> 0.90, 1024 in
-// groups of 32 from 14x14 1.00 -> 0.85; groups of 16, 5x5 from 28x28 1.24 -> 1.06, 3x3 from 56x56 2.59 ->
-// 2.01; 1x1 in groups of 32 from 14x14 0.33 -> 0.16; AVX2, groups of 16 from 28x28 1.98 -> 1.52; SSE2,
-// groups of 8 1.22 -> 0.82; float64, groups of 16 (two vectors) 2.72 -> 2.33, but of 8 (one) 3.48 -> 3.77.
-bool conv2d_backward_input_small_groups_directly_chosen(const Conv2dShape& s, int64_t element_bytes) {
+// Forward and backward-input of strided layers summed directly over a group's vectors: forward by blocks of up
+// to 2 x 8 outputs, backward-input as the reference's scatter, all taps of an output's position in registers
+// (at stride 1 it runs as the transposed forward). Against the paths taken before (loop, ms; forward /
+// backward-input): ResNeXt-50's stride-2 layers, 512 channels in groups of 16 from 28x28 1.07 / 1.30 ->
+// 0.74 / 0.90, 1024 in groups of 32 from 14x14 0.86 / 1.00 -> 0.64 / 0.85, and at batch 1 from 28x28 0.179
+// -> 0.120 (forward); groups of 16, 5x5 from 28x28 1.31 / 1.24 -> 0.84 / 1.06, 3x3 from 56x56 2.06 / 2.59
+// -> 1.46 / 2.01; 1x1 in groups of 32 from 14x14 0.37 / 0.33 -> 0.10 / 0.16; AVX2, groups of 8 from 56x56
+// 2.11 -> 1.62 (forward), of 16 from 28x28 1.23 / 1.98 -> 1.18 / 1.52; SSE2, groups of 8 1.22 / 1.22 ->
+// 0.75 / 0.82; float64, groups of 16 (two vectors) 2.14 / 2.72 -> 1.50 / 2.33, but of 8 (one) backward-input
+// 3.48 -> 3.77. (Forward by blocks of one row had left 14 outputs to blocks of 4 and 1: slower than before.)
+bool conv2d_small_groups_directly_chosen(const Conv2dShape& s, int64_t element_bytes) {
   const int64_t vectors = group_vectors(s, element_bytes);
   return (s.win.stride_h > 1 || s.win.stride_w > 1) &&
          (vectors == 2 || (vectors == 1 && element_bytes == int64_t(sizeof(float))));
@@ -143,10 +152,16 @@ void conv2d_backward_input_small_groups_directly(const Conv2dShape& s, const T* 
   PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_direct_backward_input<T>(s, grad_y, w, grad_x))
 }
 
+template <typename T>
+void conv2d_forward_small_groups_directly(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_direct_forward<T>(s, x, w, bias, y))
+}
+
 #define PYKERNELS_INSTANTIATE(T)                                                                                 \
   template bool conv2d_small_group_winograd<T>(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, \
                                                T*);                                                              \
   template void conv2d_backward_input_small_groups_directly<T>(const Conv2dShape&, const T*, const T*, T*);  \
+  template void conv2d_forward_small_groups_directly<T>(const Conv2dShape&, const T*, const T*, const T*, T*);  \
   template void conv2d_backward_weight_small_groups<T>(const Conv2dShape&, const T*, const T*, T*);
 PYKERNELS_INSTANTIATE(float)
 PYKERNELS_INSTANTIATE(double)
