@@ -377,6 +377,9 @@ CONV_CASES = {
     "small_groups_dilated_5x3": conv_case((2, 64, 11, 14), (64, 16, 5, 3), stride=(1, 2), padding=(2, 1),
                                           dilation=(1, 2), groups=4),
     "small_groups_32_1x1": conv_case((2, 96, 5, 7), (96, 32, 1, 1), stride=2, groups=3),
+    # three and four vectors (AVX-512 float32): 48 a group at stride 1, 64 at stride 2
+    "small_groups_48": conv_case((2, 96, 8, 9), (96, 48, 3, 3), padding=1, groups=2),
+    "small_groups_64_strided": conv_case((2, 128, 11, 10), (128, 64, 3, 3), stride=2, padding=1, groups=2),
     # pointwise with 600 weights per group: the GEMM, whose backward-weight transposes x's rows in place
     "grouped_pointwise_gemm": conv_case((3, 40, 9, 11), (60, 20, 1, 1), groups=2),
     # many weights per group for few output positions: forward and backward-input as one GEMM per group
@@ -425,7 +428,7 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "depthwise_lanes_parts", "dilated_phases_2", "dilated_phases_3x2", "dilated_phases_4_same",
                 "grouped_winograd_128", "grouped_winograd_64_28", "small_groups_16", "small_groups_32_asym",
                 "small_groups_8_n1", "small_groups_4", "small_groups_wide_padding", "small_groups_strided",
-                "small_groups_dilated_5x3", "small_groups_32_1x1",
+                "small_groups_dilated_5x3", "small_groups_32_1x1", "small_groups_48", "small_groups_64_strided",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
                 "asym_padding_strided_dilated", "depthwise", "grouped_3", "one_channel_batch1", "lenet_5x5",
@@ -576,40 +579,58 @@ def runs_small_groups(cfg, dtype):
 
 
 SMALL_GROUP_WINOGRAD_CASE_IDS = ["small_groups_16", "small_groups_32_asym", "small_groups_8_n1", "small_groups_4",
-                                 "small_groups_wide_padding"]
+                                 "small_groups_wide_padding", "small_groups_48"]
 SMALL_GROUP_CASE_IDS = SMALL_GROUP_WINOGRAD_CASE_IDS + ["small_groups_strided", "small_groups_dilated_5x3",
-                                                        "small_groups_32_1x1"]
+                                                        "small_groups_32_1x1", "small_groups_64_strided"]
+
+
+def small_groups_expected(cfg, isa, dtype, winograd):
+    """small_group_conv.cpp's rule, restated: (forward, backward-input, backward-weight) for a layer with as
+    many output as input channels a group, `winograd` where it is 3x3 at stride 1 (and its backward-input
+    can run as the transposed forward)."""
+    lanes = {"avx512": 64, "avx2": 32, "portable": 16}[isa] // np.dtype(dtype).itemsize
+    per_group = cfg["w_shape"][1]
+    vectors = per_group // lanes if per_group % lanes == 0 and per_group // lanes <= 4 else 0
+    fits = vectors >= 2 or (vectors == 1 and dtype == np.float32)  # one vector of float64: too few channels
+    strided = ref._pair(cfg["stride"]) != (1, 1)
+    return (fits and (winograd or strided), fits and (winograd or (strided and vectors <= 2)),
+            vectors > 0 and (vectors <= 2 or isa == "avx512"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_small_groups_run_across_lanes_where_meant_to(isa, dtype):
-    """Grouped layers with as many output as input channels a group, one or two of the build's vectors of
-    them, run on small_group_conv.cpp: 3x3 stride-1 ones on F(2x2, 3x3), all three passes, but forward and
-    backward-input of one vector of float64, and backward-input not with padding past the kernel; any other
-    window its backward-weight summed directly, and strided ones their forward and backward-input too (not
-    of one vector of float64). So each named small_groups case runs it on the builds
-    where its channels make one or two vectors (test_conv2d_both_isas covers them there). Ungrouped layers
-    and unequal channels in and out do not."""
-    lanes = {"avx512": 64, "avx2": 32, "portable": 16}[isa] // np.dtype(dtype).itemsize
+    """Grouped layers with as many output as input channels a group, one to four of the build's vectors of
+    them, run on small_group_conv.cpp: 3x3 stride-1 ones on F(2x2, 3x3), all three passes (backward-input
+    not with padding past the kernel); any other window its backward-weight summed directly, and strided
+    ones their forward and backward-input too. Not forward and backward-input of one vector of float64,
+    nor strided backward-input of three or four vectors, nor backward-weight of three or four without
+    AVX-512. So each named small_groups case runs it on the builds where its channels make one or more
+    vectors (test_conv2d_both_isas covers them there). Ungrouped layers and unequal channels in and out do
+    not."""
     for name in SMALL_GROUP_CASE_IDS:
-        cfg = CONV_CASES[name]
-        vectors = {lanes: 1, 2 * lanes: 2}.get(cfg["w_shape"][1], 0)
-        fits = vectors == 2 or (vectors == 1 and dtype == np.float32)  # on Winograd, or strided
-        backward_input = fits and name != "small_groups_wide_padding"
-        assert runs_small_groups(cfg, dtype) == (fits, backward_input, vectors > 0), name
-    # ResNeXt-50's third and fourth stages on AVX-512: 16 and 32 channels a group (in float64, 16 are two vectors
-    # and 32 four), and their stride-2 first layers (backward-weight)
+        winograd = name in SMALL_GROUP_WINOGRAD_CASE_IDS and name != "small_groups_wide_padding"
+        expected = small_groups_expected(CONV_CASES[name], isa, dtype, winograd)
+        if name == "small_groups_wide_padding":  # forward on Winograd, backward-input not
+            expected = (expected[0] or small_groups_expected(CONV_CASES[name], isa, dtype, True)[0], False,
+                        expected[2])
+        assert runs_small_groups(CONV_CASES[name], dtype) == expected, name
+    # ResNeXt-50's third and fourth stages and their stride-2 first layers: 16 and 32 channels a group, one and
+    # two vectors of float32 with AVX-512 (all three passes), two and four with AVX2
     if isa == "avx512":
         for hw, per_group in [(14, 16), (7, 32)]:
             cfg = conv_case((8, 32 * per_group, hw, hw), (32 * per_group, per_group, 3, 3), padding=1, groups=32)
-            taken = dtype == np.float32 or per_group == 16
-            assert runs_small_groups(cfg, dtype) == (taken, taken, taken), (hw, per_group)
+            assert runs_small_groups(cfg, dtype) == (True, True, True), (hw, per_group)
             cfg = conv_case((8, 32 * per_group, 2 * hw, 2 * hw), (32 * per_group, per_group, 3, 3), stride=2,
                             padding=1, groups=32)
-            assert runs_small_groups(cfg, dtype) == (taken, taken, taken), (hw, per_group)
+            assert runs_small_groups(cfg, dtype) == (True, dtype == np.float32 or per_group == 16, True)
+    for hw, per_group, stride in [(14, 16, 1), (7, 32, 1), (28, 16, 2), (14, 32, 2), (14, 64, 1), (14, 48, 1)]:
+        cfg = conv_case((8, 32 * per_group, hw, hw), (32 * per_group, per_group, 3, 3), stride=stride, padding=1,
+                        groups=32)
+        assert runs_small_groups(cfg, dtype) == small_groups_expected(cfg, isa, dtype, stride == 1), cfg
     for cfg in [conv_case((2, 16, 9, 11), (16, 16, 3, 3), padding=1),
                 conv_case((2, 64, 9, 11), (128, 16, 3, 3), padding=1, groups=4),
                 conv_case((2, 64, 9, 11), (128, 16, 3, 3), stride=2, padding=1, groups=4),
+                conv_case((2, 160, 9, 11), (160, 80, 3, 3), padding=1, groups=2),
                 CONV_CASES["grouped_3"], CONV_CASES["depthwise"]]:
         assert runs_small_groups(cfg, dtype) == (False, False, False), cfg
 

@@ -513,13 +513,13 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         return std::make_tuple(pykernels::cpu::conv2d_small_group_winograd_chosen(s, itemsize) ||
                                    pykernels::cpu::conv2d_small_groups_directly_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_input_small_group_winograd_chosen(s, itemsize) ||
-                                   pykernels::cpu::conv2d_small_groups_directly_chosen(s, itemsize),
+                                   pykernels::cpu::conv2d_backward_input_small_groups_directly_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_weight_small_groups_chosen(s, itemsize));
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::arg("itemsize"),
       "Whether conv2d's (forward, backward-input, backward-weight) on these grouped shapes, at itemsize bytes "
-      "per value and on the active build, run with a group's channels in one or two vectors "
+      "per value and on the active build, run with a group's channels in one to four vectors "
       "(small_group_conv.cpp: on F(2x2, 3x3) or summed directly) "
       "(for tests).");
   m.def(

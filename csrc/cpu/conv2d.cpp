@@ -35,7 +35,7 @@
 //   batch of x's dilation phases, where that takes Winograd (dilated_phases.cpp), all three passes.
 // - Grouped layers of 48 or more channels a group whose groups alone take Winograd: one layer per group over
 //   the whole batch (grouped_winograd.cpp), all three passes.
-// - Grouped 3x3 stride-1 layers of one or two vectors of channels a group (ResNeXt's 16 and 32 with AVX-512)
+// - Grouped 3x3 stride-1 layers of one to four vectors of channels a group (ResNeXt's 16 and 32 with AVX-512)
 //   on F(2x2, 3x3), a group's channels across the lanes (small_group_conv.cpp), all three passes,
 //   backward-input as the transposed forward; backward-weight of such groups with any other window, and
 //   forward and backward-input of strided ones, summed directly the same way; before the channels-last and
@@ -516,7 +516,7 @@ bool backward_input_as_channels_last_forward(const Conv2dShape& s, const T* grad
   return true;
 }
 
-// Grouped layers of one or two vectors of channels a group (small_group_winograd.cpp) as the transposed
+// Grouped layers of one to four vectors of channels a group (small_group_conv.cpp) as the transposed
 // forward on F(2x2, 3x3): true where grad_x came out finite (else the other paths recompute it; see all_finite).
 template <typename T>
 bool backward_input_as_small_group_winograd(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
@@ -548,7 +548,7 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
     return conv2d_backward_input_per_group(s, grad_y, w, grad_x);
   if (backward_input_as_winograd(s, grad_y, w, grad_x)) return;
   if (backward_input_as_small_group_winograd(s, grad_y, w, grad_x)) return;
-  if (conv2d_small_groups_directly_chosen(s, sizeof(T)))
+  if (conv2d_backward_input_small_groups_directly_chosen(s, sizeof(T)))
     return conv2d_backward_input_small_groups_directly(s, grad_y, w, grad_x);
   // Before the direct sums: it takes some of their grouped layers (channels_last_conv.cpp).
   if (conv2d_backward_input_channels_last_chosen(s, sizeof(T))) {

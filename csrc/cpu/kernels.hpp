@@ -46,11 +46,11 @@ bool conv2d_depthwise_weight_channels_last_chosen(const Conv2dShape& s, int64_t 
 template <typename T>
 void conv2d_depthwise_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
-// small_group_conv.cpp -- grouped layers of one or two vectors of channels a group, a group's channels across
+// small_group_conv.cpp -- grouped layers of one to four vectors of channels a group, a group's channels across
 // the lanes: 3x3 stride-1 ones on Winograd F(2x2, 3x3), for the layers conv2d_small_group_winograd_chosen
 // picks (at element_bytes per value), backward-weight of any window (..._small_groups_chosen) and forward
-// and backward-input of strided ones (..._directly_chosen; contracts conv2d_forward's and
-// conv2d_backward_input's). Forward's
+// and backward-input of strided ones (..._directly_chosen, ..._backward_input_..._directly_chosen; contracts
+// conv2d_forward's and conv2d_backward_input's). Forward's
 // contract is conv2d_winograd's (the filters read through `filters`, so that backward-input runs it as the
 // transposed forward), backward-weight's conv2d_backward_weight's. A NaN or inf in what a tile reads
 // reaches all of that tile's outputs: forward returns false where an output came out NaN or inf, and
@@ -59,6 +59,7 @@ bool conv2d_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_by
 bool conv2d_backward_input_small_group_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);  // conv2d.cpp
 bool conv2d_backward_weight_small_groups_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_small_groups_directly_chosen(const Conv2dShape& s, int64_t element_bytes);
+bool conv2d_backward_input_small_groups_directly_chosen(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 struct WinogradFilters;
 template <typename T>
