@@ -500,7 +500,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
         return std::make_tuple(pykernels::cpu::conv2d_forward_per_group_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_input_per_group_chosen(s, itemsize),
-                               pykernels::cpu::conv2d_backward_weight_per_group_chosen(s));
+                               pykernels::cpu::conv2d_backward_weight_per_group_chosen(s, itemsize));
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::arg("itemsize"),

@@ -50,16 +50,24 @@ bool large_groups(const Conv2dShape& s) {
 
 }  // namespace
 
+// Layers the small-group passes take (small_group_conv.cpp: up to four vectors of channels a group, 64 floats
+// with AVX-512) run there instead, but backward-weight of four vectors. Against this file's passes (loop, ms,
+// forward / backward-input / backward-weight): 192 channels in 4 groups of 48 on 28x28 1.74 / 1.66 / 1.94 ->
+// 1.19 / 1.20 / 1.28, 96 in 2 groups of 48 on 56x56 2.99 / 2.91 / 3.50 -> 2.63 / 2.66 / 2.76; 256 in 4
+// groups of 64 on 28x28 2.19 / 2.26 -> 2.07 / 2.09, but backward-weight 2.60 -> 3.33.
 bool conv2d_forward_per_group_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  return large_groups(s) && conv2d_winograd_chosen(group_shape(s), element_bytes);
+  return large_groups(s) && !conv2d_small_group_winograd_chosen(s, element_bytes) &&
+         conv2d_winograd_chosen(group_shape(s), element_bytes);
 }
 
 bool conv2d_backward_input_per_group_chosen(const Conv2dShape& s, int64_t element_bytes) {
-  return large_groups(s) && conv2d_backward_input_winograd_chosen(group_shape(s), element_bytes);
+  return large_groups(s) && !conv2d_backward_input_small_group_winograd_chosen(s, element_bytes) &&
+         conv2d_backward_input_winograd_chosen(group_shape(s), element_bytes);
 }
 
-bool conv2d_backward_weight_per_group_chosen(const Conv2dShape& s) {
-  return large_groups(s) && conv2d_backward_weight_winograd_chosen(group_shape(s));
+bool conv2d_backward_weight_per_group_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  const bool small_groups = conv2d_backward_weight_small_groups_chosen(s, element_bytes) && s.C_per_group() < 64;
+  return large_groups(s) && !small_groups && conv2d_backward_weight_winograd_chosen(group_shape(s));
 }
 
 template <typename T>

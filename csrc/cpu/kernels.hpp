@@ -86,11 +86,12 @@ template <typename T>
 void conv2d_backward_weight_by_phases(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 
 // grouped_winograd.cpp -- grouped layers of large groups (48 or more channels) as one layer per group over the
-// whole batch, where that layer takes Winograd (at element_bytes per value). Same contracts as conv2d_forward,
+// whole batch, where that layer takes Winograd and small_group_conv.cpp's passes do not take the layer (at
+// element_bytes per value). Same contracts as conv2d_forward,
 // conv2d_backward_input and conv2d_backward_weight.
 bool conv2d_forward_per_group_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_backward_input_per_group_chosen(const Conv2dShape& s, int64_t element_bytes);
-bool conv2d_backward_weight_per_group_chosen(const Conv2dShape& s);
+bool conv2d_backward_weight_per_group_chosen(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
 void conv2d_forward_per_group(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 template <typename T>
