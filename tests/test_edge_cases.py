@@ -503,15 +503,14 @@ def _copy_and_shared_paths(dtype):
     ws16 = rng.standard_normal((128, 16, 3, 3)).astype(dtype)
     vector_lanes = {"avx512": 64, "avx2": 32, "portable": 16}[_pykernels_cpu.active_isa()] // xs16.itemsize
     small_builds = 16 in (vector_lanes, 2 * vector_lanes)
-    assert _pykernels_cpu.conv2d_small_group_winograd(xs16.shape, ws16.shape, (1, 1), (1, 1, 1, 1), (1, 1), 8,
-                                                      xs16.itemsize)[2] == small_builds
-    ys16 = pk.conv2d(xs16, ws16, padding=1, groups=8)
-    small_groups = (ys16, *pk.conv2d_backward(ys16, xs16, ws16, padding=1, groups=8, need_bias=False)[:2])
-    # and at stride 2, all three passes summed directly over the group's vectors
-    assert _pykernels_cpu.conv2d_small_group_winograd(xs16.shape, ws16.shape, (2, 2), (1, 1, 1, 1), (1, 1), 8,
-                                                      xs16.itemsize)[2] == small_builds
-    ys2 = pk.conv2d(xs16, ws16, stride=2, padding=1, groups=8)
-    small_groups += (ys2, *pk.conv2d_backward(ys2, xs16, ws16, stride=2, padding=1, groups=8, need_bias=False)[:2])
+    # (and at stride 2, all three passes summed directly over the group's vectors)
+    small_groups = ()
+    for stride in (1, 2):
+        assert _pykernels_cpu.conv2d_small_group_winograd(xs16.shape, ws16.shape, (stride, stride), (1, 1, 1, 1),
+                                                          (1, 1), 8, xs16.itemsize)[2] == small_builds
+        ys16 = pk.conv2d(xs16, ws16, stride=stride, padding=1, groups=8)
+        small_groups += (ys16, *pk.conv2d_backward(ys16, xs16, ws16, stride=stride, padding=1, groups=8,
+                                                   need_bias=False)[:2])
     return (y, y1, gw, pk.conv2d(xs, ws, padding=2, dilation=2), pk.conv2d(xt, wt, padding=1, stride=1, groups=1),
             gxc, *depthwise, g5, *grouped, *wide, *f2, *split, gv, gq, gr, *channels_last, *lanes, *phases,
             *per_group, *small_groups)
