@@ -48,12 +48,12 @@ CASES = {
     # layer, with ragged blocks (K = 260, C = 250).
     "streamed_in_float64_only": ((7, 250, 16, 16), (260, 250, 3, 3), 1),
     # 5.5 MB of float32 U (over 4 MiB) with all 32 tiles in the streamed path's one chunk: streamed, in both
-    # precisions (no filter transformed twice); K = 190 leaves a ragged last strip.
+    # precisions (no filter transformed twice); K = 190 leaves a ragged last strip. Backward-weight's sums,
+    # as large, go by blocks (as sums_in_blocks).
     "streamed_one_chunk": ((2, 200, 14, 14), (190, 200, 3, 3), 1),
-    # Backward-weight's 36 x K x C sums over 16 MiB (K * C > 116508) and all 18 tiles in one chunk: they go
+    # Backward-weight's 36 x K x C sums over 4 MiB (K * C > 29127) and all 18 tiles in one chunk: they go
     # to grad_w block by block through L2 (backward_weight_in_blocks), with a ragged last block of output
-    # channels (K = 341) and of input channels (C = 350). (streamed_in_float64_only takes that path in
-    # float64 only.)
+    # channels (K = 341) and of input channels (C = 350).
     "sums_in_blocks": ((2, 350, 12, 11), (341, 350, 3, 3), 1),
 }
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
@@ -140,7 +140,7 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((4, 512, 7, 7), *layer_512)
     # resnet_3x3_256 at batch 1: 49 tiles of 2x2 (forward and backward-input take F(2x2) in 0.51 ms against
-    # F(4x4)'s 0.64 and the GEMM's 0.75-0.87); backward-weight F(4x4), its sums in L3 (0.45 ms against 0.55).
+    # F(4x4)'s 0.64 and the GEMM's 0.75-0.87); backward-weight F(4x4), its sums by blocks through L2.
     layer_256 = ((256, 256, 3, 3), (1, 1), pads, (1, 1), 1)
     assert _pykernels_cpu.conv2d_uses_winograd((1, 256, 14, 14), *layer_256)
     assert _pykernels_cpu.conv2d_winograd_is_f2((1, 256, 14, 14), *layer_256)
@@ -303,11 +303,25 @@ def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(b
     assert not np.isfinite(gw[3]).all() and np.isfinite(np.delete(gw, 3, axis=0)).all()
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("at", [(0, 0, 5, 2), (0, 0, 0, 0), (-1, -1, -1, -1)])
-def test_non_finite_x_reaches_exactly_the_weight_gradients_direct_summation_reaches(bad, at):
-    # The same for a NaN or inf in x, inside the image, in a corner and in the last (cut) tile.
-    x_shape, w_shape, padding = CASES["tiles_with_ragged_edge"]
+# Backward-weight's three ways to its sums D (winograd_impl.inc), each checking grad_w as it writes it:
+# by parts of the tiles (K * C <= 64 * 64, 96 tiles or more), whole (here 1.5 MB of float64 sums), and by
+# blocks through L2 (over 4 MiB of sums, every tile in one chunk).
+WEIGHT_SUM_CASES = {
+    "by_tile_parts": CASES["tiles_with_ragged_edge"],
+    "whole_sums": ((2, 72, 12, 13), (73, 72, 3, 3), 1),
+    "sums_in_blocks": CASES["sums_in_blocks"],
+}
+# (case, value, position): the position inside the image, in a corner and in the last (cut) tile; on the
+# slow case to check (sums_in_blocks) only inside.
+NON_FINITE_X = [(name, bad, at) for name in WEIGHT_SUM_CASES for bad in (np.nan, np.inf, -np.inf)
+                for at in ((0, 0, 5, 2), (0, 0, 0, 0), (-1, -1, -1, -1))
+                if name != "sums_in_blocks" or (at == (0, 0, 5, 2) and bad != -np.inf)]
+
+
+@pytest.mark.parametrize("name, bad, at", NON_FINITE_X)
+def test_non_finite_x_reaches_exactly_the_weight_gradients_direct_summation_reaches(name, bad, at):
+    # The same for a NaN or inf in x, on each of backward-weight's ways to its sums.
+    x_shape, w_shape, padding = WEIGHT_SUM_CASES[name]
     pads = _pads(x_shape, padding)
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
     rng = np.random.default_rng(8)

@@ -651,10 +651,10 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   }
   if (conv2d_backward_weight_winograd_chosen(s)) {
-    conv2d_backward_weight_winograd(s, grad_y, x, grad_w);
-    if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
+    // It checks its own result as it writes it; if not finite, the GEMM below recomputes grad_w (all_finite).
+    if (conv2d_backward_weight_winograd(s, grad_y, x, grad_w)) return;
   } else if (conv2d_backward_weight_split_winograd(s, grad_y, x, grad_w)) {
-    if (all_finite(grad_w, s.w_numel())) return;  // likewise
+    if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   } else if (conv2d_backward_weight_reads_wide_rows(s, sizeof(T))) {
     conv2d_backward_weight_wide(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (kernels.hpp)

@@ -194,8 +194,9 @@ struct WinogradFilters {
 template <typename T>
 void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
 // grad_w of a layer winograd_backward_weight_applies to (F(4x4)); same contract as conv2d_backward_weight.
+// Returns whether grad_w is all finite (else the caller recomputes it: conv2d.cpp's all_finite).
 template <typename T>
-void conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+bool conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 // Where F(4x4)'s input transform reads input channel c of s (whose padding it then ignores): channel c %
 // channels of x (`channels` planes of H x W per image), padded by pad_top[p] rows and pad_left[p] columns
 // for c's piece p = c / channels. A plain layer is one piece: x, s's channels, size and padding.
@@ -218,7 +219,7 @@ template <typename T>
 void conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
                            const T* bias, T* y);
 template <typename T>
-void conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, const WinogradInput<T>& x, T* grad_w);
+bool conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, const WinogradInput<T>& x, T* grad_w);
 
 // split_kernel.cpp -- 4x4 to 6x6 kernels, stride 1, undilated, one group, as a 3x3 layer of four times the
 // input channels on the Winograd path: whether forward (and backward-input's transposed convolution, a
