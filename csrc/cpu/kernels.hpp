@@ -182,7 +182,7 @@ int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
 // The tiles conv2d_backward_weight_winograd transforms and sums per chunk (at element_bytes per value),
 // and whether it takes its sums D (36 x K x C) to grad_w a block at a time through L2 (all tiles in one
-// chunk, D larger than L3) rather than all of D through memory.
+// chunk, D over 4 MiB) rather than all of D through L3 or memory.
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes);
 template <typename T>
