@@ -361,6 +361,9 @@ CONV_CASES = {
     # of 128 x 128 channels), all three passes; 3 groups of 64 on 28x28 with asymmetric padding
     "grouped_winograd_128": conv_case((2, 256, 12, 12), (256, 128, 3, 3), padding=1, groups=2),
     "grouped_winograd_64_28": conv_case((1, 192, 28, 28), (192, 64, 3, 3), padding=((0, 2), (1, 1)), groups=3),
+    # 5x5 in 2 groups of 48 in and 64 out (AlexNet's second layer in small): one split-kernel Winograd layer
+    # per group (split_kernel.cpp), forward and backward-weight; backward-input's transposed forward likewise
+    "grouped_split_kernel": conv_case((4, 96, 20, 19), (128, 48, 5, 5), padding=2, groups=2),
     # grouped 3x3 stride-1 layers of one or two vectors of channels a group on F(2x2, 3x3) (small_group_conv.cpp;
     # which take it depends on the build's vector and the type: test_small_groups_run_across_lanes_where_meant_to):
     # 16 a group (AVX-512 float32, AVX2 float32, AVX-512 float64), 2x2 tiles past odd outputs; 32 a group with
@@ -426,7 +429,7 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "channels_last_grouped_32", "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_5x5_s2",
                 "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
                 "depthwise_lanes_parts", "dilated_phases_2", "dilated_phases_3x2", "dilated_phases_4_same",
-                "grouped_winograd_128", "grouped_winograd_64_28", "small_groups_16", "small_groups_32_asym",
+                "grouped_winograd_128", "grouped_winograd_64_28", "grouped_split_kernel", "small_groups_16", "small_groups_32_asym",
                 "small_groups_8_n1", "small_groups_4", "small_groups_wide_padding", "small_groups_strided",
                 "small_groups_dilated_5x3", "small_groups_32_1x1", "small_groups_48", "small_groups_64_strided",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
@@ -556,7 +559,9 @@ def test_grouped_layers_run_per_group_where_meant_to(dtype):
     """The named grouped_winograd cases run as one Winograd layer per group (so the tests above cover it), but
     the passes small_group_conv.cpp takes (groups of up to four vectors: 48 and 64 floats with AVX-512),
     except backward-weight of 64 a group; groups under 48 channels, 64-channel groups on small planes,
-    strided or 5x5 layers do not."""
+    strided layers, and 5x5 ones whose group's split-kernel Winograd costs more than half of direct
+    convolution, do not. grouped_split_kernel's forward and backward-weight do (its backward-input runs as
+    its transposed forward, which does)."""
     def unless_small_groups(cfg):
         small = runs_small_groups(cfg, dtype)
         return (not small[0], not small[1], not (small[2] and cfg["w_shape"][1] < 64))
@@ -564,12 +569,17 @@ def test_grouped_layers_run_per_group_where_meant_to(dtype):
     assert runs_per_group(CONV_CASES["grouped_winograd_128"], dtype) == (True, True, True)
     assert runs_per_group(CONV_CASES["grouped_winograd_64_28"], dtype) == unless_small_groups(
         CONV_CASES["grouped_winograd_64_28"])
+    assert runs_per_group(CONV_CASES["grouped_split_kernel"], dtype) == (True, False, True)
+    transposed = conv_case((4, 128, 20, 19), (96, 64, 5, 5), padding=2, groups=2)
+    assert runs_per_group(transposed, dtype)[0]
     for name in ["grouped_3", "channels_last_grouped", "channels_last_grouped_32", "grouped_batch_gemm",
                  "transposed_grouped_even_kernel"]:
         assert runs_per_group(CONV_CASES[name], dtype) == (False, False, False), name
     for cfg in [conv_case((8, 256, 14, 14), (256, 64, 3, 3), padding=1, groups=4),
                 conv_case((2, 256, 12, 12), (256, 128, 3, 3), stride=2, padding=1, groups=2),
                 conv_case((2, 256, 12, 12), (256, 128, 5, 5), padding=2, groups=2),
+                conv_case((8, 192, 14, 14), (192, 48, 5, 5), padding=2, groups=4),
+                conv_case((4, 64, 20, 20), (64, 32, 5, 5), padding=2, groups=2),
                 conv_case((8, 432, 14, 14), (432, 48, 3, 3), padding=1, groups=9),
                 conv_case((2, 160, 28, 28), (160, 40, 3, 3), padding=1, groups=4)]:
         assert runs_per_group(cfg, dtype) == (False, False, False), cfg

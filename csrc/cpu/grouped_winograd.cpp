@@ -1,7 +1,7 @@
 // Grouped layers whose groups are large enough for Winograd (3x3 stride 1, 48 or more channels a group, as
-// in wide grouped ResNets and RegNets) as one layer per group, each over the whole batch on the usual
-// one-group paths, where Winograd takes them: the grouped path's per-group GEMM does 2.25-4x the
-// multiplications.
+// in wide grouped ResNets and RegNets; or 4x4 to 6x6 kernels on split-kernel Winograd, as AlexNet's second
+// layer) as one layer per group, each over the whole batch on the usual one-group paths, where Winograd
+// takes them: the grouped path's per-group GEMM does 2.25-4x the multiplications.
 //
 // A group's channels of every image are copied into a batch of their own (x's group g: N x C/g planes),
 // the group's layer runs on it, and its outputs are copied back into the group's channels; groups one
@@ -48,6 +48,15 @@ bool large_groups(const Conv2dShape& s) {
   return s.groups > 1 && Cg >= 48 && Kg >= 48 && (Cg * Kg >= 128 * 128 || s.P * s.Q >= 28 * 28);
 }
 
+// Split-kernel groups (below): at least 48 channels a group in and out, and the group's layer at under half
+// the cost of direct convolution by split_kernel.cpp's cost model. Against the grouped path (float32, batch
+// 8, loop, ms): 8 groups of 16, 5x5 on 28x28, forward 1.68 -> 2.46 and backward-weight 1.61 -> 3.11; 4
+// groups of 48 on 14x14 (cost share 0.54) forward 2.23 -> 3.03; 2 groups of 64, 4x4 on 32x32 (0.75) 2.19 ->
+// 3.49; so none of those.
+bool split_kernel_groups(const Conv2dShape& s, double share) {
+  return s.groups > 1 && s.C_per_group() >= 48 && s.K_per_group() >= 48 && share < 0.5;
+}
+
 }  // namespace
 
 // Layers the small-group passes take (small_group_conv.cpp: up to four vectors of channels a group, 64 floats
@@ -55,7 +64,15 @@ bool large_groups(const Conv2dShape& s) {
 // forward / backward-input / backward-weight): 192 channels in 4 groups of 48 on 28x28 1.74 / 1.66 / 1.94 ->
 // 1.19 / 1.20 / 1.28, 96 in 2 groups of 48 on 56x56 2.99 / 2.91 / 3.50 -> 2.63 / 2.66 / 2.76; 256 in 4
 // groups of 64 on 28x28 2.19 / 2.26 -> 2.07 / 2.09, but backward-weight 2.60 -> 3.33.
+//
+// Groups whose layer runs as split-kernel Winograd (4x4 to 6x6 kernels, split_kernel.cpp) go one by one too
+// (split_kernel_groups): 9 products per output and channel pair for 5x5's 25. Batch 8, float32, timed
+// between torch's calls, forward / backward-input / backward-weight, ms: AlexNet's second layer (96 -> 256
+// channels in 2 groups, 5x5 on 27x27) 8.93 / 8.83 / 9.03 -> 5.93 / 8.59 / 7.78 (backward-input through its
+// transposed forward, whose 48 output channels a group make weaker GEMMs), 128 channels in 2 groups of 64,
+// 5x5 on 28x28, 6.34 / 6.18 / 6.44 -> 4.61 / 4.37 / 4.53.
 bool conv2d_forward_per_group_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  if (s.groups > 1 && split_kernel_groups(s, split_winograd_share(group_shape(s), element_bytes))) return true;
   return large_groups(s) && !conv2d_small_group_winograd_chosen(s, element_bytes) &&
          conv2d_winograd_chosen(group_shape(s), element_bytes);
 }
@@ -66,6 +83,7 @@ bool conv2d_backward_input_per_group_chosen(const Conv2dShape& s, int64_t elemen
 }
 
 bool conv2d_backward_weight_per_group_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  if (s.groups > 1 && split_kernel_groups(s, backward_weight_split_winograd_share(group_shape(s)))) return true;
   const bool small_groups = conv2d_backward_weight_small_groups_chosen(s, element_bytes) && s.C_per_group() < 64;
   return large_groups(s) && !small_groups && conv2d_backward_weight_winograd_chosen(group_shape(s));
 }

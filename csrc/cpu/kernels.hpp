@@ -227,6 +227,10 @@ bool conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, c
 // is not chosen. A result holding NaN or inf is recomputed on the other paths (conv2d.cpp, all_finite).
 bool conv2d_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_backward_weight_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
+// Their cost models' share of direct convolution's cost (chosen below 1; infinity where the path does not
+// apply), forward and backward-weight.
+double split_winograd_share(const Conv2dShape& s, int64_t element_bytes);
+double backward_weight_split_winograd_share(const Conv2dShape& s);
 template <typename T>
 bool conv2d_forward_split_winograd(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y);
 template <typename T>

@@ -11,6 +11,7 @@
 // conv2d_forward (conv2d.cpp, 'same'-like padding); backward-weight as the 3x3 layer's, its pieces'
 // gradients put back in place (those of the padding taps dropped).
 // Taken where winograd.cpp's costs of the 3x3 layer on F(4x4), times 4, undercut direct convolution.
+#include <limits>
 #include <optional>
 
 #include "cpu/conv_ranges.hpp"
@@ -72,17 +73,26 @@ void piece_filters(const Conv2dShape& s, const T* w, T* pieces) {
 
 }  // namespace
 
-bool conv2d_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
+double split_winograd_share(const Conv2dShape& s, int64_t element_bytes) {
   const std::optional<Conv2dShape> t = pieces_shape(s);
   // F(4x4) only: F(2x2) reads x as it lies, without the pieces' shifts
-  if (!t || !conv2d_winograd_chosen(*t, element_bytes) || winograd_f2_applies(*t, element_bytes)) return false;
-  return kPieces * winograd_cost(*t, element_bytes) < conv2d_direct_cost(s);  // a pair: 4 of t's
+  if (!t || !conv2d_winograd_chosen(*t, element_bytes) || winograd_f2_applies(*t, element_bytes))
+    return std::numeric_limits<double>::infinity();
+  return kPieces * winograd_cost(*t, element_bytes) / conv2d_direct_cost(s);  // a pair: 4 of t's
+}
+
+double backward_weight_split_winograd_share(const Conv2dShape& s) {
+  const std::optional<Conv2dShape> t = pieces_shape(s);
+  if (!t || !conv2d_backward_weight_winograd_chosen(*t)) return std::numeric_limits<double>::infinity();
+  return kPieces * winograd_backward_weight_cost(*t) / conv2d_direct_cost(s);
+}
+
+bool conv2d_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  return split_winograd_share(s, element_bytes) < 1.0;
 }
 
 bool conv2d_backward_weight_split_winograd_chosen(const Conv2dShape& s, int64_t /*element_bytes*/) {
-  const std::optional<Conv2dShape> t = pieces_shape(s);
-  if (!t || !conv2d_backward_weight_winograd_chosen(*t)) return false;
-  return kPieces * winograd_backward_weight_cost(*t) < conv2d_direct_cost(s);
+  return backward_weight_split_winograd_share(s) < 1.0;
 }
 
 template <typename T>
