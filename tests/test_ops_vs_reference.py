@@ -204,6 +204,8 @@ CONV_CASES = {
     "few_taps_27_k16_n2": conv_case((2, 3, 9, 8), (16, 3, 3, 3), padding=1),
     "few_taps_5x5_n1": conv_case((1, 1, 12, 10), (20, 1, 5, 5), padding=2),
     "few_taps_wide_planes": conv_case((2, 3, 130, 128), (12, 3, 3, 3), padding=1),
+    # 27 taps at stride 2 (MobileNet's first layer in small; odd sizes: the phases' last columns differ)
+    "few_taps_strided": conv_case((3, 3, 29, 27), (24, 3, 3, 3), stride=2, padding=1),
     # stride-2 3x3 on output rows shorter than 32: forward and backward-weight on wide rows of the copy split
     # into row and column phases; at batch 1 (no wide rows on short ones) the forward's im2col columns
     # gathered from that copy, each output row a run copied whole (15 columns) or value by value (6: runs
@@ -429,8 +431,9 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "channels_last_grouped_32", "depthwise_lanes_3x3", "depthwise_lanes_strided", "depthwise_lanes_5x5_s2",
                 "depthwise_lanes_7x7_n1", "depthwise_lanes_general", "depthwise_lanes_wide_padding",
                 "depthwise_lanes_parts", "dilated_phases_2", "dilated_phases_3x2", "dilated_phases_4_same",
-                "grouped_winograd_128", "grouped_winograd_64_28", "grouped_split_kernel", "small_groups_16", "small_groups_32_asym",
-                "small_groups_8_n1", "small_groups_4", "small_groups_wide_padding", "small_groups_strided",
+                "grouped_winograd_128", "grouped_winograd_64_28", "grouped_split_kernel", "small_groups_16",
+                "small_groups_32_asym", "small_groups_8_n1", "small_groups_4", "small_groups_wide_padding",
+                "small_groups_strided",
                 "small_groups_dilated_5x3", "small_groups_32_1x1", "small_groups_48", "small_groups_64_strided",
                 "gemm_k70_c37_n1", "gemm_k70_c37_n3", "gemm_k70_c37_n1_wide", "gemm_k70_c37_strided",
                 "batch_halves_odd_n", "pointwise_odd", "width_67", "same_odd_total_stride3",
@@ -449,7 +452,7 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
                 "wide_rows_stride2", "gathered_runs_n1", "gathered_short_rows", "gathered_runs_k300",
-                "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70", "few_taps_5x5_n1",
+                "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70", "few_taps_5x5_n1", "few_taps_strided",
                 "col2im_pairs_dilated"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
@@ -786,7 +789,11 @@ def test_grouped_layers_sum_directly_where_meant_to():
     wide_registers = _pykernels_cpu.active_isa() == "avx512"
     assert paths(CONV_CASES["few_taps_27_k70"]) == (False, wide_registers)
     assert paths(conv_case((3, 1, 13, 15), (130, 1, 3, 3), padding=1)) == (False, False)  # over 128 outputs
-    assert paths(conv_case((3, 3, 13, 15), (16, 3, 3, 3), stride=2, padding=1)) == (False, False)  # strided
+    # strided: with AVX-512, up to 27 taps at stride 2, 32 output channels or 32x32 outputs
+    assert paths(CONV_CASES["few_taps_strided"]) == (False, wide_registers)
+    assert paths(conv_case((3, 3, 13, 15), (64, 3, 3, 3), stride=2, padding=1)) == (False, False)
+    assert paths(conv_case((3, 3, 13, 15), (16, 3, 3, 3), stride=3, padding=1)) == (False, False)
+    assert paths(conv_case((3, 4, 13, 15), (16, 4, 3, 3), stride=2, padding=1)) == (False, False)  # 36 taps
     # from batch 2, AVX-512's blocks also take up to 144 taps where taps x output channels stay within 3200
     # (the 5x5 case: 125 x 12); not at batch 1, nor past 3200 (144 x 32)
     for cfg in [CONV_CASES["transposed_5x5_same"], conv_case((3, 4, 13, 15), (8, 4, 3, 3), padding=1),

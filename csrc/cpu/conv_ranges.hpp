@@ -78,7 +78,7 @@ inline bool sums_directly(const Conv2dShape& s) {
 // 0.69 -> 0.16 / 0.34, 3 -> 96 1.66 -> 1.54, 3 -> 128 level, VGG's first layer (batch 8) 7.6 -> 6.0. The
 // 16-register builds' 2 x 4 blocks load 6 values per 8 multiply-adds: there up to 600 taps x output
 // channels (AVX2: 1 -> 64 0.85 -> 0.68, 3 -> 16 0.56 -> 0.50; 3 -> 32 5 % and 3 -> 64 19 % slower, so
-// left to the GEMM). At stride 2 slower (0.105 -> 0.15).
+// left to the GEMM).
 // With AVX-512, from batch 2, also up to 144 taps where taps x output channels stay within 3200, against
 // Winograd's backward-weight (batch 64, loop / cold): CIFAR ResNet-20's 16 -> 16 on 32x32 0.96 / 1.42 ->
 // 0.86 / 1.11 ms (batch 8 0.164 -> 0.129, batch 2 0.087 -> 0.047), 8 -> 32 1.76 -> 0.88, 12 -> 24 1.64 ->
@@ -86,13 +86,21 @@ inline bool sums_directly(const Conv2dShape& s) {
 // 8 -> 32 on 16x16 0.50 -> 0.34; 16 -> 16 on 16x16 0.31 -> 0.32. Not past 3200 (16 -> 32 on 16x16 0.48 ->
 // 0.62, 16 -> 128 on 56x56 2.31 -> 2.50, 16 -> 64 level), nor at batch 1 (16 -> 16 0.031 -> 0.040: one part
 // of the batch, one thread's sums).
+// Strided, with AVX-512 only, at most 27 taps and stride 2, and 32 output channels a group or 32x32 outputs
+// (the 3-channel first layers of MobileNets and others at stride 2), against the GEMM timed between
+// torch's calls, batch 8: 3 -> 32 channels from 224x224 1.23 -> 0.98 ms, 3 -> 16 0.67 -> 0.48, 3 -> 128
+// 3.91 -> 3.66, batch 2 0.224 -> 0.211, CIFAR-sized 3 -> 16 from 32x32 at batch 64 0.131 -> 0.108, 1 -> 32
+// from 28x28 0.107 -> 0.081; but 3 -> 64 from 32x32 0.266 -> 0.299, 16 -> 16 (144 taps) 0.054 -> 0.083, and
+// with AVX2's blocks 3 -> 16 from 32x32 0.157 -> 0.189.
 inline bool sums_weight_gradient_directly(const Conv2dShape& s) {
   const int64_t taps = s.C_per_group() * s.R * s.S, Kg = s.K_per_group();
   const bool avx512 = active_build() == Isa::avx512;
   const bool blocks_fit = avx512 ? Kg <= 128 : taps * Kg <= 600;
   const bool more_taps = avx512 && s.N >= 2 && taps <= 144 && taps * Kg <= 3200;
-  const bool few_taps = blocks_fit && (taps <= 27 || more_taps) && s.win.stride_h == 1 && s.win.stride_w == 1 &&
-                        !is_pointwise(s);
+  const bool unit_stride = s.win.stride_h == 1 && s.win.stride_w == 1;
+  const bool strided = avx512 && taps <= 27 && s.win.stride_h <= 2 && s.win.stride_w <= 2 &&
+                       (Kg <= 32 || s.P * s.Q >= 32 * 32);
+  const bool few_taps = blocks_fit && (taps <= 27 || more_taps) && (unit_stride || strided) && !is_pointwise(s);
   return has_few_weights(s) || few_taps || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100));
 }
 
