@@ -247,8 +247,11 @@ CONV_CASES = {
     # forward from the padded, stride-phase-split copy of x (conv_rows.cpp): the per-image path (P*Q >=
     # 1024), the batch-1 path (threads share the copy and split the rows), stride 3 with dilation and
     # asymmetric padding, groups (more output channels per group than the direct sums take), and a depth
-    # past one GEMM block (C/g*R*S = 279 > 256) with 37 output channels (a part-empty register strip)
-    "rows_per_image_deep": conv_case((3, 31, 66, 71), (37, 31, 3, 3), stride=2, padding=1),
+    # past one GEMM block (C/g*R*S = 279 > 256) with 37 output channels (a part-empty register strip), on 32
+    # columns (whole vectors: deep strided layers on rows that leave lanes empty go wide, as the next case)
+    "rows_per_image_deep": conv_case((3, 31, 66, 63), (37, 31, 3, 3), stride=2, padding=1),
+    # 288 taps, stride 2, 38 columns (a fifth of the per-row plan's lanes empty): wide rows of the copy's phases
+    "wide_rows_strided_deep": conv_case((2, 32, 30, 75), (24, 32, 3, 3), stride=2, padding=1),
     "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
                                              padding=((1, 2), (3, 0))),
     "rows_grouped": conv_case((3, 6, 36, 66), (80, 3, 3, 3), padding=1, groups=2),  # 40 > 32 per group
@@ -451,9 +454,9 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
-                "wide_rows_stride2", "gathered_runs_n1", "gathered_short_rows", "gathered_runs_k300",
-                "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70", "few_taps_5x5_n1", "few_taps_strided",
-                "col2im_pairs_dilated"]
+                "wide_rows_stride2", "wide_rows_strided_deep", "gathered_runs_n1", "gathered_short_rows",
+                "gathered_runs_k300", "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70",
+                "few_taps_5x5_n1", "few_taps_strided", "col2im_pairs_dilated"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]
@@ -485,6 +488,9 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
     # strided, on rows shorter than the per-row plan takes: wide rows of the copy split into row phases too
     for name in ["wide_rows_stride2", "batch_halves_odd_n"]:
         assert reads_rows_in_place(CONV_CASES[name], dtype) == "wide", name
+    # strided, with 256 taps or more on rows that leave over a twelfth of the per-row plan's lanes empty
+    # (float32: 38 columns in vectors of 16; not float64, whose vectors of 8 leave 2 of 40)
+    assert (reads_rows_in_place(CONV_CASES["wide_rows_strided_deep"], dtype) == "wide") == (dtype == np.float32)
     assert reads_rows_in_place(conv_case((2, 256, 56, 56), (512, 256, 1, 1), stride=2), dtype) is None
     assert reads_rows_in_place(conv_case((8, 64, 56, 56), (64, 64, 3, 3), padding=1), dtype) is None  # Winograd
     # 256 channels of 5 dilated rows: 225 KB of inputs per output row in float32, past the per-row plan's L2

@@ -56,9 +56,10 @@ bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes)
 
 namespace {
 // Strided layers take wide rows, forward and backward-weight, only where the per-row plan does not apply
-// (rows under 32 columns): resnet_stem's forward took 10 % longer wide; 3x3 stride-2 layers on 16x16 to
-// 28x28 outputs forward 8-20 % less than on gathered columns (128 -> 256 channels on 28x28 at batch 8 9.4
-// -> 8.6 ms), backward-weight within 5 % (which the copy's row phases had slowed 3-8 %).
+// (rows under 32 columns; for the forward, also strided_rows_go_wide's): resnet_stem's forward took 10 %
+// longer wide; 3x3 stride-2 layers on 16x16 to 28x28 outputs forward 8-20 % less than on gathered columns
+// (128 -> 256 channels on 28x28 at batch 8 9.4 -> 8.6 ms), backward-weight within 5 % (which the copy's row
+// phases had slowed 3-8 %).
 bool strided_per_row(const Conv2dShape& s, int64_t element_bytes) {
   return (s.win.stride_h > 1 || s.win.stride_w > 1) && conv2d_forward_by_rows_applies(s, element_bytes);
 }
@@ -66,8 +67,21 @@ bool strided_per_row(const Conv2dShape& s, int64_t element_bytes) {
 
 namespace {
 
+// Strided layers the per-row plan takes go wide only with 256 taps or more per output (the result's trip
+// through a buffer into y is then small beside its sums) and rows that leave over a twelfth of the per-row
+// plan's lanes empty. Batch 8 unless said, float32, timed between torch's calls: AlexNet's first layer
+// (11x11, stride 4, 55 columns) 4.70 -> 4.26 ms, at batch 1 0.582 -> 0.498; 3x3 stride 2 from 112x112 (56
+// columns) 64 -> 128 channels 11.4 -> 10.2, 32 -> 64 3.36 -> 2.87. Not with 32 columns (full vectors: 128
+// channels 3x3 and 32 -> 64 5x5 from 64x64 5 % slower), nor with 27 taps (MobileNet's first layer, 112
+// columns, 0.52 -> 0.66).
+bool strided_rows_go_wide(const Conv2dShape& s, int64_t element_bytes) {
+  const int64_t lanes = 64 / element_bytes;
+  const double fill = double(s.Q) / double((s.Q + lanes - 1) / lanes * lanes);
+  return s.C_per_group() * s.R * s.S >= 256 && fill < 12.0 / 13.0;
+}
+
 bool wide_rows_allowed(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.R * s.S < 2 || strided_per_row(s, element_bytes)) return false;
+  if (s.R * s.S < 2 || (strided_per_row(s, element_bytes) && !strided_rows_go_wide(s, element_bytes))) return false;
   // At batch 1 only on rows as wide as the per-row plan takes: there the threads split one image's rows,
   // and on short ones (512 channels on 7x7) each share re-read megabytes of weights for a few columns.
   return !(s.N == 1 && s.Q < 32);
