@@ -636,7 +636,8 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
   if (conv2d_backward_weight_by_phases_chosen(s)) return conv2d_backward_weight_by_phases(s, grad_y, x, grad_w);
-  if (conv2d_backward_weight_per_group_chosen(s, sizeof(T))) return conv2d_backward_weight_per_group(s, grad_y, x, grad_w);
+  if (conv2d_backward_weight_per_group_chosen(s, sizeof(T)))
+    return conv2d_backward_weight_per_group(s, grad_y, x, grad_w);
   if (conv2d_backward_weight_small_groups_chosen(s, sizeof(T))) {
     conv2d_backward_weight_small_groups(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the paths below recompute grad_w (see all_finite)

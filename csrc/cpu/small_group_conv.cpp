@@ -54,7 +54,7 @@ namespace pykernels::cpu {
   template <typename T>                                                                                \
   void small_group_direct_backward_input(const Conv2dShape&, const T*, const T*, T*);                  \
   template <typename T>                                                                                \
-  int64_t small_group_lanes();                                                                         \
+  int64_t small_group_vectors(int64_t);                                                                \
   bool small_group_wide_registers();                                                                   \
   }
 PYKERNELS_DECLARE_SMALL_GROUP_WINOGRAD(portable)
@@ -67,8 +67,8 @@ PYKERNELS_DECLARE_SMALL_GROUP_WINOGRAD(avx512)
 namespace {
 
 template <typename T>
-int64_t lanes() {
-  PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_lanes<T>())
+int64_t build_vectors(int64_t channels) {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_vectors<T>(channels))
 }
 
 bool wide_registers() { PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_wide_registers()) }
@@ -78,10 +78,8 @@ bool wide_registers() { PYKERNELS_RETURN_ON_BUILD(active_build(), small_group_wi
 // (set_conv_algorithm("gemm")).
 int64_t group_vectors(const Conv2dShape& s, int64_t element_bytes) {
   if (!(s.groups > 1 && s.C_per_group() == s.K_per_group() && std::strcmp(conv_algorithm(), "auto") == 0)) return 0;
-  const int64_t L = element_bytes == int64_t(sizeof(float)) ? lanes<float>() : lanes<double>();
-  for (int64_t v = 1; v <= 4; ++v)
-    if (s.C_per_group() == v * L) return v;
-  return 0;
+  const int64_t G = s.C_per_group();
+  return element_bytes == int64_t(sizeof(float)) ? build_vectors<float>(G) : build_vectors<double>(G);
 }
 
 bool winograd_window(const Conv2dShape& s) {
