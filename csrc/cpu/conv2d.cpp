@@ -323,13 +323,12 @@ template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
   if (conv2d_forward_by_phases_chosen(s, sizeof(T))) return conv2d_forward_by_phases(s, x, w, bias, y);
   if (conv2d_forward_per_group_chosen(s, sizeof(T))) return conv2d_forward_per_group(s, x, w, bias, y);
+  // Both check y as they write it; the paths below recompute a y that came out not finite (see all_finite).
   if (conv2d_winograd_chosen(s, sizeof(T))) {
-    conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y);
-    if (all_finite(y, s.y_numel())) return;  // else the GEMM below recomputes y (see all_finite)
+    if (conv2d_winograd(s, x, WinogradFilters<T>{w, s.C * 9, 9, false}, bias, y)) return;
   } else if (conv2d_forward_split_winograd(s, x, w, bias, y)) {
-    if (all_finite(y, s.y_numel())) return;  // likewise
+    return;
   }
-  // Else the paths below recompute a y that came out not finite (see all_finite)
   if (conv2d_small_group_winograd_chosen(s, sizeof(T)) &&
       conv2d_small_group_winograd(s, x, WinogradFilters<T>{w, s.C_per_group() * 9, 9, false}, bias, y))
     return;
@@ -389,8 +388,8 @@ bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* 
   const std::optional<Conv2dShape> t = winograd_transposed_shape(s, sizeof(T));
   if (!t) return false;
   // Filter (c, k) of the transposed convolution is w[k][c] rotated 180 degrees.
-  conv2d_winograd<T>(*t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
-  return all_finite(grad_x, s.x_numel());  // else the GEMM path recomputes grad_x (see all_finite)
+  // It checks grad_x as it writes it; if not finite, the GEMM path recomputes it (see all_finite).
+  return conv2d_winograd<T>(*t, grad_y, WinogradFilters<T>{w, 9, s.C * 9, true}, nullptr, grad_x);
 }
 
 // Few output positions per image (resnet_3x3_512's 7x7), as in forward_as_batch_gemm: one GEMM per

@@ -191,8 +191,10 @@ struct WinogradFilters {
   int64_t k_stride, c_stride;
   bool flipped;
 };
+// Returns whether y is all finite (checked as it is written; else the caller recomputes it: conv2d.cpp's
+// all_finite).
 template <typename T>
-void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
+bool conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y);
 // grad_w of a layer winograd_backward_weight_applies to (F(4x4)); same contract as conv2d_backward_weight.
 // Returns whether grad_w is all finite (else the caller recomputes it: conv2d.cpp's all_finite).
 template <typename T>
@@ -214,9 +216,9 @@ WinogradInput<T> plain_winograd_input(const Conv2dShape& s, const T* x) {
   return {x, s.C, s.H, s.W, {s.win.pad_top}, {s.win.pad_left}};
 }
 // conv2d_winograd and conv2d_backward_weight_winograd reading x so, on F(4x4) (winograd_f2_applies(s) must
-// be false for the forward).
+// be false for the forward). Both return whether their result is all finite.
 template <typename T>
-void conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
+bool conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
                            const T* bias, T* y);
 template <typename T>
 bool conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, const WinogradInput<T>& x, T* grad_w);
@@ -224,7 +226,8 @@ bool conv2d_backward_weight_winograd_of(const Conv2dShape& s, const T* grad_y, c
 // split_kernel.cpp -- 4x4 to 6x6 kernels, stride 1, undilated, one group, as a 3x3 layer of four times the
 // input channels on the Winograd path: whether forward (and backward-input's transposed convolution, a
 // forward) and backward-weight take it at element_bytes per value; the passes, which return false where it
-// is not chosen. A result holding NaN or inf is recomputed on the other paths (conv2d.cpp, all_finite).
+// is not chosen, and forward also where its y came out not finite (checked as it is written). A result
+// holding NaN or inf is recomputed on the other paths (conv2d.cpp, all_finite).
 bool conv2d_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_backward_weight_split_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
 // Their cost models' share of direct convolution's cost (chosen below 1; infinity where the path does not

@@ -101,8 +101,7 @@ bool conv2d_forward_split_winograd(const Conv2dShape& s, const T* x, const T* w,
   const Conv2dShape t = *pieces_shape(s);
   T* filters = reusable_buffer<T, 0>(t.w_numel());
   piece_filters(s, w, filters);
-  conv2d_winograd_f4_of<T>(t, pieces_input(s, x), WinogradFilters<T>{filters, t.C * 9, 9, false}, bias, y);
-  return true;
+  return conv2d_winograd_f4_of<T>(t, pieces_input(s, x), WinogradFilters<T>{filters, t.C * 9, 9, false}, bias, y);
 }
 
 template <typename T>

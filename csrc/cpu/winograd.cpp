@@ -11,12 +11,12 @@ namespace pykernels::cpu {
 #define PYKERNELS_DECLARE_WINOGRAD(ns)                                                                        \
   namespace ns {                                                                                              \
   template <typename T>                                                                                       \
-  void conv2d_winograd(const Conv2dShape&, const WinogradInput<T>&, const WinogradFilters<T>&,               \
+  bool conv2d_winograd(const Conv2dShape&, const WinogradInput<T>&, const WinogradFilters<T>&,               \
                        const PackedLayout&, const T*, T*);                                                    \
   template <typename T>                                                                                       \
   bool conv2d_backward_weight_winograd(const Conv2dShape&, const T*, const WinogradInput<T>&, T*);           \
   template <typename T>                                                                                       \
-  void conv2d_winograd_f2(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*);            \
+  bool conv2d_winograd_f2(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*);            \
   }
 PYKERNELS_DECLARE_WINOGRAD(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -175,7 +175,7 @@ double winograd_backward_weight_cost(const Conv2dShape& s) {
 }
 
 template <typename T>
-void conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
+bool conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,
                            const T* bias, T* y) {
   // The transformed filters are packed for the active GEMM build; the transforms run on the same one.
   const PackedLayout layout = packed_layout<T>(s.K, s.C);
@@ -183,11 +183,11 @@ void conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, cons
 }
 
 template <typename T>
-void conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
+bool conv2d_winograd(const Conv2dShape& s, const T* x, const WinogradFilters<T>& filters, const T* bias, T* y) {
   if (winograd_f2_applies(s, sizeof(T))) {
     PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_winograd_f2<T>(s, x, filters, bias, y))
   }
-  conv2d_winograd_f4_of(s, plain_winograd_input(s, x), filters, bias, y);
+  return conv2d_winograd_f4_of(s, plain_winograd_input(s, x), filters, bias, y);
 }
 
 template <typename T>
@@ -202,13 +202,13 @@ bool conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, cons
 
 template bool conv2d_backward_weight_winograd<float>(const Conv2dShape&, const float*, const float*, float*);
 template bool conv2d_backward_weight_winograd<double>(const Conv2dShape&, const double*, const double*, double*);
-template void conv2d_winograd<float>(const Conv2dShape&, const float*, const WinogradFilters<float>&, const float*,
+template bool conv2d_winograd<float>(const Conv2dShape&, const float*, const WinogradFilters<float>&, const float*,
                                      float*);
-template void conv2d_winograd<double>(const Conv2dShape&, const double*, const WinogradFilters<double>&,
+template bool conv2d_winograd<double>(const Conv2dShape&, const double*, const WinogradFilters<double>&,
                                       const double*, double*);
-template void conv2d_winograd_f4_of<float>(const Conv2dShape&, const WinogradInput<float>&,
+template bool conv2d_winograd_f4_of<float>(const Conv2dShape&, const WinogradInput<float>&,
                                            const WinogradFilters<float>&, const float*, float*);
-template void conv2d_winograd_f4_of<double>(const Conv2dShape&, const WinogradInput<double>&,
+template bool conv2d_winograd_f4_of<double>(const Conv2dShape&, const WinogradInput<double>&,
                                             const WinogradFilters<double>&, const double*, double*);
 template bool conv2d_backward_weight_winograd_of<float>(const Conv2dShape&, const float*, const WinogradInput<float>&,
                                                         float*);
