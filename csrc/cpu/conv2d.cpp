@@ -716,7 +716,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
       const BatchCopyTransposed<T> copy_t{&s, runs + n0 * image_stride + g * group_stride, image_stride, row_stride,
                                           taps.data(), col0};
       const CopyGather<T> gather = gathered ? gathered->of_group(g, n0, col0) : CopyGather<T>{};
-      const BPacker<T> col_transposed = runs       ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t}
+      const BPacker<T> col_transposed = runs       ? BPacker<T>{conv_packers<T>().batch_copy_transposed, &copy_t,
+                                                                conv_packers<T>().batch_copy_transposed_runs}
                                         : gathered ? BPacker<T>{conv_packers<T>().copy_gather_transposed, &gather}
                                                    : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
       T* out = (half == 0 ? grad_w : second_half.data()) + g * Kg * CRS + col0;

@@ -155,7 +155,8 @@ StridedPackers<T> active_strided_packers() {
 
 template <typename T>
 BPacker<T> b_packer_for(const StridedMatrix<T>& b) {
-  return BPacker<T>{active_strided_packers<T>().b, &b};
+  const StridedPackers<T> packers = active_strided_packers<T>();
+  return BPacker<T>{packers.b, &b, packers.b_runs};
 }
 
 // A as an APacker through its transpose (a_transposed = A with the two strides swapped).

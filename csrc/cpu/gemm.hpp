@@ -30,11 +30,17 @@ struct StridedMatrix {
 
 // B by blocks: pack(ctx, k0, kc, j0, nc, nr, out) writes rows [k0, k0+kc) x columns [j0, j0+nc) of B
 // as strips of nr columns (strip s at out + s*kc*nr; for each k, nr consecutive values; columns past
-// nc are zero).
+// nc are zero). Optionally, where pack reads such a block as runs of memory (rows of a B read in place,
+// or columns of x): source_runs(ctx, k0, kc, j0, nc, starts, run_bytes) puts the runs' first bytes in
+// starts (at most max(kc, nc) of them) and their length in run_bytes, and returns how many; the GEMM
+// prefetches the next block's runs while it multiplies the one before (gemm_impl.inc, NextPanelLines).
+// They are only prefetched, never read: an approximate answer costs time, not correctness.
 template <typename T>
 struct BPacker {
   void (*pack)(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, T* out);
   const void* ctx;
+  int64_t (*source_runs)(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t nc, const char** starts,
+                         int64_t* run_bytes) = nullptr;
 };
 
 // A by blocks: pack(ctx, i0, mc, k0, kc, mr, out) writes rows [i0, i0+mc) x columns [k0, k0+kc) of A as
@@ -51,6 +57,7 @@ template <typename T>
 struct StridedPackers {
   decltype(BPacker<T>::pack) b;
   decltype(APacker<T>::pack) a;
+  decltype(BPacker<T>::source_runs) b_runs;
 };
 
 // How a row-major A (column stride 1) that meets few columns of B is read: packed into register strips (the

@@ -84,6 +84,7 @@ struct ConvPackers {
   decltype(BPacker<T>::pack) col;                   // B = col of one group from an Im2colSource
   decltype(BPacker<T>::pack) batch_col_transposed;  // B = col^T over the batch from a BatchColTransposed
   decltype(BPacker<T>::pack) batch_copy_transposed;  // the same from a BatchCopyTransposed
+  decltype(BPacker<T>::source_runs) batch_copy_transposed_runs;  // the runs of x or its copy that it reads
   decltype(APacker<T>::pack) grad_out_rows;         // A = grad_y's rows over the batch from a GradOutRows
   decltype(BPacker<T>::pack) batch_grad_out;        // B = grad_y over the batch from a BatchGradOut
   decltype(BPacker<T>::pack) copy_gather;           // B = col over the batch from a CopyGather
