@@ -722,8 +722,8 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
                                                    : BPacker<T>{conv_packers<T>().batch_col_transposed, &col_t};
       T* out = (half == 0 ? grad_w : second_half.data()) + g * Kg * CRS + col0;
       // out[:, col0:col1] = GY_g (Kg x n*PQ) * COL^T[:, col0:col1] (n*PQ x cols), n over [n0, n1)
-      gemm<T>(Kg, col1 - col0, (n1 - n0) * PQ, APacker<T>{conv_packers<T>().grad_out_rows, &gy}, col_transposed, out,
-              CRS, false);
+      const APacker<T> gy_rows{conv_packers<T>().grad_out_rows, &gy, conv_packers<T>().grad_out_rows_runs};
+      gemm<T>(Kg, col1 - col0, (n1 - n0) * PQ, gy_rows, col_transposed, out, CRS, false);
     });
   }
   errors.rethrow();

@@ -45,10 +45,13 @@ struct BPacker {
 
 // A by blocks: pack(ctx, i0, mc, k0, kc, mr, out) writes rows [i0, i0+mc) x columns [k0, k0+kc) of A as
 // strips of mr rows (strip s at out + s*kc*mr; for each k, mr consecutive values; rows past mc zero).
+// source_runs(ctx, i0, mc, k0, kc, starts, run_bytes): as BPacker's (at most max(mc, kc) runs).
 template <typename T>
 struct APacker {
   void (*pack)(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t mr, T* out);
   const void* ctx;
+  int64_t (*source_runs)(const void* ctx, int64_t i0, int64_t mc, int64_t k0, int64_t kc, const char** starts,
+                         int64_t* run_bytes) = nullptr;
 };
 
 // The packers of a StridedMatrix in one instruction-set build: b packs it as B; a packs A from a

@@ -86,6 +86,7 @@ struct ConvPackers {
   decltype(BPacker<T>::pack) batch_copy_transposed;  // the same from a BatchCopyTransposed
   decltype(BPacker<T>::source_runs) batch_copy_transposed_runs;  // the runs of x or its copy that it reads
   decltype(APacker<T>::pack) grad_out_rows;         // A = grad_y's rows over the batch from a GradOutRows
+  decltype(APacker<T>::source_runs) grad_out_rows_runs;  // the runs of grad_y that it reads
   decltype(BPacker<T>::pack) batch_grad_out;        // B = grad_y over the batch from a BatchGradOut
   decltype(BPacker<T>::pack) copy_gather;           // B = col over the batch from a CopyGather
   decltype(BPacker<T>::pack) copy_gather_transposed;  // B = col^T over the batch from a CopyGather
