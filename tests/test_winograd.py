@@ -3,7 +3,9 @@ layers with few tiles, F(2x2, 3x3) (csrc/cpu/winograd_f2_impl.inc).
 
 3x3 stride-1 layers with enough channels and tiles take F(4x4) for the forward and backward-weight
 passes, and for the backward-input pass as the transposed convolution (padding <= 2); layers with 64
-channels or more and too few tiles for F(4x4) take F(2x2) for forward and backward-input. Every case
+channels or more and too few tiles for F(4x4) take F(2x2) for forward and backward-input, and, from 32
+tiles (float64: 48) where F(4x4)'s backward-weight does not apply, for backward-weight
+(csrc/cpu/winograd_f2_weight_impl.inc). Every case
 here is checked to take the path it is meant to test, and runs under both algorithms ('auto' and
 'gemm') so the two agree.
 """
@@ -79,6 +81,17 @@ F2_CASES = {
     # 49 tiles of 2x2 where F(4x4) would also pay (16 tiles of 4x4), taken as the cheaper (F(4x4) in float64)
     "chosen_over_f4": ((1, 128, 14, 14), (128, 128, 3, 3), 1),
 }
+# Backward-weight on F(2x2): 32 to 64 tiles (float64: 48 to 64) where F(4x4)'s backward-weight does not apply.
+# Its sums go in blocks of 48 output channels (float64: 24) x 96 input channels, input channels in the GEMM's
+# strips (48 or 16 in float32; the last one padded).
+F2_WEIGHT_CASES = {
+    # resnet_3x3_512 at batch 2: 32 tiles
+    "resnet_512_batch2": ((2, 512, 7, 7), (512, 512, 3, 3), 1),
+    # 40 tiles, 2 blocks of output channels (48 + 27), 70 input channels in one block (a padded strip), odd P and Q
+    "ragged_channels_asym_pad_batch2": ((2, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
+    # 48 tiles and over 16 MiB of F(4x4) sums in float64: F(2x2) in both precisions, ragged blocks both ways
+    "ragged_350_float64": ((3, 350, 7, 7), (340, 350, 3, 3), 1),
+}
 
 
 def _pads(x_shape, padding):
@@ -113,6 +126,37 @@ def test_f2_cases_take_the_f2_path(name, itemsize):
     transposed_pads = tuple(2 - p for p in pads)
     assert _pykernels_cpu.conv2d_winograd_is_f2(transposed_x, (w_shape[1], w_shape[0], 3, 3), (1, 1), transposed_pads,
                                                 (1, 1), 1, itemsize) == f2
+    # backward-weight: F(2x2) from 32 tiles, which of these only pad2 has in float32 (chosen_over_f4's 49 take
+    # F(4x4), and float64 needs 48)
+    f2_weight = name == "pad2" and itemsize == 4
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer) == f2_weight
+
+
+@pytest.mark.parametrize("itemsize", [4, 8], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(F2_WEIGHT_CASES))
+def test_f2_weight_cases_take_the_f2_backward_weight_path(name, itemsize):
+    x_shape, w_shape, padding = F2_WEIGHT_CASES[name]
+    layer = (w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+    f2 = itemsize == 4 or min(w_shape[:2]) >= 256 and name != "resnet_512_batch2"  # float64: 48 tiles at least
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer, itemsize) == f2
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, *layer)
+
+
+def test_f2_backward_weight_rule():
+    layer_512 = ((512, 512, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    for batch, f32, f64 in ((1, False, False), (2, True, False), (3, True, True), (4, True, True), (5, False, False)):
+        assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((batch, 512, 7, 7), *layer_512, 4) == f32
+        assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((batch, 512, 7, 7), *layer_512, 8) == f64
+    # not where F(4x4)'s backward-weight applies (256 channels on 14x14 at batch 1), nor under 'gemm'
+    layer_256 = ((256, 256, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), *layer_256)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((1, 256, 14, 14), *layer_256, 4)
+    previous = _pykernels_cpu.conv_algorithm()
+    try:
+        _pykernels_cpu.set_conv_algorithm("gemm")
+        assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((2, 512, 7, 7), *layer_512, 4)
+    finally:
+        _pykernels_cpu.set_conv_algorithm(previous)
 
 
 def test_small_or_strided_layers_do_not():
@@ -164,9 +208,9 @@ TOLERANCE = {np.float32: 3e-5, np.float64: 1e-12}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD) + list(F2_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD) + list(F2_CASES) + list(F2_WEIGHT_CASES))
 def test_forward_and_backward_input_match_reference(algorithm, name, dtype):
-    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD, **F2_CASES}[name]
+    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD, **F2_CASES, **F2_WEIGHT_CASES}[name]
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
@@ -196,9 +240,11 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
-def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path):
-    # The blocks of D are fixed by the layer, each summed by one thread: the same bits on one thread.
-    x_shape, w_shape, padding = CASES["sums_in_blocks"]
+@pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2"])
+def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path, name):
+    # The blocks of D (F(4x4) through L2, F(2x2)) are fixed by the layer, each summed by one thread: the same
+    # bits on one thread.
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES}[name]
     rng = np.random.default_rng(5)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -266,12 +312,12 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
 
 @pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
                                   "streamed_filters", "sums_in_blocks", "ragged_channels_asym_pad", "valid_batch3",
-                                  "ragged_256_float64"])
+                                  "ragged_256_float64", "ragged_channels_asym_pad_batch2", "ragged_350_float64"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (F(4x4): register
     # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 48 output channels
     # on AVX-512, 16 on the others, and tiles read 8 or 6 at a time).
-    x_shape, w_shape, padding = {**CASES, **F2_CASES}[name]
+    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES}[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     want = ref.conv2d(x, w, padding=padding)
@@ -286,30 +332,34 @@ def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
         assert _relative_error(gw, want_gw) < TOLERANCE[dtype], (isa, dtype)
 
 
+@pytest.mark.parametrize("name", ["same_odd", "ragged_channels_asym_pad_batch2"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(bad):
+def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(bad, name):
     # Backward-weight sums grad_out against x over every tile; a non-finite grad_out leaves non-finite
-    # values in Winograd's gradient, so the pass is recomputed on the GEMM path and only the weights whose
-    # sums include that value become non-finite.
-    x_shape, w_shape, padding = CASES["same_odd"]
+    # values in Winograd's gradient (F(4x4), F(2x2)), so the pass is recomputed on the GEMM path and only the
+    # weights whose sums include that value become non-finite.
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES}[name]
+    dtype = np.float32 if name in F2_WEIGHT_CASES else np.float64  # F(2x2) takes 70 channels in float32 only
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
     g[1, 3, 0, 0] = bad  # a corner: only some taps of output channel 3 see it
-    gw = pk.conv2d_backward(g, x, w, padding=padding, need_input=False, need_bias=False)[1]
+    gw = pk.conv2d_backward(g.astype(dtype), x.astype(dtype), w.astype(dtype), padding=padding, need_input=False,
+                            need_bias=False)[1]
     with np.errstate(invalid="ignore", over="ignore"):
         want = ref.conv2d_backward(g, x, w, padding=padding)[1]
     assert np.array_equal(np.isfinite(gw), np.isfinite(want))
     assert not np.isfinite(gw[3]).all() and np.isfinite(np.delete(gw, 3, axis=0)).all()
 
 
-# Backward-weight's three ways to its sums D (winograd_impl.inc), each checking grad_w as it writes it:
-# by parts of the tiles (K * C <= 64 * 64, 96 tiles or more), whole (here 1.5 MB of float64 sums), and by
-# blocks through L2 (over 4 MiB of sums, every tile in one chunk).
+# Backward-weight's three ways to its sums D on F(4x4) (winograd_impl.inc), each checking grad_w as it
+# writes it: by parts of the tiles (K * C <= 64 * 64, 96 tiles or more), whole (here 1.5 MB of float64
+# sums), and by blocks through L2 (over 4 MiB of sums, every tile in one chunk); and F(2x2)'s.
 WEIGHT_SUM_CASES = {
     "by_tile_parts": CASES["tiles_with_ragged_edge"],
     "whole_sums": ((2, 72, 12, 13), (73, 72, 3, 3), 1),
     "sums_in_blocks": CASES["sums_in_blocks"],
+    "f2": F2_WEIGHT_CASES["ragged_channels_asym_pad_batch2"],
 }
 # (case, value, position): the position inside the image, in a corner and in the last (cut) tile; on the
 # slow case to check (sums_in_blocks) only inside.
@@ -322,17 +372,22 @@ NON_FINITE_X = [(name, bad, at) for name in WEIGHT_SUM_CASES for bad in (np.nan,
 def test_non_finite_x_reaches_exactly_the_weight_gradients_direct_summation_reaches(name, bad, at):
     # The same for a NaN or inf in x, on each of backward-weight's ways to its sums.
     x_shape, w_shape, padding = WEIGHT_SUM_CASES[name]
-    pads = _pads(x_shape, padding)
-    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, w_shape, (1, 1), pads, (1, 1), 1)
+    layer = (x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+    dtype = np.float32 if name == "f2" else np.float64  # F(2x2) takes this layer's 70 channels in float32 only
+    if name == "f2":
+        assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(*layer, 4)
+    else:
+        assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
     x[at] = bad
-    gw = pk.conv2d_backward(g, x, w, padding=padding, need_input=False, need_bias=False)[1]
+    gw = pk.conv2d_backward(g.astype(dtype), x.astype(dtype), w.astype(dtype), padding=padding, need_input=False,
+                            need_bias=False)[1]
     with np.errstate(invalid="ignore", over="ignore"):
         want = ref.conv2d_backward(g, x, w, padding=padding)[1]
     assert not np.isfinite(want).all()
     assert np.array_equal(np.isnan(gw), np.isnan(want))
     assert np.array_equal(np.isinf(gw), np.isinf(want))
     finite = np.isfinite(want)
-    assert _relative_error(np.where(finite, gw, 0), np.where(finite, want, 0)) < 1e-12
+    assert _relative_error(np.where(finite, gw, 0), np.where(finite, want, 0)) < TOLERANCE[dtype]

@@ -17,6 +17,8 @@ namespace pykernels::cpu {
   bool conv2d_backward_weight_winograd(const Conv2dShape&, const T*, const WinogradInput<T>&, T*);           \
   template <typename T>                                                                                       \
   bool conv2d_winograd_f2(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*);            \
+  template <typename T>                                                                                       \
+  bool conv2d_backward_weight_winograd_f2(const Conv2dShape&, const T*, const T*, T*);                       \
   }
 PYKERNELS_DECLARE_WINOGRAD(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -173,6 +175,30 @@ double winograd_backward_weight_cost(const Conv2dShape& s) {
   return winograd_backward_weight_applies(s) ? f4_cost(s, backward_weight_per_value(s))
                                              : std::numeric_limits<double>::infinity();
 }
+
+// Backward-weight on F(2x2) (winograd_f2_weight_impl.inc) with forward's channel and tile bounds, where
+// F(4x4)'s backward-weight does not apply and there are 32 tiles at least (float64: 48): its GEMMs are as
+// deep as the tiles, and at 16 (resnet_3x3_512 at batch 1) they ran at 80 % of the FMA peak, which with
+// G'^T D G' on each of the 262,144 filters took 0.60 ms against the GEMM path's 0.53. Timed between torch's
+// calls, float32, ms: 512 channels on 7x7 at batch 2 1.07 -> 0.87, at batch 3 1.59 -> 1.24, at batch 4
+// 2.09 -> 1.62; on 10x10 at batch 2 2.08 -> 1.28; on 14x14 at batch 1 2.06 -> 1.47; 256 on 7x7 at batch 2
+// 0.279 -> 0.254; 64 and 128 on 7x7 at batch 2 level. float64: 512 on 14x14 at batch 1 4.12 -> 3.02, on 7x7
+// at batch 4 4.21 -> 3.80, but at batch 2 (32 tiles) 2.09 -> 2.23.
+bool winograd_backward_weight_f2_applies(const Conv2dShape& s, int64_t element_bytes) {
+  const int64_t min_channels = element_bytes > 4 ? 256 : 64, min_tiles = element_bytes > 4 ? 48 : 32;
+  if (!(is_winograd_shape(s) && s.C >= min_channels && s.K >= min_channels)) return false;
+  const double tiles = f2_tiles(s);
+  return tiles >= double(min_tiles) && tiles <= 64 && f2_cost(s) < conv2d_direct_cost(s) &&
+         !winograd_backward_weight_applies(s);
+}
+
+template <typename T>
+bool conv2d_backward_weight_winograd_f2(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_winograd_f2<T>(s, grad_y, x, grad_w))
+}
+
+template bool conv2d_backward_weight_winograd_f2<float>(const Conv2dShape&, const float*, const float*, float*);
+template bool conv2d_backward_weight_winograd_f2<double>(const Conv2dShape&, const double*, const double*, double*);
 
 template <typename T>
 bool conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,

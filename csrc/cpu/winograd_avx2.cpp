@@ -2,3 +2,4 @@
 #define PYKERNELS_ISA avx2
 #include "cpu/winograd_impl.inc"
 #include "cpu/winograd_f2_impl.inc"
+#include "cpu/winograd_f2_weight_impl.inc"
