@@ -61,10 +61,9 @@ CASES = {
 # Padding 3 on a 3x3 kernel: forward on Winograd, backward-input falls back to GEMM (pad > 2).
 FALLBACK_BACKWARD = {"pad3": ((2, 8, 30, 30), (8, 8, 3, 3), 3)}
 # F(2x2, 3x3): 64 channels or more in float32 (256 in float64), too few tiles for F(4x4). The output
-# channels go in strips of the GEMM's register tile width (float32: 48 on AVX-512, 16 on AVX2 and portable;
-# float64: half), shared among the threads in whole vectors, their filters transformed 16 at a time (AVX-512),
-# then 8 (AVX2; float64: 4), then one by one; input channels in blocks of 64 (filter transform, input
-# transform).
+# channels go in strips of two vectors (float32: 32 on AVX-512, 16 on AVX2 and portable; float64: half),
+# shared among the threads in whole vectors, their filters transformed 16 at a time (AVX-512), then 8 (AVX2;
+# float64: 4), then one by one; input channels in blocks of 64 (filter transform, input transform).
 F2_CASES = {
     # resnet_3x3_512 at batch 1: 16 tiles of 2x2 on 7x7 outputs (the bottom and right ones cut).
     "resnet_512_batch1": ((1, 512, 7, 7), (512, 512, 3, 3), 1),
@@ -315,8 +314,8 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
                                   "ragged_256_float64", "ragged_channels_asym_pad_batch2", "ragged_350_float64"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (F(4x4): register
-    # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 48 output channels
-    # on AVX-512, 16 on the others, and tiles read 8 or 6 at a time).
+    # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 32 output channels
+    # on AVX-512 (backward-weight: 48 input channels), 16 on the others, and tiles read 8 or 6 at a time).
     x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES}[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)

@@ -211,6 +211,8 @@ bool set_isa(const char* name);
   template <typename T>                                                                                    \
   int64_t rows_of_a_strip_width(int64_t);                                                                  \
   template <typename T>                                                                                    \
+  int64_t rows_of_a_narrow_strip_width();                                                                  \
+  template <typename T>                                                                                    \
   StridedPackers<T> strided_packers();                                                                     \
   }
 
