@@ -136,7 +136,7 @@ def test_f2_cases_take_the_f2_path(name, itemsize):
 def test_f2_weight_cases_take_the_f2_backward_weight_path(name, itemsize):
     x_shape, w_shape, padding = F2_WEIGHT_CASES[name]
     layer = (w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
-    f2 = itemsize == 4 or min(w_shape[:2]) >= 256 and name != "resnet_512_batch2"  # float64: 48 tiles at least
+    f2 = itemsize == 4 or (min(w_shape[:2]) >= 256 and name != "resnet_512_batch2")  # float64: 48 tiles
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer, itemsize) == f2
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, *layer)
 
