@@ -91,6 +91,18 @@ F2_WEIGHT_CASES = {
     # 48 tiles and over 16 MiB of F(4x4) sums in float64: F(2x2) in both precisions, ragged blocks both ways
     "ragged_350_float64": ((3, 350, 7, 7), (340, 350, 3, 3), 1),
 }
+# Backward-weight on F(3, 2) along the rows, float32 only: fewer tiles than F(2x2)'s backward-weight takes, GEMMs
+# 18 to 128 tiles of two columns deep. Sums in blocks of 64 output x 96 input channels, input channels in the
+# GEMM's strips (48 or 16; the last one padded); AVX-512 stores 16 filters at a time, then one by one.
+ROWS_WEIGHT_CASES = {
+    # resnet_3x3_512 at batch 1: 7 rows x 4 column pairs (the last cut), 8 blocks of rows, 512 = 10 strips + 32
+    "resnet_512_batch1": ((1, 512, 7, 7), (512, 512, 3, 3), 1),
+    # 70 input channels (a padded strip after 48: 16 filters at a time, then 6), 75 output channels (64 + 11
+    # rows), odd P (9) and Q (7) from asymmetric padding
+    "ragged_channels_asym_pad": ((1, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
+    # three images: the tiles of each output row image by image; no padding, even Q
+    "valid_batch3": ((3, 64, 4, 14), (96, 64, 3, 3), 0),
+}
 
 
 def _pads(x_shape, padding):
@@ -139,6 +151,35 @@ def test_f2_weight_cases_take_the_f2_backward_weight_path(name, itemsize):
     f2 = itemsize == 4 or (min(w_shape[:2]) >= 256 and name != "resnet_512_batch2")  # float64: 48 tiles
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer, itemsize) == f2
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, *layer)
+
+
+@pytest.mark.parametrize("name", list(ROWS_WEIGHT_CASES))
+def test_rows_weight_cases_take_the_rows_backward_weight_path(name):
+    x_shape, w_shape, padding = ROWS_WEIGHT_CASES[name]
+    layer = (x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows(*layer, 4)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows(*layer, 8)  # float64: the GEMM
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(*layer, 4)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
+
+
+def test_rows_backward_weight_rule():
+    def rows(batch, channels, size, itemsize=4):
+        layer = ((channels, channels, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, itemsize)
+        return _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows((batch, channels, size, size), *layer)
+    assert rows(1, 512, 7) and rows(1, 512, 6) and rows(1, 64, 10)
+    assert not rows(1, 512, 5)  # GEMMs 15 tiles deep
+    assert not rows(2, 512, 7)  # F(2x2)'s backward-weight, from 32 tiles
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((2, 512, 7, 7), (512, 512, 3, 3), (1, 1),
+                                                                  (1, 1, 1, 1), (1, 1), 1, 4)
+    assert not rows(1, 256, 14)  # F(4x4)'s backward-weight
+    assert not rows(1, 32, 7) and not rows(1, 512, 7, itemsize=8)
+    previous = _pykernels_cpu.conv_algorithm()
+    try:
+        _pykernels_cpu.set_conv_algorithm("gemm")
+        assert not rows(1, 512, 7)
+    finally:
+        _pykernels_cpu.set_conv_algorithm(previous)
 
 
 def test_f2_backward_weight_rule():
@@ -207,9 +248,11 @@ TOLERANCE = {np.float32: 3e-5, np.float64: 1e-12}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD) + list(F2_CASES) + list(F2_WEIGHT_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD) + list(F2_CASES) + list(F2_WEIGHT_CASES) +
+                         list(ROWS_WEIGHT_CASES))
 def test_forward_and_backward_input_match_reference(algorithm, name, dtype):
-    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD, **F2_CASES, **F2_WEIGHT_CASES}[name]
+    x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD, **F2_CASES, **F2_WEIGHT_CASES,
+                                 **ROWS_WEIGHT_CASES}[name]
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
@@ -239,11 +282,12 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
-@pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2"])
+@pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2", "rows_ragged"])
 def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path, name):
-    # The blocks of D (F(4x4) through L2, F(2x2)) are fixed by the layer, each summed by one thread: the same
-    # bits on one thread.
-    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES}[name]
+    # The blocks of D (F(4x4) through L2, F(2x2), F(3, 2) along the rows) are fixed by the layer, each summed
+    # by one thread: the same bits on one thread.
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES,
+                                 "rows_ragged": ROWS_WEIGHT_CASES["ragged_channels_asym_pad"]}[name]
     rng = np.random.default_rng(5)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -311,12 +355,14 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
 
 @pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
                                   "streamed_filters", "sums_in_blocks", "ragged_channels_asym_pad", "valid_batch3",
-                                  "ragged_256_float64", "ragged_channels_asym_pad_batch2", "ragged_350_float64"])
+                                  "ragged_256_float64", "ragged_channels_asym_pad_batch2", "ragged_350_float64",
+                                  "rows_valid_batch3"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (F(4x4): register
     # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 32 output channels
     # on AVX-512 (backward-weight: 48 input channels), 16 on the others, and tiles read 8 or 6 at a time).
-    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES}[name]
+    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES,
+                                 "rows_valid_batch3": ROWS_WEIGHT_CASES["valid_batch3"]}[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     want = ref.conv2d(x, w, padding=padding)
@@ -331,14 +377,15 @@ def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
         assert _relative_error(gw, want_gw) < TOLERANCE[dtype], (isa, dtype)
 
 
-@pytest.mark.parametrize("name", ["same_odd", "ragged_channels_asym_pad_batch2"])
+@pytest.mark.parametrize("name", ["same_odd", "ragged_channels_asym_pad_batch2", "rows_valid_batch3"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(bad, name):
     # Backward-weight sums grad_out against x over every tile; a non-finite grad_out leaves non-finite
-    # values in Winograd's gradient (F(4x4), F(2x2)), so the pass is recomputed on the GEMM path and only the
-    # weights whose sums include that value become non-finite.
-    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES}[name]
-    dtype = np.float32 if name in F2_WEIGHT_CASES else np.float64  # F(2x2) takes 70 channels in float32 only
+    # values in Winograd's gradient (F(4x4), F(2x2), F(3, 2) along the rows), so the pass is recomputed on the
+    # GEMM path and only the weights whose sums include that value become non-finite.
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES,
+                                 "rows_valid_batch3": ROWS_WEIGHT_CASES["valid_batch3"]}[name]
+    dtype = np.float64 if name == "same_odd" else np.float32  # F(2x2) takes 70 channels in float32 only
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
@@ -359,6 +406,7 @@ WEIGHT_SUM_CASES = {
     "whole_sums": ((2, 72, 12, 13), (73, 72, 3, 3), 1),
     "sums_in_blocks": CASES["sums_in_blocks"],
     "f2": F2_WEIGHT_CASES["ragged_channels_asym_pad_batch2"],
+    "rows": ROWS_WEIGHT_CASES["ragged_channels_asym_pad"],
 }
 # (case, value, position): the position inside the image, in a corner and in the last (cut) tile; on the
 # slow case to check (sums_in_blocks) only inside.
@@ -372,9 +420,11 @@ def test_non_finite_x_reaches_exactly_the_weight_gradients_direct_summation_reac
     # The same for a NaN or inf in x, on each of backward-weight's ways to its sums.
     x_shape, w_shape, padding = WEIGHT_SUM_CASES[name]
     layer = (x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
-    dtype = np.float32 if name == "f2" else np.float64  # F(2x2) takes this layer's 70 channels in float32 only
+    dtype = np.float32 if name in ("f2", "rows") else np.float64  # F(2x2), F(3, 2): 70 channels in float32 only
     if name == "f2":
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(*layer, 4)
+    elif name == "rows":
+        assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows(*layer, 4)
     else:
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
     rng = np.random.default_rng(8)

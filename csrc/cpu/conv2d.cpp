@@ -222,6 +222,10 @@ bool conv2d_backward_weight_winograd_f2_chosen(const Conv2dShape& s, int64_t ele
   return winograd_enabled.load() && winograd_backward_weight_f2_applies(s, element_bytes);
 }
 
+bool conv2d_backward_weight_winograd_rows_chosen(const Conv2dShape& s, int64_t element_bytes) {
+  return winograd_enabled.load() && winograd_backward_weight_rows_applies(s, element_bytes);
+}
+
 bool set_conv_algorithm(const char* name) {
   if (std::strcmp(name, "auto") != 0 && std::strcmp(name, "gemm") != 0) return false;
   winograd_enabled.store(std::strcmp(name, "auto") == 0);
@@ -654,8 +658,10 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     conv2d_backward_weight_direct(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   }
-  if (conv2d_backward_weight_winograd_f2_chosen(s, sizeof(T))) {
-    // Both Winograd paths check their own result as they write it; if not finite, the GEMM below recomputes
+  if (conv2d_backward_weight_winograd_rows_chosen(s, sizeof(T))) {
+    if (conv2d_backward_weight_winograd_rows(s, grad_y, x, grad_w)) return;
+  } else if (conv2d_backward_weight_winograd_f2_chosen(s, sizeof(T))) {
+    // The Winograd paths check their own result as they write it; if not finite, the GEMM below recomputes
     // grad_w (all_finite).
     if (conv2d_backward_weight_winograd_f2(s, grad_y, x, grad_w)) return;
   } else if (conv2d_backward_weight_winograd_chosen(s)) {

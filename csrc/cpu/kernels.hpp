@@ -155,6 +155,8 @@ bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s, int64_t element
 bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
 // Whether backward-weight takes F(2x2, 3x3) (few tiles, at element_bytes per value), before F(4x4).
 bool conv2d_backward_weight_winograd_f2_chosen(const Conv2dShape& s, int64_t element_bytes);
+// Whether backward-weight takes F(3, 2) along the rows (fewer tiles still), before F(2x2).
+bool conv2d_backward_weight_winograd_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
 // Whether backward-input runs as the transposed convolution through conv2d_forward (conv2d.cpp), given
 // finite weights, at element_bytes per value; else col2im.
 bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s, int64_t element_bytes);
@@ -184,6 +186,8 @@ int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
 // Whether backward-weight's F(2x2, 3x3) applies (few tiles, cheaper than the GEMM and F(4x4)'s backward-weight).
 bool winograd_backward_weight_f2_applies(const Conv2dShape& s, int64_t element_bytes);
+// Whether backward-weight's F(3, 2) along the rows applies (fewer tiles than F(2x2)'s takes).
+bool winograd_backward_weight_rows_applies(const Conv2dShape& s, int64_t element_bytes);
 // The tiles conv2d_backward_weight_winograd transforms and sums per chunk (at element_bytes per value),
 // and whether it takes its sums D (36 x K x C) to grad_w a block at a time through L2 (all tiles in one
 // chunk, D over 4 MiB) rather than all of D through L3 or memory.
@@ -206,6 +210,10 @@ bool conv2d_backward_weight_winograd(const Conv2dShape& s, const T* grad_y, cons
 // The same on F(2x2, 3x3), for a layer winograd_backward_weight_f2_applies to (winograd_f2_weight_impl.inc).
 template <typename T>
 bool conv2d_backward_weight_winograd_f2(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
+// The same on F(3, 2) along the rows, for a layer winograd_backward_weight_rows_applies to
+// (winograd_rows_weight_impl.inc).
+template <typename T>
+bool conv2d_backward_weight_winograd_rows(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w);
 // Where F(4x4)'s input transform reads input channel c of s (whose padding it then ignores): channel c %
 // channels of x (`channels` planes of H x W per image), padded by pad_top[p] rows and pad_left[p] columns
 // for c's piece p = c / channels. A plain layer is one piece: x, s's channels, size and padding.

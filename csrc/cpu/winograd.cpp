@@ -19,6 +19,8 @@ namespace pykernels::cpu {
   bool conv2d_winograd_f2(const Conv2dShape&, const T*, const WinogradFilters<T>&, const T*, T*);            \
   template <typename T>                                                                                       \
   bool conv2d_backward_weight_winograd_f2(const Conv2dShape&, const T*, const T*, T*);                       \
+  template <typename T>                                                                                       \
+  bool conv2d_backward_weight_winograd_rows(const Conv2dShape&, const T*, const T*, T*);                     \
   }
 PYKERNELS_DECLARE_WINOGRAD(portable)
 #ifdef PYKERNELS_X86_ISAS
@@ -199,6 +201,31 @@ bool conv2d_backward_weight_winograd_f2(const Conv2dShape& s, const T* grad_y, c
 
 template bool conv2d_backward_weight_winograd_f2<float>(const Conv2dShape&, const float*, const float*, float*);
 template bool conv2d_backward_weight_winograd_f2<double>(const Conv2dShape&, const double*, const double*, double*);
+
+// Backward-weight on F(3, 2) along the rows (winograd_rows_weight_impl.inc) for 3x3 float32 layers of 64
+// channels or more that neither F(2x2)'s nor F(4x4)'s backward-weight takes, with GEMMs 18 tiles deep at least
+// (P x N x the column pairs). Timed in one process against the path taken before (ms, batch 1; torch's calls
+// between): 512 channels on 7x7 0.548 -> 0.514-0.520, on 8x8 0.714 -> 0.625, on 9x9 0.860 -> 0.759, on 10x10
+// 1.023 -> 0.812, on 6x6 level (0.42); 256 on 7x7 0.157 -> 0.149, on 9x9 0.228 -> 0.210; 128 on 7x7 0.050 ->
+// 0.043; 64 on 7x7 0.031 -> 0.027, on 6x6 0.048 -> 0.028. Not on 5x5 (15 deep: 512 channels 0.302 -> 0.341),
+// nor where F(2x2) applies (512 on 7x7 at batch 2 0.827 -> 0.885, on 14x14 at batch 1 1.19 -> 1.46) or F(4x4)
+// (256 on 14x14 0.361 -> 0.407; 128 on 14x14 0.124 -> 0.114 left to it). float64 not yet: 512 on 7x7 1.12 ->
+// 1.86 (its blocks of D twice the bytes; G'^T D element by element).
+bool winograd_backward_weight_rows_applies(const Conv2dShape& s, int64_t element_bytes) {
+  if (!(element_bytes == 4 && is_winograd_shape(s) && s.C >= 64 && s.K >= 64)) return false;
+  const double depth = double(s.P) * double(s.N) * double((s.Q + 1) / 2);
+  return depth >= 18 && depth <= 128 && !winograd_backward_weight_f2_applies(s, element_bytes) &&
+         !winograd_backward_weight_applies(s);
+}
+
+template <typename T>
+bool conv2d_backward_weight_winograd_rows(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  PYKERNELS_RETURN_ON_BUILD(active_build(), conv2d_backward_weight_winograd_rows<T>(s, grad_y, x, grad_w))
+}
+
+template bool conv2d_backward_weight_winograd_rows<float>(const Conv2dShape&, const float*, const float*, float*);
+template bool conv2d_backward_weight_winograd_rows<double>(const Conv2dShape&, const double*, const double*,
+                                                           double*);
 
 template <typename T>
 bool conv2d_winograd_f4_of(const Conv2dShape& s, const WinogradInput<T>& x, const WinogradFilters<T>& filters,

@@ -3,3 +3,4 @@
 #include "cpu/winograd_impl.inc"
 #include "cpu/winograd_f2_impl.inc"
 #include "cpu/winograd_f2_weight_impl.inc"
+#include "cpu/winograd_rows_weight_impl.inc"
