@@ -92,11 +92,12 @@ F2_WEIGHT_CASES = {
     "ragged_350_float64": ((3, 350, 7, 7), (340, 350, 3, 3), 1),
 }
 # Backward-weight on F(3, 2) along the rows, float32 only: fewer tiles than F(2x2)'s backward-weight takes, GEMMs
-# 18 to 128 tiles of two columns deep. Sums in blocks of 64 output x 96 input channels, input channels in the
-# GEMM's strips (48 or 16; the last one padded); AVX-512 stores 16 filters at a time, then one by one.
+# 40 to 128 tiles of two columns deep (from 18 where grad_w takes 1 MiB at most). Sums in blocks of 64 output x
+# 96 input channels, input channels in the GEMM's strips (48 or 16; the last one padded); AVX-512 stores 16
+# filters at a time, then one by one.
 ROWS_WEIGHT_CASES = {
-    # resnet_3x3_512 at batch 1: 7 rows x 4 column pairs (the last cut), 8 blocks of rows, 512 = 10 strips + 32
-    "resnet_512_batch1": ((1, 512, 7, 7), (512, 512, 3, 3), 1),
+    # 512 channels on 10x10 at batch 1: 10 rows x 5 column pairs, 8 blocks of rows, 512 = 10 strips + 32
+    "512_on_10x10": ((1, 512, 10, 10), (512, 512, 3, 3), 1),
     # 70 input channels (a padded strip after 48: 16 filters at a time, then 6), 75 output channels (64 + 11
     # rows), odd P (9) and Q (7) from asymmetric padding
     "ragged_channels_asym_pad": ((1, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
@@ -167,8 +168,9 @@ def test_rows_backward_weight_rule():
     def rows(batch, channels, size, itemsize=4):
         layer = ((channels, channels, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, itemsize)
         return _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows((batch, channels, size, size), *layer)
-    assert rows(1, 512, 7) and rows(1, 512, 6) and rows(1, 64, 10)
-    assert not rows(1, 512, 5)  # GEMMs 15 tiles deep
+    assert rows(1, 512, 10) and rows(1, 512, 9) and rows(1, 128, 7) and rows(1, 64, 6)
+    # 28 and 18 tiles deep with grad_w over 1 MiB (resnet_3x3_512 at batch 1: the GEMM path); 15 deep
+    assert not rows(1, 512, 7) and not rows(1, 256, 7) and not rows(1, 512, 6) and not rows(1, 64, 5)
     assert not rows(2, 512, 7)  # F(2x2)'s backward-weight, from 32 tiles
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((2, 512, 7, 7), (512, 512, 3, 3), (1, 1),
                                                                   (1, 1, 1, 1), (1, 1), 1, 4)
@@ -177,7 +179,7 @@ def test_rows_backward_weight_rule():
     previous = _pykernels_cpu.conv_algorithm()
     try:
         _pykernels_cpu.set_conv_algorithm("gemm")
-        assert not rows(1, 512, 7)
+        assert not rows(1, 512, 10)
     finally:
         _pykernels_cpu.set_conv_algorithm(previous)
 
