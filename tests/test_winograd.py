@@ -387,7 +387,7 @@ def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(b
     # GEMM path and only the weights whose sums include that value become non-finite.
     x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES,
                                  "rows_valid_batch3": ROWS_WEIGHT_CASES["valid_batch3"]}[name]
-    dtype = np.float64 if name == "same_odd" else np.float32  # F(2x2) takes 70 channels in float32 only
+    dtype = np.float64 if name == "same_odd" else np.float32  # F(2x2) and F(3, 2) take these in float32 only
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)

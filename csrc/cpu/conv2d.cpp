@@ -658,11 +658,11 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
     conv2d_backward_weight_direct(s, grad_y, x, grad_w);
     if (all_finite(grad_w, s.w_numel())) return;  // else the GEMM below recomputes grad_w (see all_finite)
   }
+  // The Winograd paths check their own result as they write it; if not finite, the GEMM below recomputes
+  // grad_w (all_finite).
   if (conv2d_backward_weight_winograd_rows_chosen(s, sizeof(T))) {
     if (conv2d_backward_weight_winograd_rows(s, grad_y, x, grad_w)) return;
   } else if (conv2d_backward_weight_winograd_f2_chosen(s, sizeof(T))) {
-    // The Winograd paths check their own result as they write it; if not finite, the GEMM below recomputes
-    // grad_w (all_finite).
     if (conv2d_backward_weight_winograd_f2(s, grad_y, x, grad_w)) return;
   } else if (conv2d_backward_weight_winograd_chosen(s)) {
     if (conv2d_backward_weight_winograd(s, grad_y, x, grad_w)) return;
