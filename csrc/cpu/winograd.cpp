@@ -205,17 +205,19 @@ template bool conv2d_backward_weight_winograd_f2<double>(const Conv2dShape&, con
 // Backward-weight on F(3, 2) along the rows (winograd_rows_weight_impl.inc) for 3x3 float32 layers of 64
 // channels or more that neither F(2x2)'s nor F(4x4)'s backward-weight takes, with GEMMs 40 tiles deep at least
 // (P x N x the column pairs), or 18 where grad_w fits in L2 (1 MiB). Batch 1, ms, this path / the GEMM path's,
-// one process, with 64 MB written between calls (cold) / torch's calls between / back to back (warm):
-// 512 channels on 10x10 (50 deep) 1.06 / 1.16, 1.12 / 1.19, 0.97 / 1.13; on 9x9 (45) 1.01 / 0.98, 0.86 / 0.97,
-// 0.82 / 0.88; 128 on 7x7 (28) 0.099 / 0.096, 0.044 / 0.051, 0.042 / 0.049; 64 on 7x7 0.080 / 0.080, 0.028 /
-// 0.032; on 6x6 (18) 0.075 / 0.078, 0.021 / 0.029. Not on resnet_3x3_512 at batch 1 (28 deep, 9.4 MB of grad_w):
-// 5 % faster back to back (0.515 / 0.533) but 20 % slower cold or between torch's calls (0.79 / 0.65, 0.73 /
-// 0.60), when the stores of each block's gradients, in bursts after its GEMMs, fetch grad_w's lines (the GEMM
-// path's stores go out between its multiplications; prefetching the lines during the GEMMs, or blocks of 16 to
-// 32 rows, brought it to 0.71-0.73 only); 256 on 7x7 (2.4 MB) 0.235 / 0.205 cold. Not on 5x5 (15 deep: 512
-// channels 0.341 against 0.302 back to back), nor where F(2x2) applies (512 on 7x7 at batch 2 0.885 against
-// 0.827; on 14x14 at batch 1 1.46 against 1.19) or F(4x4) (256 on 14x14 0.407 against 0.361). Not float64:
-// 512 on 7x7 1.86 against 1.12 (its blocks of D twice the bytes; its gradients stored one by one).
+// one process, with 64 MB written between calls (cold) / torch's bias gradient between / back to back (warm):
+// 512 channels on 10x10 (50 deep) 1.06 / 1.16, 1.12 / 1.19, 0.97 / 1.13 (torch's weight gradient between:
+// 0.86 / 1.11); on 9x9 (45) 1.01 / 0.98, 0.86 / 0.97, 0.82 / 0.88; 128 on 7x7 (28) 0.099 / 0.096, 0.044 /
+// 0.051, 0.042 / 0.049; 64 on 7x7 0.080 / 0.080, 0.028 / 0.032; on 6x6 (18) 0.075 / 0.078, 0.021 / 0.029.
+// Not on resnet_3x3_512 at batch 1 (28 deep, 9.4 MB of grad_w): 3-5 % faster back to back (0.51 / 0.53) but
+// 16-23 % slower cold (0.76-0.79 / 0.65), when the stores of each block's gradients, in bursts after its
+// GEMMs, fetch grad_w's lines (the GEMM path's stores go out between its multiplications; prefetching the
+// lines during the GEMMs, or blocks of 16 to 32 rows, brought it to 0.73 only), and no faster in the bench
+// (0.57-0.67 against 0.60-0.64; torch's weight gradient between: 0.56-0.73 against 0.58-0.62); 256 on 7x7
+// (2.4 MB) 0.229-0.235 / 0.205 cold. Not on 5x5 (15 deep: 512 channels 0.341 against 0.302 back to back),
+// nor where F(2x2) applies (512 on 7x7 at batch 2 0.885 against 0.827; on 14x14 at batch 1 1.46 against 1.19)
+// or F(4x4) (256 on 14x14 0.407 against 0.361). Not float64: 512 on 7x7 1.86 against 1.12 (its blocks of D
+// twice the bytes; its gradients stored one by one).
 bool winograd_backward_weight_rows_applies(const Conv2dShape& s, int64_t element_bytes) {
   if (!(element_bytes == 4 && is_winograd_shape(s) && s.C >= 64 && s.K >= 64)) return false;
   const double depth = double(s.P) * double(s.N) * double((s.Q + 1) / 2);
