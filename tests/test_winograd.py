@@ -95,14 +95,15 @@ F2_WEIGHT_CASES = {
 # 40 to 128 tiles of two columns deep (from 18 where grad_w takes 1 MiB at most). Sums in blocks of 64 output x
 # 96 input channels, input channels in the GEMM's strips (48 or 16; the last one padded); AVX-512 stores 16
 # filters at a time, then one by one.
+# Named rows_* apart from F2_CASES' layers, which the tests below look up in one merged dict.
 ROWS_WEIGHT_CASES = {
     # 512 channels on 10x10 at batch 1: 10 rows x 5 column pairs, 8 blocks of rows, 512 = 10 strips + 32
-    "512_on_10x10": ((1, 512, 10, 10), (512, 512, 3, 3), 1),
-    # 70 input channels (a padded strip after 48: 16 filters at a time, then 6), 75 output channels (64 + 11
-    # rows), odd P (9) and Q (7) from asymmetric padding
-    "ragged_channels_asym_pad": ((1, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
+    "rows_512_on_10x10": ((1, 512, 10, 10), (512, 512, 3, 3), 1),
+    # F2_CASES' ragged layer (its forward takes F(2x2)): 70 input channels (a padded strip after 48: 16
+    # filters at a time, then 6), 75 output channels (64 + 11 rows), odd P (9) and Q (7) from asymmetric padding
+    "rows_ragged_channels_asym_pad": F2_CASES["ragged_channels_asym_pad"],
     # three images: the tiles of each output row image by image; no padding, even Q
-    "valid_batch3": ((3, 64, 4, 14), (96, 64, 3, 3), 0),
+    "rows_valid_batch3": ((3, 64, 4, 14), (96, 64, 3, 3), 0),
 }
 
 
@@ -284,12 +285,12 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
-@pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2", "rows_ragged"])
+@pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2",
+                                  "rows_ragged_channels_asym_pad"])
 def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path, name):
     # The blocks of D (F(4x4) through L2, F(2x2), F(3, 2) along the rows) are fixed by the layer, each summed
     # by one thread: the same bits on one thread.
-    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES,
-                                 "rows_ragged": ROWS_WEIGHT_CASES["ragged_channels_asym_pad"]}[name]
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES}[name]
     rng = np.random.default_rng(5)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -363,8 +364,7 @@ def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (F(4x4): register
     # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 32 output channels
     # on AVX-512 (backward-weight: 48 input channels), 16 on the others, and tiles read 8 or 6 at a time).
-    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES,
-                                 "rows_valid_batch3": ROWS_WEIGHT_CASES["valid_batch3"]}[name]
+    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES}[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     want = ref.conv2d(x, w, padding=padding)
@@ -385,8 +385,7 @@ def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(b
     # Backward-weight sums grad_out against x over every tile; a non-finite grad_out leaves non-finite
     # values in Winograd's gradient (F(4x4), F(2x2), F(3, 2) along the rows), so the pass is recomputed on the
     # GEMM path and only the weights whose sums include that value become non-finite.
-    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES,
-                                 "rows_valid_batch3": ROWS_WEIGHT_CASES["valid_batch3"]}[name]
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES}[name]
     dtype = np.float64 if name == "same_odd" else np.float32  # F(2x2) and F(3, 2) take these in float32 only
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
@@ -408,7 +407,7 @@ WEIGHT_SUM_CASES = {
     "whole_sums": ((2, 72, 12, 13), (73, 72, 3, 3), 1),
     "sums_in_blocks": CASES["sums_in_blocks"],
     "f2": F2_WEIGHT_CASES["ragged_channels_asym_pad_batch2"],
-    "rows": ROWS_WEIGHT_CASES["ragged_channels_asym_pad"],
+    "rows": ROWS_WEIGHT_CASES["rows_ragged_channels_asym_pad"],
 }
 # (case, value, position): the position inside the image, in a corner and in the last (cut) tile; on the
 # slow case to check (sums_in_blocks) only inside.
