@@ -252,6 +252,9 @@ CONV_CASES = {
     "rows_per_image_deep": conv_case((3, 31, 66, 63), (37, 31, 3, 3), stride=2, padding=1),
     # 288 taps, stride 2, 38 columns (a fifth of the per-row plan's lanes empty): wide rows of the copy's phases
     "wide_rows_strided_deep": conv_case((2, 32, 30, 75), (24, 32, 3, 3), stride=2, padding=1),
+    # 3x3 stride 2 onto 14 x 13 with 200 output channels: packed columns would be gathered a 13-value run at a
+    # time, so wide rows (conv_rows.cpp, gathers_short_strided_rows); 195 columns, a last strip of 3
+    "wide_rows_short_strided": conv_case((2, 6, 27, 25), (200, 6, 3, 3), stride=2, padding=1),
     "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
                                              padding=((1, 2), (3, 0))),
     "rows_grouped": conv_case((3, 6, 36, 66), (80, 3, 3, 3), padding=1, groups=2),  # 40 > 32 per group
@@ -454,9 +457,9 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
-                "wide_rows_stride2", "wide_rows_strided_deep", "gathered_runs_n1", "gathered_short_rows",
-                "gathered_runs_k300", "gathered_short_rows_k300", "few_taps_c1", "few_taps_27_k70",
-                "few_taps_5x5_n1", "few_taps_strided", "col2im_pairs_dilated"]
+                "wide_rows_stride2", "wide_rows_strided_deep", "wide_rows_short_strided", "gathered_runs_n1",
+                "gathered_short_rows", "gathered_runs_k300", "gathered_short_rows_k300", "few_taps_c1",
+                "few_taps_27_k70", "few_taps_5x5_n1", "few_taps_strided", "col2im_pairs_dilated"]
 
 ROWS_CASE_IDS = ["rows_per_image_deep", "rows_batch1_strided_dilated", "rows_narrow_tail", "resnet_stem_n2",
                  "resnet_stem_same_n1", "rows_stride1_dilated"]
@@ -486,8 +489,11 @@ def test_forward_reads_rows_in_place_where_meant_to(dtype):
                  "gathered_short_rows_k300", "pointwise_odd", "lenet_5x5"]:
         assert reads_rows_in_place(CONV_CASES[name], dtype) is None, name
     # strided, on rows shorter than the per-row plan takes: wide rows of the copy split into row phases too
-    for name in ["wide_rows_stride2", "batch_halves_odd_n"]:
+    for name in ["wide_rows_stride2", "batch_halves_odd_n", "wide_rows_short_strided"]:
         assert reads_rows_in_place(CONV_CASES[name], dtype) == "wide", name
+    # 3x3 stride 2 onto 14x14: 256 output channels wide, 512 packed (gathering costs less per output channel)
+    assert reads_rows_in_place(conv_case((8, 256, 28, 28), (256, 256, 3, 3), stride=2, padding=1), dtype) == "wide"
+    assert reads_rows_in_place(conv_case((8, 512, 28, 28), (512, 512, 3, 3), stride=2, padding=1), dtype) is None
     # strided, with 256 taps or more on rows that leave over a twelfth of the per-row plan's lanes empty
     # (float32: 38 columns in vectors of 16; not float64, whose vectors of 8 leave 2 of 40)
     assert (reads_rows_in_place(CONV_CASES["wide_rows_strided_deep"], dtype) == "wide") == (dtype == np.float32)

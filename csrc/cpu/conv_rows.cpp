@@ -99,16 +99,33 @@ struct PlanShares {
   double wide, other;  // wide rows; the better of packed columns and per row
 };
 
+// Strided layers of at most 9 taps whose output rows are under 32 columns (ResNet's 3x3 stride-2 layers onto
+// 28x28 to 7x7) are costed closer: their packed columns are gathered from the phase-split copies a run of Q
+// values at a time (gathers_columns in conv2d.cpp), about 228 / element_bytes multiply-adds per value, and
+// the wide plan's last strip of an image runs only the vectors its columns fill (micro_kernel_for). Switched
+// call by call in one process (torch's forward between calls, ms, packed -> wide): 3x3 stride 2 from 28x28,
+// 256 -> 256 channels at batch 8 6.04 -> 5.08, at batch 32 24.7 -> 19.0, at batch 4 2.74 -> 2.58, float64 at
+// batch 8 12.0 -> 11.1; 128 -> 256 2.92 -> 2.47 (float64 6.14 -> 5.04); 64 -> 128 from 16x16 at batch 16 in
+// float64 1.20 -> 0.90; grouped and 64-channel layers level. Still packed, where wide was slower: 512 -> 512
+// from 28x28 (10 %), 256 -> 256 from 14x14 onto 7x7 (17 %). Slower under this rule: 2 x 512 -> 128 from 17x17
+// in float64, 1.68 -> 1.81. Not 5x5 and larger kernels, where the same costs were mixed (7x7 stride 2 on 32x32
+// 128 -> 256 at batch 2 4.54 -> 5.03 wide, 11x11 stride 4 128 -> 128 at batch 4 2.91 -> 3.35; others 5-30 %
+// faster).
+bool gathers_short_strided_rows(const Conv2dShape& s) {
+  return (s.win.stride_h > 1 || s.win.stride_w > 1) && s.Q < 32 && s.R * s.S <= 9;
+}
+
 PlanShares plan_shares(const Conv2dShape& s, int64_t element_bytes) {
   const PhaseSplitCopy copy(s);
-  const int64_t strip = 192 / element_bytes, columns = (s.P - 1) * copy.width + s.Q;
-  const double wide = double(s.Q) / double(copy.width) * double(columns) /
-                      double((columns + strip - 1) / strip * strip);
-  double other = 1.0 / (1.0 + 144.0 / double(element_bytes) / double(s.K_per_group()));
-  if (conv2d_forward_by_rows_applies(s, element_bytes)) {
-    const int64_t lanes = 64 / element_bytes;
+  const int64_t strip = 192 / element_bytes, lanes = 64 / element_bytes, columns = (s.P - 1) * copy.width + s.Q;
+  const bool short_strided = gathers_short_strided_rows(s);
+  const int64_t last_strip = short_strided ? (columns % strip + lanes - 1) / lanes * lanes : strip;
+  const int64_t padded = columns % strip == 0 ? columns : columns / strip * strip + last_strip;
+  const double wide = double(s.Q) / double(copy.width) * double(columns) / double(padded);
+  const double per_value = short_strided ? 228.0 : 144.0;
+  double other = 1.0 / (1.0 + per_value / double(element_bytes) / double(s.K_per_group()));
+  if (conv2d_forward_by_rows_applies(s, element_bytes))
     other = std::max(other, double(s.Q) / double((s.Q + lanes - 1) / lanes * lanes) * 12.0 / 13.0);
-  }
   return {wide, other};
 }
 
