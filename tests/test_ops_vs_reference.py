@@ -255,6 +255,11 @@ CONV_CASES = {
     # 3x3 stride 2 onto 14 x 13 with 200 output channels: packed columns would be gathered a 13-value run at a
     # time, so wide rows (conv_rows.cpp, gathers_short_strided_rows); 195 columns, a last strip of 3
     "wide_rows_short_strided": conv_case((2, 6, 27, 25), (200, 6, 3, 3), stride=2, padding=1),
+    # backward-input on the batch GEMM with col in blocks of whole channels, each added into grad_x right after
+    # (conv2d.cpp, backward_input_as_batch_gemm): 50 channels in blocks of 24 (float32; float64 8) and a
+    # ragged last one; 5x5 taps, 48 channels in two blocks of 24 (float32)
+    "batch_gemm_col_blocks": conv_case((2, 50, 31, 32), (40, 50, 3, 3), stride=2, padding=1),
+    "batch_gemm_col_blocks_5x5": conv_case((2, 48, 20, 19), (10, 48, 5, 5), stride=2, padding=2),
     "rows_batch1_strided_dilated": conv_case((1, 5, 17, 150), (7, 5, 3, 4), stride=(2, 3), dilation=(2, 1),
                                              padding=((1, 2), (3, 0))),
     "rows_grouped": conv_case((3, 6, 36, 66), (80, 3, 3, 3), padding=1, groups=2),  # 40 > 32 per group
@@ -457,7 +462,8 @@ ISA_CASE_IDS = ["channels_last_strided", "channels_last_few_images", "channels_l
                 "grouped_direct_18_wide", "depthwise_rows_7x3_dilated", "depthwise_rows_5x5_wide",
                 "depthwise_dilated_rows", "few_weights_channel_blocks_strided", "rows_stride1_dilated",
                 "wide_rows_batch2", "wide_rows_batch1", "wide_rows_grouped", "wide_rows_two_strips",
-                "wide_rows_stride2", "wide_rows_strided_deep", "wide_rows_short_strided", "gathered_runs_n1",
+                "wide_rows_stride2", "wide_rows_strided_deep", "wide_rows_short_strided", "batch_gemm_col_blocks",
+                "batch_gemm_col_blocks_5x5", "gathered_runs_n1",
                 "gathered_short_rows", "gathered_runs_k300", "gathered_short_rows_k300", "few_taps_c1",
                 "few_taps_27_k70", "few_taps_5x5_n1", "few_taps_strided", "col2im_pairs_dilated"]
 

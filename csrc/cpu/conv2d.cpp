@@ -56,6 +56,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -402,18 +403,60 @@ bool backward_input_as_winograd(const Conv2dShape& s, const T* grad_y, const T* 
 
 // Few output positions per image (resnet_3x3_512's 7x7), as in forward_as_batch_gemm: one GEMM per
 // group over the whole batch, col (C/g*R*S x N*PQ) = w_g^T * GY_g, the weights packed once per thread
-// rather than once per image; then each image's columns are added back into grad_x (col2im).
+// rather than once per image; then each image's columns are added back into grad_x (col2im). Where it can,
+// the GEMM writes col by blocks of whole channels, about 512 KB each, and col2im adds each block into those
+// channels of grad_x right after (gemm_parallel_row_blocks), while it is in the thread's L2: written whole
+// (14.4 MB for 256 channels 3x3 stride 2 from 28x28 at batch 8) and read back, col went out to memory, and
+// col2im, its reads stalled, took a quarter of that layer's time. By blocks (ab.py, torch's backward-input
+// between calls, batch 8, ms): 256 -> 256 channels 3x3 stride 2 from 28x28 5.84 -> 5.08, 512 -> 512 21.3
+// -> 17.7, 128 -> 256 2.75 -> 2.62, 256 -> 256 from 14x14 level (float64 3.42 -> 2.74).
+template <typename T>
+struct BatchCol2im {
+  const Conv2dShape* s;
+  const T* col;
+  int64_t columns;
+  T* grad_x_g;  // the group's first channel of image 0
+  // Rows [i0, i1) of col (whole channels) into grad_x, each image's channels zeroed first.
+  static void add_rows(void* ctx, int64_t i0, int64_t i1) {
+    const auto& b = *static_cast<const BatchCol2im*>(ctx);
+    const Conv2dShape& s = *b.s;
+    const int64_t taps = s.R * s.S, c0 = i0 / taps, c1 = i1 / taps, HW = s.H * s.W, PQ = s.P * s.Q;
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* gx = b.grad_x_g + n * s.C * HW;
+      std::fill(gx + c0 * HW, gx + c1 * HW, T(0));
+      col2im_add(s, b.col + n * PQ, b.columns, gx, 0, s.P, 0, s.H, c0, c1);
+    }
+  }
+};
+
 template <typename T>
 void backward_input_as_batch_gemm(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
   const int64_t Cg = s.C_per_group(), Kg = s.K_per_group(), CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
   const int64_t columns = s.N * PQ, HW = s.H * s.W;
   T* col = reusable_buffer<T, 2>(CRS * columns);  // written by each group's GEMM before it is read
-  std::fill(grad_x, grad_x + s.x_numel(), T(0));
+  // Blocks of about 512 KB of col in whole register strips of every build (24 rows: 8 channels of 3x3 taps;
+  // 9 channels' 81 rows left a 1-row strip in every block), two a group at least (ResNeXt's 8 channels a
+  // group in one block: 0.49 -> 0.53 ms, each group's GEMM on one thread). Not where that leaves no whole
+  // strip of channels (128 channels 3x3 stride 2 from 56x56 at batch 8, 2 channels a block: 6.4 -> 6.9 ms),
+  // nor pointwise layers, whose col2im is a copy (2048 <-> 512 on 7x7: 2.2 -> 2.6 ms, blocks of 312 and 200
+  // rows).
+  const int64_t taps = s.R * s.S, unit = 24 / std::gcd<int64_t>(taps, 24);
+  const int64_t block_channels =
+      std::min(Cg, (int64_t(512) << 10) / (taps * std::max<int64_t>(1, columns) * int64_t(sizeof(T))) / unit * unit);
+  const bool by_blocks = !is_pointwise(s) && block_channels > 0 && Cg >= 2 * block_channels &&
+                         gemm_shares_packed_b<T>(columns, Kg);
+  if (!by_blocks) std::fill(grad_x, grad_x + s.x_numel(), T(0));
   for (int64_t g = 0; g < s.groups; ++g) {
     const BatchGradOut<T> gy{&s, grad_y + g * Kg * PQ};
+    const BPacker<T> B{conv_packers<T>().batch_grad_out, &gy};
     // A = w_g^T: element (crs, k) at w[(g * Kg + k) * CRS + crs]
-    gemm_parallel<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, BPacker<T>{conv_packers<T>().batch_grad_out, &gy},
-                     col, columns, false);
+    if (by_blocks) {
+      BatchCol2im<T> add{&s, col, columns, grad_x + g * Cg * HW};
+      gemm_parallel_row_blocks<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, B, col, columns,
+                                  block_channels * taps, &BatchCol2im<T>::add_rows, &add);
+      continue;
+    }
+    gemm_parallel<T>(CRS, columns, Kg, w + g * Kg * CRS, {1, CRS}, B, col, columns, false);
 #pragma omp parallel for schedule(static) if (s.N > 1 && CRS * columns >= kMinParallelWork)
     for (int64_t n = 0; n < s.N; ++n) col2im_add(s, col + n * PQ, columns, grad_x + (n * s.C + g * Cg) * HW, 0, s.P);
   }

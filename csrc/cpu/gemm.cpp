@@ -183,6 +183,9 @@ void for_each_thread_share(int threads, int64_t units, Work&& work) {
   errors.rethrow();
 }
 
+// The largest B that gemm_split_rows and gemm_parallel_row_blocks pack once and share among their threads.
+constexpr int64_t kSharedBBytes = int64_t(16) << 20;
+
 // gemm_parallel with the rows of C split among threads in shares of whole chunks of `row_chunk` rows. B,
 // which every share multiplies, is packed once and shared when it is between 64 Ki values and 16 MiB
 // (the im2col columns of resnet_3x3_512 at batch 1: 4608 x 49), the threads packing its depth blocks side
@@ -196,7 +199,6 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
   int64_t mr, nr, kc;
   blocking_on<T>(isa, &mr, &nr, &kc);
   const int64_t shared_size = K * ((N + nr - 1) / nr * nr), blocks = (K + kc - 1) / kc;
-  constexpr int64_t kSharedBBytes = int64_t(16) << 20;
   const bool share = shared_size >= (int64_t(1) << 16) && shared_size * int64_t(sizeof(T)) <= kSharedBBytes;
   T* shared_b = share ? reusable_buffer<T, 0>(shared_size) : nullptr;
   // An A whose columns are contiguous (backward-input's w^T) multiplying few columns of B is read in place
@@ -232,6 +234,55 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
 }
 
 }  // namespace
+
+template <typename T>
+bool gemm_shares_packed_b(int64_t N, int64_t K) {
+  int64_t mr, nr, kc;
+  blocking_on<T>(current_isa().load(), &mr, &nr, &kc);
+  return K * ((N + nr - 1) / nr * nr) * int64_t(sizeof(T)) <= kSharedBBytes;
+}
+
+template <typename T>
+void gemm_parallel_row_blocks(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C,
+                              int64_t ldc, int64_t block_rows, void (*after_block)(void* ctx, int64_t i0, int64_t i1),
+                              void* ctx) {
+  if (M <= 0) return;
+  const Isa isa = current_isa().load();
+  int64_t mr, nr, kc;
+  blocking_on<T>(isa, &mr, &nr, &kc);
+  const int64_t depth_blocks = (K + kc - 1) / kc, blocks = (M + block_rows - 1) / block_rows;
+  T* shared_b = gemm_shares_packed_b<T>(N, K) ? reusable_buffer<T, 0>(K * ((N + nr - 1) / nr * nr)) : nullptr;
+  // As gemm_split_rows: an A whose columns are contiguous (backward-input's w^T) is read in place when it
+  // meets few columns of B. Decided by the shape alone.
+  const AInPlace<T> in_place = a.row_stride == 1 && N <= kAInPlaceMaxColumns ? AInPlace<T>{A, a.col_stride, 1}
+                                                                               : AInPlace<T>{};
+  const bool parallel = blocks > 1 && double(M) * double(N) * double(K) >= 4.0 * double(kMinParallelWork);
+  ParallelErrors errors;
+#pragma omp parallel if (parallel)
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    if (shared_b) {  // the same for every thread, so all of them or none meet the barrier
+      errors.run([&] {
+        pack_b_blocks_on<T>(isa, b, K, N, depth_blocks * t / nt, depth_blocks * (t + 1) / nt, shared_b);
+      });
+#pragma omp barrier
+    }
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block)
+      errors.run([&] {
+        const int64_t i0 = block * block_rows, i1 = std::min(M, i0 + block_rows);
+        const StridedMatrix<T> rows{A + i0 * a.row_stride, {a.col_stride, a.row_stride}};
+        gemm_a_in_place_on<T>(isa, i1 - i0, N, K, a_packer_for(rows), in_place.rows_from(i0), b, 0, C + i0 * ldc, ldc,
+                              false, shared_b);
+        after_block(ctx, i0, i1);
+      });
+  }
+  errors.rethrow();
+}
 
 template <typename T>
 PackedLayout packed_layout(int64_t rows, int64_t depth) {
@@ -370,6 +421,9 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, co
                                  int64_t, bool, ReadA);                                                          \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*, int64_t, bool,  \
                                  ReadA);                                                                         \
+  template void gemm_parallel_row_blocks<T>(int64_t, int64_t, int64_t, const T*, MatrixView, BPacker<T>, T*,       \
+                                            int64_t, int64_t, void (*)(void*, int64_t, int64_t), void*);           \
+  template bool gemm_shares_packed_b<T>(int64_t, int64_t);                                                       \
   template PackedLayout packed_layout<T>(int64_t, int64_t);                                                      \
   template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, BPacker<T>, T*, int64_t, bool);           \
   template void gemm_packed<T>(const PackedLayout&, const T*, int64_t, const T*, MatrixView, T*, int64_t, bool); \

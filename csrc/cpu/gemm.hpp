@@ -79,6 +79,19 @@ template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C, int64_t ldc,
                    bool accumulate, ReadA read = ReadA::packed);
 
+// C = A * B (not accumulated) with the rows of C in blocks of block_rows (the last one shorter), the blocks
+// split among the OpenMP threads and B packed once for all of them; after_block(ctx, i0, i1) runs on the
+// thread that wrote rows [i0, i1) of C, right after it did, while they are still in its caches (backward-
+// input adds its col's rows into grad_x there). Each C element sums over K in the serial order. B's packing
+// is shared up to 16 MiB (the caller checks gemm_shares_packed_b); past that each block packs it again.
+template <typename T>
+void gemm_parallel_row_blocks(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, BPacker<T> b, T* C,
+                              int64_t ldc, int64_t block_rows, void (*after_block)(void* ctx, int64_t i0, int64_t i1),
+                              void* ctx);
+// Whether gemm_parallel_row_blocks packs a K x N B once for all its blocks.
+template <typename T>
+bool gemm_shares_packed_b(int64_t N, int64_t K);
+
 // Serial GEMM on the calling thread.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, MatrixView a, const T* B, MatrixView b, T* C,
