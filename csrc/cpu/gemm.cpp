@@ -186,6 +186,41 @@ void for_each_thread_share(int threads, int64_t units, Work&& work) {
 // The largest B that gemm_split_rows and gemm_parallel_row_blocks pack once and share among their threads.
 constexpr int64_t kSharedBBytes = int64_t(16) << 20;
 
+// B (K x N) packed whole, as pack_b_blocks lays it out: its size in values on build `isa`.
+template <typename T>
+int64_t packed_b_size(Isa isa, int64_t N, int64_t K) {
+  int64_t mr, nr, kc;
+  blocking_on<T>(isa, &mr, &nr, &kc);
+  return K * ((N + nr - 1) / nr * nr);
+}
+
+// Inside a parallel region, on every thread of the team: the threads pack B's depth blocks side by side into
+// shared_b, then wait for each other (a barrier, so all of them or none must call it). Nothing where shared_b
+// is null.
+template <typename T>
+void pack_shared_b(Isa isa, BPacker<T> b, int64_t K, int64_t N, T* shared_b, ParallelErrors& errors) {
+  if (!shared_b) return;
+#ifdef _OPENMP
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+  const int64_t t = 0, nt = 1;
+#endif
+  int64_t mr, nr, kc;
+  blocking_on<T>(isa, &mr, &nr, &kc);
+  const int64_t blocks = (K + kc - 1) / kc;
+  errors.run([&] { pack_b_blocks_on<T>(isa, b, K, N, blocks * t / nt, blocks * (t + 1) / nt, shared_b); });
+#pragma omp barrier
+}
+
+// An A whose columns are contiguous (backward-input's w^T) multiplying few columns of B, read in place; its
+// kernels sum in the packed order, so this needs no decision by shape. resnet_3x3_512 at batch 1 (49 columns),
+// where packing was a fifth of the time: 0.80-0.85 -> 0.66-0.68 ms; a 3x3 stride-2 layer on 28x28 (196
+// columns): 0.55 -> 0.51.
+template <typename T>
+AInPlace<T> columns_in_place(const T* A, MatrixView a, int64_t N) {
+  return a.row_stride == 1 && N <= kAInPlaceMaxColumns ? AInPlace<T>{A, a.col_stride, 1} : AInPlace<T>{};
+}
+
 // gemm_parallel with the rows of C split among threads in shares of whole chunks of `row_chunk` rows. B,
 // which every share multiplies, is packed once and shared when it is between 64 Ki values and 16 MiB
 // (the im2col columns of resnet_3x3_512 at batch 1: 4608 x 49), the threads packing its depth blocks side
@@ -196,18 +231,10 @@ template <typename T>
 void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64_t K, const T* A, MatrixView a,
                      BPacker<T> b, T* C, int64_t ldc, bool accumulate, AInPlace<T> row_major) {
   const Isa isa = current_isa().load();
-  int64_t mr, nr, kc;
-  blocking_on<T>(isa, &mr, &nr, &kc);
-  const int64_t shared_size = K * ((N + nr - 1) / nr * nr), blocks = (K + kc - 1) / kc;
+  const int64_t shared_size = packed_b_size<T>(isa, N, K);
   const bool share = shared_size >= (int64_t(1) << 16) && shared_size * int64_t(sizeof(T)) <= kSharedBBytes;
   T* shared_b = share ? reusable_buffer<T, 0>(shared_size) : nullptr;
-  // An A whose columns are contiguous (backward-input's w^T) multiplying few columns of B is read in place
-  // too; its kernels sum in the packed order, so this needs no decision by shape. resnet_3x3_512 at batch 1
-  // (49 columns), where packing was a fifth of the time: 0.80-0.85 -> 0.66-0.68 ms; a 3x3 stride-2 layer
-  // on 28x28 (196 columns): 0.55 -> 0.51.
-  const AInPlace<T> in_place = row_major.a ? row_major
-                               : a.row_stride == 1 && N <= kAInPlaceMaxColumns ? AInPlace<T>{A, a.col_stride, 1}
-                                                                                 : AInPlace<T>{};
+  const AInPlace<T> in_place = row_major.a ? row_major : columns_in_place(A, a, N);
   const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
   ParallelErrors errors;
 #pragma omp parallel num_threads(threads)
@@ -217,10 +244,7 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
 #else
     const int64_t t = 0, nt = 1;
 #endif
-    if (shared_b) {  // the same for every thread, so all of them or none meet the barrier
-      errors.run([&] { pack_b_blocks_on<T>(isa, b, K, N, blocks * t / nt, blocks * (t + 1) / nt, shared_b); });
-#pragma omp barrier
-    }
+    pack_shared_b(isa, b, K, N, shared_b, errors);
     errors.run([&] {
       const int64_t c0 = row_chunks * t / nt, c1 = row_chunks * (t + 1) / nt;
       if (c1 <= c0) return;
@@ -237,9 +261,7 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
 
 template <typename T>
 bool gemm_shares_packed_b(int64_t N, int64_t K) {
-  int64_t mr, nr, kc;
-  blocking_on<T>(current_isa().load(), &mr, &nr, &kc);
-  return K * ((N + nr - 1) / nr * nr) * int64_t(sizeof(T)) <= kSharedBBytes;
+  return packed_b_size<T>(current_isa().load(), N, K) * int64_t(sizeof(T)) <= kSharedBBytes;
 }
 
 template <typename T>
@@ -248,29 +270,14 @@ void gemm_parallel_row_blocks(int64_t M, int64_t N, int64_t K, const T* A, Matri
                               void* ctx) {
   if (M <= 0) return;
   const Isa isa = current_isa().load();
-  int64_t mr, nr, kc;
-  blocking_on<T>(isa, &mr, &nr, &kc);
-  const int64_t depth_blocks = (K + kc - 1) / kc, blocks = (M + block_rows - 1) / block_rows;
-  T* shared_b = gemm_shares_packed_b<T>(N, K) ? reusable_buffer<T, 0>(K * ((N + nr - 1) / nr * nr)) : nullptr;
-  // As gemm_split_rows: an A whose columns are contiguous (backward-input's w^T) is read in place when it
-  // meets few columns of B. Decided by the shape alone.
-  const AInPlace<T> in_place = a.row_stride == 1 && N <= kAInPlaceMaxColumns ? AInPlace<T>{A, a.col_stride, 1}
-                                                                               : AInPlace<T>{};
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+  T* shared_b = gemm_shares_packed_b<T>(N, K) ? reusable_buffer<T, 0>(packed_b_size<T>(isa, N, K)) : nullptr;
+  const AInPlace<T> in_place = columns_in_place(A, a, N);  // as gemm_split_rows, by the shape alone
   const bool parallel = blocks > 1 && double(M) * double(N) * double(K) >= 4.0 * double(kMinParallelWork);
   ParallelErrors errors;
 #pragma omp parallel if (parallel)
   {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int64_t t = 0, nt = 1;
-#endif
-    if (shared_b) {  // the same for every thread, so all of them or none meet the barrier
-      errors.run([&] {
-        pack_b_blocks_on<T>(isa, b, K, N, depth_blocks * t / nt, depth_blocks * (t + 1) / nt, shared_b);
-      });
-#pragma omp barrier
-    }
+    pack_shared_b(isa, b, K, N, shared_b, errors);
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks; ++block)
       errors.run([&] {
