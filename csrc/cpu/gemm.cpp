@@ -194,6 +194,12 @@ int64_t packed_b_size(Isa isa, int64_t N, int64_t K) {
   return K * ((N + nr - 1) / nr * nr);
 }
 
+// Whether a packed B of `size` values is small enough to pack once and share.
+template <typename T>
+bool fits_shared_b(int64_t size) {
+  return size * int64_t(sizeof(T)) <= kSharedBBytes;
+}
+
 // Inside a parallel region, on every thread of the team: the threads pack B's depth blocks side by side into
 // shared_b, then wait for each other (a barrier, so all of them or none must call it). Nothing where shared_b
 // is null.
@@ -232,7 +238,7 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
                      BPacker<T> b, T* C, int64_t ldc, bool accumulate, AInPlace<T> row_major) {
   const Isa isa = current_isa().load();
   const int64_t shared_size = packed_b_size<T>(isa, N, K);
-  const bool share = shared_size >= (int64_t(1) << 16) && shared_size * int64_t(sizeof(T)) <= kSharedBBytes;
+  const bool share = shared_size >= (int64_t(1) << 16) && fits_shared_b<T>(shared_size);
   T* shared_b = share ? reusable_buffer<T, 0>(shared_size) : nullptr;
   const AInPlace<T> in_place = row_major.a ? row_major : columns_in_place(A, a, N);
   const int64_t row_chunks = (M + row_chunk - 1) / row_chunk;
@@ -261,7 +267,7 @@ void gemm_split_rows(int threads, int64_t row_chunk, int64_t M, int64_t N, int64
 
 template <typename T>
 bool gemm_shares_packed_b(int64_t N, int64_t K) {
-  return packed_b_size<T>(current_isa().load(), N, K) * int64_t(sizeof(T)) <= kSharedBBytes;
+  return fits_shared_b<T>(packed_b_size<T>(current_isa().load(), N, K));
 }
 
 template <typename T>
@@ -271,7 +277,8 @@ void gemm_parallel_row_blocks(int64_t M, int64_t N, int64_t K, const T* A, Matri
   if (M <= 0) return;
   const Isa isa = current_isa().load();
   const int64_t blocks = (M + block_rows - 1) / block_rows;
-  T* shared_b = gemm_shares_packed_b<T>(N, K) ? reusable_buffer<T, 0>(packed_b_size<T>(isa, N, K)) : nullptr;
+  const int64_t shared_size = packed_b_size<T>(isa, N, K);
+  T* shared_b = fits_shared_b<T>(shared_size) ? reusable_buffer<T, 0>(shared_size) : nullptr;
   const AInPlace<T> in_place = columns_in_place(A, a, N);  // as gemm_split_rows, by the shape alone
   const bool parallel = blocks > 1 && double(M) * double(N) * double(K) >= 4.0 * double(kMinParallelWork);
   ParallelErrors errors;
