@@ -35,8 +35,11 @@ CASES = {
     "streamed_filters": ((2, 192, 14, 14), (160, 192, 5, 5), 2, True, False),
     # 64 channels in and out, as conv_5x5_64 (backward-weight split)
     "channels_64": ((2, 64, 20, 20), (64, 64, 5, 5), 2, True, True),
-    # batch 1: backward-input on col2im (the transposed forward wants two images)
+    # batch 1: backward-input on col2im (the transposed forward wants two images, or wide rows, or the split
+    # path, which 40 channels do not take)
     "batch1": ((1, 48, 24, 24), (40, 48, 5, 5), 2, False, False),
+    # batch 1 with a transposed forward that splits (48 -> 32 channels): backward-input runs as that forward
+    "batch1_transposed_split": ((1, 32, 20, 21), (48, 32, 5, 5), 2, True, False),
 }
 
 

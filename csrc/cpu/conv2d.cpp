@@ -499,8 +499,14 @@ std::optional<Conv2dShape> transposed_shape(const Conv2dShape& s, int64_t elemen
   // Whole images per thread means at least 2 (a rule that must not depend on the thread count, or the
   // bits of grad_x would); at batch 1, where the threads split the image's rows, only on conv_rows.cpp's
   // wide rows (7x7 32 channels 56x56 at batch 1: 0.55 -> 0.89 of torch's speed; 5x5 128 channels 64x64
-  // 0.63 -> 0.93; a 4-dilated 3x3 on 32x32, per row, 0.85 -> 0.81 stays on col2im).
-  if (t && s.N * s.groups < 2 && !conv2d_forward_reads_wide_rows(*t, element_bytes)) return std::nullopt;
+  // 0.63 -> 0.93; a 4-dilated 3x3 on 32x32, per row, 0.85 -> 0.81 stays on col2im), or where the transposed
+  // forward splits its kernel into 3x3 pieces on Winograd (split_kernel.cpp, whose sums do not depend on
+  // the thread count either). 5x5 at batch 1, float32, torch's speed / ours: 64 -> 64 channels on 28x28
+  // 0.69 -> 1.10, on 32x32 0.76 -> 1.30; 32 -> 64 0.76 -> 1.00; 192 -> 32 0.38 -> 1.19; 256 -> 256 0.70 ->
+  // 0.89; float64 64 -> 64 1.47 -> 1.85.
+  if (t && s.N * s.groups < 2 && !conv2d_forward_reads_wide_rows(*t, element_bytes) &&
+      !conv2d_split_winograd_chosen(*t, element_bytes))
+    return std::nullopt;
   return t;
 }
 
