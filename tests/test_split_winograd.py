@@ -29,7 +29,7 @@ CASES = {
     # 4x4 with asymmetric padding: backward-input as the transposed convolution (16 taps), split as well
     "k4x4_asym": ((2, 32, 30, 30), (32, 32, 4, 4), ((1, 2), (1, 2)), True, False),
     # 7 images of 81 tiles: F(4x4)'s chunks of tiles span images
-    "seven_images": ((7, 64, 36, 36), (16, 64, 5, 5), 2, True, True),
+    "seven_images": ((7, 64, 36, 36), (32, 64, 5, 5), 2, True, True),
     # 17.7 MB of transformed filters in float32 (160 x 768 x 36): transformed block by block as the GEMMs use
     # them (winograd_streamed_filters), forward and the transposed forward alike
     "streamed_filters": ((2, 192, 14, 14), (160, 192, 5, 5), 2, True, False),
@@ -83,6 +83,10 @@ def test_other_layers_do_not():
     assert not split((3, 20, 21, 19), (32, 20, 4, 6), pads=(1, 1, 1, 1))
     # few tiles: the 3x3 layer would take F(2x2), which reads x as it lies (no pieces)
     assert not split((1, 256, 14, 14), (256, 256, 5, 5))
+    # over twice as many input channels as output channels on 64 tiles or more: the GEMM path; fewer tiles split
+    assert not split((8, 192, 28, 28), (32, 192, 5, 5))
+    assert not split((7, 64, 36, 36), (16, 64, 5, 5))
+    assert split((1, 192, 28, 28), (32, 192, 5, 5))
 
 
 def _relative_error(got, want):
