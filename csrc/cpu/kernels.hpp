@@ -183,6 +183,8 @@ double winograd_backward_weight_cost(const Conv2dShape& s);
 // all at once before; and that streamed path's chunk of tiles.
 bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes);
 int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes);
+// The layer's 4x4 output tiles over the batch (winograd_impl.inc's TileGrid::total).
+int64_t winograd_f4_tiles(const Conv2dShape& s);
 bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
 // Whether backward-weight's F(2x2, 3x3) applies (few tiles, cheaper than the GEMM and F(4x4)'s backward-weight).
 bool winograd_backward_weight_f2_applies(const Conv2dShape& s, int64_t element_bytes);

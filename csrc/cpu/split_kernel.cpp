@@ -85,8 +85,7 @@ double split_winograd_share(const Conv2dShape& s, int64_t element_bytes) {
   // (the transposed forward) of 48 -> 128 on 14x14 1.71 -> 1.31, of 32 -> 128 on 28x28 3.90 -> 3.34, on 56x56
   // at batch 1 1.84 -> 1.54. With fewer tiles the split path stays faster (192 -> 32 on 28x28 at batch 1:
   // 0.72 against 0.86; backward-input of 32 -> 128 on 7x7 at batch 8: 0.32 against 0.35).
-  const int64_t tiles = t->N * ((t->P + 3) / 4) * ((t->Q + 3) / 4);
-  if (s.C > 2 * s.K && tiles >= 64) return std::numeric_limits<double>::infinity();
+  if (s.C > 2 * s.K && winograd_f4_tiles(*t) >= 64) return std::numeric_limits<double>::infinity();
   return kPieces * winograd_cost(*t, element_bytes) / conv2d_direct_cost(s);  // a pair: 4 of t's
 }
 

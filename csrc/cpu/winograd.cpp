@@ -29,14 +29,13 @@ PYKERNELS_DECLARE_WINOGRAD(avx512)
 #endif
 #undef PYKERNELS_DECLARE_WINOGRAD
 
+int64_t winograd_f4_tiles(const Conv2dShape& s) { return s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4); }
+
 double conv2d_direct_cost(const Conv2dShape& s) {
   return 2.0 * double(s.R * s.S) * double(s.N) * double(s.P) * double(s.Q);
 }
 
 namespace {
-
-// The layer's 4x4 output tiles over the batch (winograd_impl.inc's TileGrid::total).
-int64_t tile_count(const Conv2dShape& s) { return s.N * ((s.P + 3) / 4) * ((s.Q + 3) / 4); }
 
 // Bytes of 36 values per channel pair: the transformed filters U, and backward-weight's sums D.
 double transformed_bytes(const Conv2dShape& s, int64_t element_bytes) {
@@ -54,7 +53,7 @@ bool is_winograd_shape(const Conv2dShape& s) {
 // F(4x4)'s 36 GEMMs 72 per tile, and each of the 36 transformed values per filter about `per_filter_value`
 // flops' time on top (see the callers).
 double f4_cost(const Conv2dShape& s, double per_filter_value) {
-  return 72.0 * double(tile_count(s)) + 36.0 * per_filter_value;
+  return 72.0 * double(winograd_f4_tiles(s)) + 36.0 * per_filter_value;
 }
 
 // Enough channels and 4x4 tiles, and cheaper than the GEMM.
@@ -74,7 +73,7 @@ bool winograd_worth_it(const Conv2dShape& s, double per_filter_value) {
 bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes) {
   const double u_bytes = transformed_bytes(s, element_bytes);
   if (u_bytes > 16.0 * (1 << 20)) return true;
-  const int64_t tiles = tile_count(s);
+  const int64_t tiles = winograd_f4_tiles(s);
   return u_bytes > 4.0 * (1 << 20) && tiles <= winograd_streamed_chunk(s, element_bytes);
 }
 
@@ -133,7 +132,7 @@ double winograd_cost(const Conv2dShape& s, int64_t element_bytes) {
 // 28x28 float32 7.17 -> 6.87; 128 on 28x28 float64 (96 then) level. (96 or 128 at least: 256 on 14x14
 // and 28x28 slower than 64, 2.87-2.96 and 7.17-7.45.)
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes) {
-  const int64_t total = tile_count(s);
+  const int64_t total = winograd_f4_tiles(s);
   const int64_t per_tile = 36 * (s.C + s.K) * element_bytes;
   return std::min(total, std::max<int64_t>(64, (int64_t(4) << 20) / per_tile / 48 * 48));
 }
@@ -148,7 +147,7 @@ bool sums_fit_l3(const Conv2dShape& s, int64_t element_bytes) {
 // between calls of torch's (which evict L3), 0.438 -> 0.403 ms, at batch 2 0.702 -> 0.648; 2.4 MB of D
 // (128 channels on 28x28 at batch 1) 0.238 -> 0.249, so smaller D still go whole.
 bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes) {
-  const int64_t total = tile_count(s);
+  const int64_t total = winograd_f4_tiles(s);
   return transformed_bytes(s, element_bytes) > 4.0 * (1 << 20) &&
          total <= winograd_backward_weight_chunk(s, element_bytes) && total <= 256;
 }
