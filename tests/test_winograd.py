@@ -5,11 +5,13 @@ layers with few tiles, F(2x2, 3x3) (csrc/cpu/winograd_f2_impl.inc).
 passes, and for the backward-input pass as the transposed convolution (padding <= 2); layers with 64
 channels or more and too few tiles for F(4x4) take F(2x2) for forward and backward-input, and, from 32
 tiles (float64: 48) where F(4x4)'s backward-weight does not apply, for backward-weight
-(csrc/cpu/winograd_f2_weight_impl.inc). Every case
+(csrc/cpu/winograd_f2_weight_impl.inc); layers with at most 8 tiles of 4x4 and 64 channels or more take F(4x4)'s
+backward-weight with its sums in registers (csrc/cpu/winograd_weight_in_registers_impl.inc). Every case
 here is checked to take the path it is meant to test, and runs under both algorithms ('auto' and
 'gemm') so the two agree.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +23,17 @@ import pytest
 import _pykernels_cpu
 import pykernels as pk
 from pykernels import reference as ref
+
+
+@contextlib.contextmanager
+def _gemm_algorithm():
+    """Every Winograd path off ('gemm') inside the block, the algorithm before it restored after."""
+    previous = _pykernels_cpu.conv_algorithm()
+    _pykernels_cpu.set_conv_algorithm("gemm")
+    try:
+        yield
+    finally:
+        _pykernels_cpu.set_conv_algorithm(previous)
 
 # (x shape, weight shape, padding): 3x3, stride 1, groups 1, C and K >= 8, >= 96 output tiles of 4x4.
 CASES = {
@@ -80,12 +93,13 @@ F2_CASES = {
     # 49 tiles of 2x2 where F(4x4) would also pay (16 tiles of 4x4), taken as the cheaper (F(4x4) in float64)
     "chosen_over_f4": ((1, 128, 14, 14), (128, 128, 3, 3), 1),
 }
-# Backward-weight on F(2x2): 32 to 64 tiles (float64: 48 to 64) where F(4x4)'s backward-weight does not apply.
+# Backward-weight on F(2x2): 32 to 64 tiles (float64: 48 to 64) where F(4x4)'s backward-weight does not apply (more
+# than 8 tiles of 4x4).
 # Its sums go in blocks of 48 output channels (float64: 24) x 96 input channels, input channels in the GEMM's
 # strips (48 or 16 in float32; the last one padded).
 F2_WEIGHT_CASES = {
-    # resnet_3x3_512 at batch 2: 32 tiles
-    "resnet_512_batch2": ((2, 512, 7, 7), (512, 512, 3, 3), 1),
+    # resnet_3x3_512 at batch 3: 48 tiles (at batch 1 and 2 its sums stay in registers)
+    "resnet_512_batch3": ((3, 512, 7, 7), (512, 512, 3, 3), 1),
     # 40 tiles, 2 blocks of output channels (48 + 27), 70 input channels in one block (a padded strip), odd P and Q
     "ragged_channels_asym_pad_batch2": ((2, 70, 9, 8), (75, 70, 3, 3), ((0, 2), (1, 0))),
     # 48 tiles and over 16 MiB of F(4x4) sums in float64: F(2x2) in both precisions, ragged blocks both ways
@@ -99,11 +113,27 @@ F2_WEIGHT_CASES = {
 ROWS_WEIGHT_CASES = {
     # 512 channels on 10x10 at batch 1: 10 rows x 5 column pairs, 8 blocks of rows, 512 = 10 strips + 32
     "rows_512_on_10x10": ((1, 512, 10, 10), (512, 512, 3, 3), 1),
-    # F2_CASES' ragged layer (its forward takes F(2x2)): 70 input channels (a padded strip after 48: 16
-    # filters at a time, then 6), 75 output channels (64 + 11 rows), odd P (9) and Q (7) from asymmetric padding
-    "rows_ragged_channels_asym_pad": F2_CASES["ragged_channels_asym_pad"],
+    # 70 input channels (a padded strip after 48: 16 filters at a time, then 6), 75 output channels (64 + 11
+    # rows), odd P (9) and Q (11) from asymmetric padding: 9 tiles of 4x4 (at most 8 keep their sums in registers)
+    "rows_ragged_channels_asym_pad": ((1, 70, 9, 12), (75, 70, 3, 3), ((0, 2), (1, 0))),
     # three images: the tiles of each output row image by image; no padding, even Q
     "rows_valid_batch3": ((3, 64, 4, 14), (96, 64, 3, 3), 0),
+}
+
+# Backward-weight on F(4x4) with its sums in registers: at most 8 tiles of 4x4, 64 channels or more, both
+# precisions. Input channels in blocks of two vectors (float32: 32 on AVX-512, 16 on AVX2, 8 portable; float64
+# half), output channels in groups of 4 (AVX-512) or 2; AVX-512 float32 stores 16 filters at a time, then the
+# rest through a transpose. F2_CASES' layers with at most 8 tiles take it too.
+IN_REGISTERS_WEIGHT_CASES = {
+    # resnet_3x3_512 at batch 1: 4 tiles, 16 blocks of 32 input channels
+    "regs_resnet_512_batch1": F2_CASES["resnet_512_batch1"],
+    # 6 tiles (P = 9, Q = 7 from asymmetric padding), 70 input channels (a last block of 6), 75 output channels
+    # (a last group of 3 on AVX-512, of 1 on the others)
+    "regs_ragged_channels_asym_pad": F2_CASES["ragged_channels_asym_pad"],
+    # 8 tiles over two images, padding 2, 67 output channels (a last group of 3, or of 1)
+    "regs_eight_tiles_pad2": ((2, 96, 5, 5), (67, 96, 3, 3), 2),
+    # three images without padding, 2 tiles each
+    "regs_valid_batch3": F2_CASES["valid_batch3"],
 }
 
 
@@ -139,10 +169,14 @@ def test_f2_cases_take_the_f2_path(name, itemsize):
     transposed_pads = tuple(2 - p for p in pads)
     assert _pykernels_cpu.conv2d_winograd_is_f2(transposed_x, (w_shape[1], w_shape[0], 3, 3), (1, 1), transposed_pads,
                                                 (1, 1), 1, itemsize) == f2
-    # backward-weight: F(2x2) from 32 tiles, which of these only pad2 has in float32 (chosen_over_f4's 49 take
-    # F(4x4), and float64 needs 48)
-    f2_weight = name == "pad2" and itemsize == 4
-    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer) == f2_weight
+    # backward-weight: F(4x4) with its sums in registers (at most 8 tiles of 4x4), but chosen_over_f4's 16 tiles
+    # of 4x4 take F(4x4) with its sums in memory, and ragged_256_float64's 42 outputs the GEMM (4 tiles of 4x4
+    # cost more); F(2x2)'s from 32 tiles of 2x2 only over 8 tiles of 4x4
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer)
+    in_registers = _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers(x_shape, *layer)
+    assert in_registers == (name not in ("chosen_over_f4", "ragged_256_float64"))
+    f4 = _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, *layer[:-1])
+    assert f4 == (name != "ragged_256_float64")
 
 
 @pytest.mark.parametrize("itemsize", [4, 8], ids=["f32", "f64"])
@@ -150,7 +184,7 @@ def test_f2_cases_take_the_f2_path(name, itemsize):
 def test_f2_weight_cases_take_the_f2_backward_weight_path(name, itemsize):
     x_shape, w_shape, padding = F2_WEIGHT_CASES[name]
     layer = (w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
-    f2 = itemsize == 4 or (min(w_shape[:2]) >= 256 and name != "resnet_512_batch2")  # float64: 48 tiles
+    f2 = itemsize == 4 or min(w_shape[:2]) >= 256  # float64: 256 channels and 48 tiles
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(x_shape, *layer, itemsize) == f2
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd(x_shape, *layer)
 
@@ -165,41 +199,61 @@ def test_rows_weight_cases_take_the_rows_backward_weight_path(name):
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
 
 
+@pytest.mark.parametrize("itemsize", [4, 8], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(IN_REGISTERS_WEIGHT_CASES))
+def test_in_registers_cases_take_the_in_registers_backward_weight_path(name, itemsize):
+    x_shape, w_shape, padding = IN_REGISTERS_WEIGHT_CASES[name]
+    layer = (x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers(*layer, itemsize)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(*layer, itemsize)
+    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows(*layer, itemsize)
+
+
+def test_in_registers_backward_weight_rule():
+    def in_registers(batch, channels, size):
+        layer = ((channels, channels, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        return _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers((batch, channels, size, size), *layer)
+    # 4 and 8 tiles of 4x4, from 64 channels
+    assert in_registers(1, 512, 7) and in_registers(2, 512, 7) and in_registers(1, 512, 8) and in_registers(1, 64, 7)
+    assert not in_registers(3, 512, 7)  # 12 tiles: F(2x2)'s backward-weight
+    assert not in_registers(1, 512, 14)  # 16 tiles: F(2x2)'s
+    assert not in_registers(1, 512, 5) and not in_registers(1, 512, 6)  # 4 tiles, but the GEMM has 25 or 36 positions
+    assert not in_registers(1, 32, 7)  # fewer than 64 channels
+    with _gemm_algorithm():
+        assert not in_registers(1, 512, 7)
+
+
 def test_rows_backward_weight_rule():
     def rows(batch, channels, size, itemsize=4):
         layer = ((channels, channels, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, itemsize)
         return _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows((batch, channels, size, size), *layer)
-    assert rows(1, 512, 10) and rows(1, 512, 9) and rows(1, 128, 7) and rows(1, 64, 6)
-    # 28 and 18 tiles deep with grad_w over 1 MiB (resnet_3x3_512 at batch 1: the GEMM path); 15 deep
-    assert not rows(1, 512, 7) and not rows(1, 256, 7) and not rows(1, 512, 6) and not rows(1, 64, 5)
-    assert not rows(2, 512, 7)  # F(2x2)'s backward-weight, from 32 tiles
-    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((2, 512, 7, 7), (512, 512, 3, 3), (1, 1),
+    assert rows(1, 512, 10) and rows(1, 512, 9) and rows(1, 64, 6)
+    # at most 8 tiles of 4x4 (7x7 at batch 1 and 2): F(4x4)'s backward-weight with its sums in registers
+    assert not rows(1, 128, 7) and not rows(1, 512, 7) and not rows(1, 256, 7) and not rows(2, 512, 7)
+    # 18 tiles deep with grad_w over 1 MiB (the GEMM path); 15 deep
+    assert not rows(1, 512, 6) and not rows(1, 64, 5)
+    assert not rows(3, 512, 7)  # F(2x2)'s backward-weight, from 32 tiles
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((3, 512, 7, 7), (512, 512, 3, 3), (1, 1),
                                                                   (1, 1, 1, 1), (1, 1), 1, 4)
     assert not rows(1, 256, 14)  # F(4x4)'s backward-weight
     assert not rows(1, 32, 7) and not rows(1, 512, 7, itemsize=8)
-    previous = _pykernels_cpu.conv_algorithm()
-    try:
-        _pykernels_cpu.set_conv_algorithm("gemm")
+    with _gemm_algorithm():
         assert not rows(1, 512, 10)
-    finally:
-        _pykernels_cpu.set_conv_algorithm(previous)
 
 
 def test_f2_backward_weight_rule():
     layer_512 = ((512, 512, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
-    for batch, f32, f64 in ((1, False, False), (2, True, False), (3, True, True), (4, True, True), (5, False, False)):
+    # batch 1 and 2: at most 8 tiles of 4x4, F(4x4)'s sums in registers; batch 5: 80 tiles of 2x2
+    for batch, f32, f64 in ((1, False, False), (2, False, False), (3, True, True), (4, True, True), (5, False, False)):
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((batch, 512, 7, 7), *layer_512, 4) == f32
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((batch, 512, 7, 7), *layer_512, 8) == f64
     # not where F(4x4)'s backward-weight applies (256 channels on 14x14 at batch 1), nor under 'gemm'
     layer_256 = ((256, 256, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
     assert _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 256, 14, 14), *layer_256)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((1, 256, 14, 14), *layer_256, 4)
-    previous = _pykernels_cpu.conv_algorithm()
-    try:
-        _pykernels_cpu.set_conv_algorithm("gemm")
-        assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((2, 512, 7, 7), *layer_512, 4)
-    finally:
-        _pykernels_cpu.set_conv_algorithm(previous)
+    with _gemm_algorithm():
+        assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2((3, 512, 7, 7), *layer_512, 4)
 
 
 def test_small_or_strided_layers_do_not():
@@ -213,7 +267,8 @@ def test_small_or_strided_layers_do_not():
     assert not _pykernels_cpu.conv2d_uses_winograd((1, 32, 8, 8), (32, 32, 3, 3), (1, 1), pads, (1, 1), 1)
     # resnet_3x3_512: at batch 8 its 32 tiles pay for transforming 512 x 512 filters block by block, and
     # backward-weight for its 36 x 512 x 512 sums, also made block by block; at batch 1 (4 tiles of 4x4)
-    # forward and backward-input take F(2x2) on 16 tiles of 2x2, backward-weight the GEMM.
+    # forward and backward-input take F(2x2) on 16 tiles of 2x2, backward-weight F(4x4) with its sums in
+    # registers.
     layer_512 = ((512, 512, 3, 3), (1, 1), pads, (1, 1), 1)
     assert _pykernels_cpu.conv2d_uses_winograd((8, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_winograd_is_f2((8, 512, 7, 7), *layer_512)
@@ -222,9 +277,10 @@ def test_small_or_strided_layers_do_not():
     assert _pykernels_cpu.conv2d_uses_winograd((1, 512, 7, 7), *layer_512)
     assert _pykernels_cpu.conv2d_winograd_is_f2((1, 512, 7, 7), *layer_512)
     assert _pykernels_cpu.conv2d_backward_input_uses_winograd((1, 512, 7, 7), *layer_512)
-    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((1, 512, 7, 7), *layer_512)
-    # At batch 2 (8 tiles) backward-weight's sums would go through memory, at batch 4 (16) the GEMM is as fast.
-    assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((2, 512, 7, 7), *layer_512)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers((1, 512, 7, 7), *layer_512)
+    # At batch 2 (8 tiles) in registers too; at batch 4 (16) F(4x4)'s sums would go through memory (F(2x2)'s
+    # backward-weight instead).
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers((2, 512, 7, 7), *layer_512)
     assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd((4, 512, 7, 7), *layer_512)
     # resnet_3x3_256 at batch 1: 49 tiles of 2x2 (forward and backward-input take F(2x2) in 0.51 ms against
     # F(4x4)'s 0.64 and the GEMM's 0.75-0.87); backward-weight F(4x4), its sums by blocks through L2.
@@ -252,10 +308,10 @@ TOLERANCE = {np.float32: 3e-5, np.float64: 1e-12}
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(CASES) + list(FALLBACK_BACKWARD) + list(F2_CASES) + list(F2_WEIGHT_CASES) +
-                         list(ROWS_WEIGHT_CASES))
+                         list(ROWS_WEIGHT_CASES) + ["regs_eight_tiles_pad2"])  # (the others are F2_CASES')
 def test_forward_and_backward_input_match_reference(algorithm, name, dtype):
     x_shape, w_shape, padding = {**CASES, **FALLBACK_BACKWARD, **F2_CASES, **F2_WEIGHT_CASES,
-                                 **ROWS_WEIGHT_CASES}[name]
+                                 **ROWS_WEIGHT_CASES, **IN_REGISTERS_WEIGHT_CASES}[name]
     rng = np.random.default_rng(7)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
@@ -286,11 +342,13 @@ def test_winograd_is_deterministic_and_thread_count_independent():
 
 
 @pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2",
-                                  "rows_ragged_channels_asym_pad"])
+                                  "rows_ragged_channels_asym_pad", "regs_resnet_512_batch1",
+                                  "regs_ragged_channels_asym_pad"])
 def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path, name):
     # The blocks of D (F(4x4) through L2, F(2x2), F(3, 2) along the rows) are fixed by the layer, each summed
-    # by one thread: the same bits on one thread.
-    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES}[name]
+    # by one thread; F(4x4)'s sums in registers are shared out by a thread count's items, each gradient
+    # summed whole by one: the same bits on one thread.
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES, **IN_REGISTERS_WEIGHT_CASES}[name]
     rng = np.random.default_rng(5)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -359,12 +417,13 @@ def test_non_finite_values_reach_exactly_the_outputs_direct_convolution_reaches(
 @pytest.mark.parametrize("name", ["depth_blocks_k13", "tiles_with_ragged_edge", "few_tiles_phase_parallel",
                                   "streamed_filters", "sums_in_blocks", "ragged_channels_asym_pad", "valid_batch3",
                                   "ragged_256_float64", "ragged_channels_asym_pad_batch2", "ragged_350_float64",
-                                  "rows_valid_batch3"])
+                                  "rows_valid_batch3", "regs_eight_tiles_pad2"])
 def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
     # The transformed filters are written in the packed layout of the active GEMM build (F(4x4): register
     # strips of 8 rows on AVX-512, 6 on AVX2 and the portable build; F(2x2): strips of 32 output channels
     # on AVX-512 (backward-weight: 48 input channels), 16 on the others, and tiles read 8 or 6 at a time).
-    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES}[name]
+    x_shape, w_shape, padding = {**CASES, **F2_CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES,
+                                 **IN_REGISTERS_WEIGHT_CASES}[name]
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     want = ref.conv2d(x, w, padding=padding)
@@ -379,14 +438,16 @@ def test_every_instruction_set_packs_the_filters_its_own_way(isa, name):
         assert _relative_error(gw, want_gw) < TOLERANCE[dtype], (isa, dtype)
 
 
-@pytest.mark.parametrize("name", ["same_odd", "ragged_channels_asym_pad_batch2", "rows_valid_batch3"])
+@pytest.mark.parametrize("name", ["same_odd", "ragged_channels_asym_pad_batch2", "rows_valid_batch3",
+                                  "regs_eight_tiles_pad2"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(bad, name):
     # Backward-weight sums grad_out against x over every tile; a non-finite grad_out leaves non-finite
-    # values in Winograd's gradient (F(4x4), F(2x2), F(3, 2) along the rows), so the pass is recomputed on the
-    # GEMM path and only the weights whose sums include that value become non-finite.
-    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES}[name]
-    dtype = np.float64 if name == "same_odd" else np.float32  # F(2x2) and F(3, 2) take these in float32 only
+    # values in Winograd's gradient (F(4x4), its sums in memory or in registers, F(2x2), F(3, 2) along the
+    # rows), so the pass is recomputed on the GEMM path and only the weights whose sums include that value
+    # become non-finite.
+    x_shape, w_shape, padding = {**CASES, **F2_WEIGHT_CASES, **ROWS_WEIGHT_CASES, **IN_REGISTERS_WEIGHT_CASES}[name]
+    dtype = np.float64 if name == "same_odd" else np.float32  # F(2x2) and F(3, 2) take theirs in float32 only
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     g = rng.standard_normal(ref.conv2d(x, w, padding=padding).shape)
@@ -399,15 +460,17 @@ def test_non_finite_grad_out_reaches_only_the_weights_direct_summation_reaches(b
     assert not np.isfinite(gw[3]).all() and np.isfinite(np.delete(gw, 3, axis=0)).all()
 
 
-# Backward-weight's three ways to its sums D on F(4x4) (winograd_impl.inc), each checking grad_w as it
+# Backward-weight's four ways to its sums D on F(4x4) (winograd_impl.inc), each checking grad_w as it
 # writes it: by parts of the tiles (K * C <= 64 * 64, 96 tiles or more), whole (here 1.5 MB of float64
-# sums), and by blocks through L2 (over 4 MiB of sums, every tile in one chunk); and F(2x2)'s.
+# sums), by blocks through L2 (over 4 MiB of sums, every tile in one chunk) and in registers (at most 8
+# tiles); and F(2x2)'s and F(3, 2)'s.
 WEIGHT_SUM_CASES = {
     "by_tile_parts": CASES["tiles_with_ragged_edge"],
     "whole_sums": ((2, 72, 12, 13), (73, 72, 3, 3), 1),
     "sums_in_blocks": CASES["sums_in_blocks"],
     "f2": F2_WEIGHT_CASES["ragged_channels_asym_pad_batch2"],
     "rows": ROWS_WEIGHT_CASES["rows_ragged_channels_asym_pad"],
+    "in_registers": IN_REGISTERS_WEIGHT_CASES["regs_ragged_channels_asym_pad"],
 }
 # (case, value, position): the position inside the image, in a corner and in the last (cut) tile; on the
 # slow case to check (sums_in_blocks) only inside.
@@ -426,6 +489,8 @@ def test_non_finite_x_reaches_exactly_the_weight_gradients_direct_summation_reac
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(*layer, 4)
     elif name == "rows":
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows(*layer, 4)
+    elif name == "in_registers":
+        assert _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers(*layer, 8)
     else:
         assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
     rng = np.random.default_rng(8)

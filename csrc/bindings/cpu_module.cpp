@@ -439,6 +439,10 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         std::tuple{"conv2d_backward_weight_uses_winograd_rows",
                    &pykernels::cpu::conv2d_backward_weight_winograd_rows_chosen,
                    "Whether conv2d backward-weight on these shapes takes Winograd F(3, 2) along the rows (for tests)."},
+        std::tuple{"conv2d_backward_weight_uses_winograd_in_registers",
+                   &pykernels::cpu::conv2d_backward_weight_winograd_in_registers_chosen,
+                   "Whether conv2d backward-weight on these shapes takes Winograd F(4x4) with its sums in registers "
+                   "(at most 8 tiles; for tests)."},
         std::tuple{"conv2d_winograd_is_f2", &pykernels::cpu::winograd_f2_applies,
                    "Whether these shapes, where forward (or backward-input's transposed convolution) takes the "
                    "Winograd path, take F(2x2, 3x3) rather than F(4x4, 3x3) (for tests)."}})

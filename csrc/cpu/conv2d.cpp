@@ -215,8 +215,8 @@ bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s, int64_t element
   return winograd_transposed_shape(s, element_bytes).has_value();
 }
 
-bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s) {
-  return winograd_enabled.load() && winograd_backward_weight_applies(s);
+bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s, bool sums_in_registers) {
+  return winograd_enabled.load() && winograd_backward_weight_applies(s, sums_in_registers);
 }
 
 bool conv2d_backward_weight_winograd_f2_chosen(const Conv2dShape& s, int64_t element_bytes) {
@@ -225,6 +225,10 @@ bool conv2d_backward_weight_winograd_f2_chosen(const Conv2dShape& s, int64_t ele
 
 bool conv2d_backward_weight_winograd_rows_chosen(const Conv2dShape& s, int64_t element_bytes) {
   return winograd_enabled.load() && winograd_backward_weight_rows_applies(s, element_bytes);
+}
+
+bool conv2d_backward_weight_winograd_in_registers_chosen(const Conv2dShape& s, int64_t) {
+  return conv2d_backward_weight_winograd_chosen(s) && winograd_backward_weight_in_registers(s);
 }
 
 bool set_conv_algorithm(const char* name) {

@@ -152,11 +152,13 @@ const char* conv_algorithm();
 // or inf is then recomputed on the GEMM path (conv2d.cpp, all_finite).
 bool conv2d_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
 bool conv2d_backward_input_winograd_chosen(const Conv2dShape& s, int64_t element_bytes);
-bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s);
+bool conv2d_backward_weight_winograd_chosen(const Conv2dShape& s, bool sums_in_registers = true);
 // Whether backward-weight takes F(2x2, 3x3) (few tiles, at element_bytes per value), before F(4x4).
 bool conv2d_backward_weight_winograd_f2_chosen(const Conv2dShape& s, int64_t element_bytes);
 // Whether backward-weight takes F(3, 2) along the rows (fewer tiles still), before F(2x2).
 bool conv2d_backward_weight_winograd_rows_chosen(const Conv2dShape& s, int64_t element_bytes);
+// Whether backward-weight takes F(4x4) with its sums in registers (at most 8 tiles; element_bytes unused).
+bool conv2d_backward_weight_winograd_in_registers_chosen(const Conv2dShape& s, int64_t element_bytes);
 // Whether backward-input runs as the transposed convolution through conv2d_forward (conv2d.cpp), given
 // finite weights, at element_bytes per value; else col2im.
 bool conv2d_backward_input_transposed_chosen(const Conv2dShape& s, int64_t element_bytes);
@@ -177,7 +179,8 @@ bool winograd_f2_applies(const Conv2dShape& s, int64_t element_bytes);
 // per output and channel pair (conv2d_direct_cost), in the same units.
 double conv2d_direct_cost(const Conv2dShape& s);
 double winograd_cost(const Conv2dShape& s, int64_t element_bytes);
-double winograd_backward_weight_cost(const Conv2dShape& s);
+// sums_in_registers false: as for x's 3x3 pieces (split_kernel.cpp), whose sums never stay in registers.
+double winograd_backward_weight_cost(const Conv2dShape& s, bool sums_in_registers = true);
 // Whether the filters are transformed block by block as the GEMMs use them (transformed filters of more
 // than 16 MiB at element_bytes per value, or more than 4 MiB with every tile in one chunk), rather than
 // all at once before; and that streamed path's chunk of tiles.
@@ -185,7 +188,8 @@ bool winograd_streams_filters(const Conv2dShape& s, int64_t element_bytes);
 int64_t winograd_streamed_chunk(const Conv2dShape& s, int64_t element_bytes);
 // The layer's 4x4 output tiles over the batch (winograd_impl.inc's TileGrid::total).
 int64_t winograd_f4_tiles(const Conv2dShape& s);
-bool winograd_backward_weight_applies(const Conv2dShape& s);  // the same for conv2d_backward_weight_winograd
+// The same for conv2d_backward_weight_winograd (sums_in_registers: as winograd_backward_weight_cost).
+bool winograd_backward_weight_applies(const Conv2dShape& s, bool sums_in_registers = true);
 // Whether backward-weight's F(2x2, 3x3) applies (few tiles, cheaper than the GEMM and F(4x4)'s backward-weight).
 bool winograd_backward_weight_f2_applies(const Conv2dShape& s, int64_t element_bytes);
 // Whether backward-weight's F(3, 2) along the rows applies (fewer tiles than F(2x2)'s takes).
@@ -195,6 +199,9 @@ bool winograd_backward_weight_rows_applies(const Conv2dShape& s, int64_t element
 // chunk, D over 4 MiB) rather than all of D through L3 or memory.
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes);
+// Whether conv2d_backward_weight_winograd keeps its sums in registers (at most 8 tiles, 64 channels or more;
+// winograd_weight_in_registers_impl.inc), where winograd_backward_weight_applies.
+bool winograd_backward_weight_in_registers(const Conv2dShape& s);
 template <typename T>
 struct WinogradFilters {
   const T* w;

@@ -160,21 +160,33 @@ bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_by
 // 1.2). 32 tiles and 392 positions take Winograd even at 80 (resnet_3x3_512 at batch 8: 3.3 ms against
 // 4.2). Chosen for float32, as forward. Measured with 64 channels or more: below that the transforms of x
 // and grad_y, per channel and tile, weigh more per channel pair, and 200 stays.
+// With at most 8 tiles (64 channels or more), the sums stay in registers (winograd_weight_in_registers_impl.inc):
+// about 14 per value, from 512 channels on 5x5 at batch 1 (4 tiles as on 7x7, against the GEMM's 25 positions:
+// 1.76x its time). Float32, this path's time / the one before (two threads, one process): 7x7 at batch 1, 512
+// channels 0.83 (the GEMM path), 256 0.83, 128 0.98 and 64 0.69 (F(3, 2) along the rows); 8x8 at batch 1, 512
+// 0.87 (the GEMM); at batch 2 (8 tiles) 512 0.89 and 256 0.80 (F(2x2)). Float64: 512 on 7x7 at batch 1 0.86,
+// at batch 2 0.75, 256 0.84, 64 0.90. On 14x14 at batch 1 (16 tiles, not taken), 256 level, 512 1.42.
+bool winograd_backward_weight_in_registers(const Conv2dShape& s) {
+  return is_winograd_shape(s) && s.C >= 64 && s.K >= 64 && winograd_f4_tiles(s) <= 8;
+}
+
 namespace {
-double backward_weight_per_value(const Conv2dShape& s) {
+double backward_weight_per_value(const Conv2dShape& s, bool sums_in_registers) {
+  if (sums_in_registers && winograd_backward_weight_in_registers(s)) return 14.0;
   if (!(s.C >= 64 && s.K >= 64)) return 200.0;
   if (sums_fit_l3(s, 4)) return 40.0;
   return winograd_backward_weight_in_blocks(s, 4) ? 80.0 : 200.0;
 }
 }  // namespace
 
-bool winograd_backward_weight_applies(const Conv2dShape& s) {
-  return winograd_worth_it(s, backward_weight_per_value(s));
+bool winograd_backward_weight_applies(const Conv2dShape& s, bool sums_in_registers) {
+  return winograd_worth_it(s, backward_weight_per_value(s, sums_in_registers));
 }
 
-double winograd_backward_weight_cost(const Conv2dShape& s) {
-  return winograd_backward_weight_applies(s) ? f4_cost(s, backward_weight_per_value(s))
-                                             : std::numeric_limits<double>::infinity();
+double winograd_backward_weight_cost(const Conv2dShape& s, bool sums_in_registers) {
+  return winograd_backward_weight_applies(s, sums_in_registers)
+             ? f4_cost(s, backward_weight_per_value(s, sums_in_registers))
+             : std::numeric_limits<double>::infinity();
 }
 
 // Backward-weight on F(2x2) (winograd_f2_weight_impl.inc) with forward's channel and tile bounds, where
