@@ -165,7 +165,8 @@ bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_by
 // 1.76x its time). Float32, this path's time / the one before (two threads, one process): 7x7 at batch 1, 512
 // channels 0.83 (the GEMM path), 256 0.83, 128 0.98 and 64 0.69 (F(3, 2) along the rows); 8x8 at batch 1, 512
 // 0.87 (the GEMM); at batch 2 (8 tiles) 512 0.89 and 256 0.80 (F(2x2)). Float64: 512 on 7x7 at batch 1 0.86,
-// at batch 2 0.75, 256 0.84, 64 0.90. On 14x14 at batch 1 (16 tiles, not taken), 256 level, 512 1.42.
+// at batch 2 0.75, 256 0.84, 64 0.90. On 14x14 at batch 1 (16 tiles, not taken: a block's V, 36 x tiles x 32
+// values, no longer stays in L1), 256 level, 512 1.42.
 bool winograd_backward_weight_in_registers(const Conv2dShape& s) {
   return is_winograd_shape(s) && s.C >= 64 && s.K >= 64 && winograd_f4_tiles(s) <= 8;
 }
