@@ -13,6 +13,10 @@ A round is one pass over that order; rounds go on until --repeat rounds are done
 for --min-time seconds. The table gives each implementation's median time, its rate (GFLOP/s for
 conv2d from shapes.ConvShape.flops(), GB/s for relu and max_pool2d from bytes_moved()), the ratio peer
 median / pykernels median (above 1 pykernels is faster than that peer) and its number of timed calls.
+With --scaling, conv2d's cases also time pykernels at batch 1 and in float64 in the same rounds (rows
+pykernels_b1 and pykernels_f64, ratio: their time per image / pykernels'), so that design.md's bounds on
+those are checked within one run, with the same peers' calls between, not across runs the host may have
+slowed differently.
 
 Peers (pykernels/peers.py): on the CPU, PyTorch (when installed; torch.set_num_threads(os.cpu_count()),
 the thread count pykernels' OpenMP uses too), NumPy im2col + matmul for conv2d and NumPy ufuncs for
@@ -58,6 +62,14 @@ PEERS_BY_DEVICE = {
     "cuda": {"conv2d": ("torch", "cupy_im2col"), "relu": ("torch", "cupy"), "max_pool2d": ("torch",)},
 }
 OURS = "pykernels"
+#: --scaling's rows: pykernels again, in the same rounds, at batch 1 and in float64 (conv2d on the CPU),
+#: for the CPU targets on those: batch 1 at most 1.5x slower per image than batch 8, float64 at least
+#: half float32's speed. Where the case's batch is not 8 (lenet_5x5's 64, --batch), a batch-8 row too.
+OURS_BATCH1, OURS_BATCH8, OURS_FLOAT64 = "pykernels_b1", "pykernels_b8", "pykernels_f64"
+SCALING_BATCH = 8
+SCALING_BOUNDS = {OURS_BATCH1: 1.5, OURS_FLOAT64: 2.0}
+#: The row each row's ratio is taken against, where not pykernels' own (if that row ran).
+RATIO_BASE = {OURS_BATCH1: OURS_BATCH8}
 
 DEFAULT_REPEAT = 10
 DEFAULT_MIN_TIME = 1.5  # seconds per case: the full CPU table takes about a minute on 2 cores
@@ -112,6 +124,11 @@ def add_arguments(parser) -> None:
                         help="run every shape with batch N instead of design.md's (the table's CPU batch, or 32 "
                              "with --device cuda); for quick checks and tests: the numbers are then not "
                              "the table's")
+    parser.add_argument("--scaling", action="store_true",
+                        help=f"conv2d on the CPU: also time pykernels at batch 1 ({OURS_BATCH1}) and in float64 "
+                             f"({OURS_FLOAT64}) in the same rounds, their ratio being their time per image over "
+                             f"pykernels' at batch {SCALING_BATCH} ({OURS_BATCH8}, where the case's batch is not) "
+                             "and in float32 (bounds: at most 1.5x and 2x)")
     parser.add_argument("--json", metavar="FILE", help="also write the results and the machine's details as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw the ratios per shape and pass (needs matplotlib)")
 
@@ -211,13 +228,12 @@ def _sized(shape, device: str, batch: Optional[int]):
 class Ours:
     """pykernels itself, with the peers' interface."""
 
-    name = OURS
-
-    def __init__(self, xp=np):
+    def __init__(self, xp=np, name: str = OURS):
         import pykernels
 
         self._pk = pykernels
         self._xp = xp
+        self.name = name  # OURS, or one of --scaling's rows
 
     def supports(self, op: str) -> bool:
         return hasattr(self._pk, op)
@@ -537,25 +553,27 @@ class Row:
     differs: bool = False
     others: Optional[float] = None  # others' CPU share during the case
     round_trip: Optional[float] = None  # the larger OpenMP round trip (ns) before and after the case
-    ratio: Optional[float] = None  # peer median / pykernels median (peer rows only), see set_ratios
+    ratio: Optional[float] = None  # time per image / pykernels' (all rows but pykernels'), see set_ratios
+    dtype: Optional[np.dtype] = None  # the run's, but for --scaling's float64 row
 
     @property
     def median(self) -> Optional[float]:
         return float(np.median(self.times)) if self.times else None
 
     def rate(self, dtype) -> Optional[float]:
-        amount, _ = self.case.work(dtype)
+        amount, _ = self.case.work(self.dtype or dtype)
         return amount / self.median / 1e9 if self.times else None
 
 
 def set_ratios(rows: List[Row]) -> None:
-    """ratio = peer median / pykernels median for every peer row of one case that ran."""
-    ours = next((r for r in rows if r.impl == OURS), None)
-    if ours is None or ours.median is None:
-        return
+    """ratio = time per image / pykernels' time per image, for every other row of one case that ran (peer
+    median / pykernels median for the peers, which run pykernels' batch); --scaling's batch-1 row against
+    its batch-8 row where there is one (RATIO_BASE)."""
+    per_image = {r.impl: r.median / r.case.shape.batch for r in rows if r.median is not None}
     for r in rows:
-        if r.impl != OURS and r.median is not None:
-            r.ratio = r.median / ours.median
+        base = RATIO_BASE.get(r.impl) if RATIO_BASE.get(r.impl) in per_image else OURS
+        if r.impl != OURS and r.impl in per_image and base in per_image:
+            r.ratio = per_image[r.impl] / per_image[base]
 
 
 def results_differ(ours, theirs, dtype) -> Optional[str]:
@@ -576,21 +594,46 @@ def results_differ(ours, theirs, dtype) -> Optional[str]:
     return None
 
 
-def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float, xp=np) -> List[Row]:
-    """Time one case with every implementation (``impls``: name -> impl object or reason string)."""
-    inputs = tuple(xp.asarray(a) for a in case.shape.random_inputs(seed=0, dtype=dtype))  # on the device
+def scaling_variants(case: Case, dtype, xp=np) -> list:
+    """--scaling's rows for one case, as (impl, case, dtype): pykernels at batch 1, at batch 8 where the
+    case's batch is another, and in float64 (conv2d only; none that would repeat the case itself)."""
+    if case.op != "conv2d":
+        return []
+    variants = []
+    for name, batch in ((OURS_BATCH1, 1), (OURS_BATCH8, SCALING_BATCH)):
+        if case.shape.batch != batch and case.shape.batch != 1:
+            variants.append((Ours(xp, name), Case(case.op, case.shape.with_batch(batch), case.pass_), dtype))
+    if np.dtype(dtype) != np.float64:
+        variants.append((Ours(xp, OURS_FLOAT64), case, np.dtype(np.float64)))
+    return variants
+
+
+def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float, xp=np,
+             variants=()) -> List[Row]:
+    """Time one case with every implementation (``impls``: name -> impl object or reason string), and
+    the ``variants`` (scaling_variants) in the same rounds."""
+    inputs = {}  # (shape, dtype) -> the inputs, on the device
+
+    def inputs_for(c: Case, dt):
+        key = (c.shape, np.dtype(dt).name)
+        if key not in inputs:
+            inputs[key] = tuple(xp.asarray(a) for a in c.shape.random_inputs(seed=0, dtype=dt))
+        return inputs[key]
+
+    runs = [(name, impl, case, dtype) for name, impl in impls.items()]
+    runs += [(impl.name, impl, c, dt) for impl, c, dt in variants]
     rows, entries, results = [], [], []
-    for name, impl in impls.items():
-        row = Row(case, name)
+    for name, impl, c, dt in runs:
+        row = Row(c, name, dtype=np.dtype(dt))
         rows.append(row)
-        prepared = prepare(impl, case, inputs)
+        prepared = prepare(impl, c, inputs_for(c, dt))
         if isinstance(prepared, str):
             row.note = prepared
             continue
         fn, result = prepared
         entries.append((timer_for(impl, device), fn))
         results.append((row, result))
-    _note_differences(results, dtype)
+    _note_differences([(row, res) for row, res in results if row.impl in impls], dtype)
     watch = OthersWatch() if device == "cpu" else None
     trips = [openmp_round_trip_ns()] if device == "cpu" else []
     for (row, _), times in zip(results, time_interleaved(entries, repeat, min_time)):
@@ -723,7 +766,7 @@ def _three_digits(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
-def title_lines(meta: dict, repeat: int, min_time: float) -> List[str]:
+def title_lines(meta: dict, repeat: int, min_time: float, scaling: bool = False) -> List[str]:
     where = meta["gpu"] if meta["device"] == "cuda" else meta["cpu_model"]
     threads = f"{meta['threads']} threads"
     if meta["device"] == "cpu":
@@ -734,7 +777,9 @@ def title_lines(meta: dict, repeat: int, min_time: float) -> List[str]:
         f"medians of >= {repeat} interleaved rounds (>= {min_time:g} s per case) after warm-up; "
         "rate: GFLOP/s (conv2d) or GB/s (relu, max_pool2d)",
         "ratio = peer median / pykernels median: > 1 means pykernels is faster than that peer",
-    ]
+    ] + ([f"{OURS_BATCH1}, {OURS_FLOAT64}: pykernels at batch 1, in float64, in the same rounds; ratio = time per image / "
+          f"pykernels' at batch {SCALING_BATCH} ({OURS_BATCH8} where the case's batch is another), in float32 "
+          f"(bounds: <= {SCALING_BOUNDS[OURS_BATCH1]:g}x, <= {SCALING_BOUNDS[OURS_FLOAT64]:g}x)"] if scaling else [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -833,11 +878,11 @@ def _cuda_metadata() -> dict:
 
 def row_record(row: Row, dtype) -> dict:
     c = row.case
-    amount, unit = c.work(dtype)
+    amount, unit = c.work(row.dtype or dtype)
     rate_key = "gflops" if unit == "GFLOP/s" else "gbps"
     return {
         "op": c.op, "shape": c.shape.name, "pass": c.pass_, "impl": row.impl,
-        "x_shape": list(c.shape.x), "batch": c.shape.batch,
+        "x_shape": list(c.shape.x), "batch": c.shape.batch, "dtype": np.dtype(row.dtype or dtype).name,
         "median_ms": None if row.median is None else row.median * 1e3,
         "times_ms": [t * 1e3 for t in row.times],
         rate_key: row.rate(dtype),
@@ -851,7 +896,8 @@ def row_record(row: Row, dtype) -> dict:
 
 def write_json(path: str, meta: dict, rows: List[Row], dtype, settings: dict) -> None:
     doc = {"metadata": dict(meta, **settings),
-           "ratio_definition": "peer median_ms / pykernels median_ms (> 1: pykernels is faster)",
+           "ratio_definition": "time per image / pykernels' time per image: for a peer, at pykernels' batch, "
+                               "its median_ms / pykernels' median_ms (> 1: pykernels is faster)",
            "results": [row_record(r, dtype) for r in rows]}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
@@ -928,19 +974,21 @@ def run_bench(args) -> int:
 def _run(args) -> int:
     dtype = np.dtype(args.dtype)
     cases = select_cases(args.ops, args.shapes, args.passes, args.device, args.batch)
-    _check_request(args)
+    _check_request(args, cases)
     if needs_quiet_openblas(cases, args.device) and _started_as_bench_command():
         _restart_with_quiet_openblas()
     xp = _array_module(args.device)
     impls = implementations(cases, args.device, xp)
     meta = metadata(args.device, dtype, impls)
-    table = Table(cases, list(impls), dtype, args.device)
-    table.header(title_lines(meta, args.repeat, args.min_time))
+    variants = {case: scaling_variants(case, dtype, xp) if args.scaling else [] for case in cases}
+    names = list(impls) + list(dict.fromkeys(impl.name for v in variants.values() for impl, _, _ in v))
+    table = Table(cases, names, dtype, args.device)
+    table.header(title_lines(meta, args.repeat, args.min_time, args.scaling))
     all_rows: List[Row] = []
     t0 = time.perf_counter()
     for case in cases:
         case_impls = {n: impls[n] for n in (OURS,) + PEERS_BY_DEVICE[args.device][case.op]}
-        rows = run_case(case, case_impls, args.device, dtype, args.repeat, args.min_time, xp)
+        rows = run_case(case, case_impls, args.device, dtype, args.repeat, args.min_time, xp, variants[case])
         table.rows(rows)
         all_rows += rows
     if args.device == "cpu":
@@ -955,10 +1003,15 @@ def _run(args) -> int:
     return 0
 
 
-def _check_request(args) -> None:
+def _check_request(args, cases) -> None:
     """Everything that can fail before any timing: dtype, device, extras, output folders."""
     if args.dtype == "float16" and args.device != "cuda":
         raise BenchError("--dtype float16 runs on CUDA only (add --device cuda)")
+    if args.scaling:
+        if args.device != "cpu":
+            raise BenchError("--scaling runs on the CPU only: drop --device cuda")
+        if not any(c.op == "conv2d" for c in cases):
+            raise BenchError("--scaling applies to conv2d only, and no conv2d case is chosen")
     if args.device == "cuda" and not _backend.cuda_available():
         raise BenchError(f"--device cuda: the CUDA backend is unavailable ({_backend.cuda_unavailable_reason()}); "
                          "run without --device to benchmark the CPU kernels")

@@ -103,6 +103,54 @@ def test_missing_peer_prints_a_dash_row_and_our_numbers(capsys, monkeypatch):
     assert "note: torch is not installed" in out
 
 
+def test_scaling_times_batch_1_batch_8_and_float64_in_the_same_rounds(capsys, tmp_path):
+    # lenet_5x5 at --batch 2: a batch-8 row too (the case's batch is not 8), which the batch-1 row is
+    # compared with; float64 is compared with pykernels' own float32 row at batch 2.
+    path = tmp_path / "scaling.json"
+    rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "fwd,bwd_weight", "--batch", "2",
+                                     "--scaling", "--json", str(path)] + QUICK)
+    assert rc == 0, err
+    assert "pykernels_b1, pykernels_f64: pykernels at batch 1, in float64, in the same rounds" in out
+    rows = _table_rows(out)
+    impls = ["pykernels", "torch", "numpy_im2col", "pykernels_b1", "pykernels_b8", "pykernels_f64"]
+    assert [(r[2], r[3]) for r in rows] == [(p, i) for p in ("fwd", "bwd_weight") for i in impls]
+    results = json.loads(path.read_text())["results"]
+    for pass_ in ("fwd", "bwd_weight"):
+        by_impl = {r["impl"]: r for r in results if r["pass"] == pass_}
+        assert {i: (r["batch"], r["dtype"]) for i, r in by_impl.items()} == {
+            "pykernels": (2, "float32"), "torch": (2, "float32"), "numpy_im2col": (2, "float32"),
+            "pykernels_b1": (1, "float32"), "pykernels_b8": (8, "float32"), "pykernels_f64": (2, "float64")}
+        ours, b1, b8, f64 = (by_impl[i] for i in ("pykernels", "pykernels_b1", "pykernels_b8", "pykernels_f64"))
+        # every row ran the same number of rounds, interleaved
+        assert len({len(r["times_ms"]) for r in by_impl.values() if r["times_ms"]}) == 1
+        assert b1["ratio"] == pytest.approx(b1["median_ms"] / (b8["median_ms"] / 8))
+        assert b8["ratio"] == pytest.approx(b8["median_ms"] / 8 / (ours["median_ms"] / 2))
+        assert f64["ratio"] == pytest.approx(f64["median_ms"] / ours["median_ms"])
+        # rates from each row's own batch: one image's flops at batch 1
+        flops_1 = shapes.CONV_SHAPES[0].with_batch(1).flops()
+        assert b1["gflops"] == pytest.approx(flops_1 / (b1["median_ms"] / 1e3) / 1e9)
+        assert b8["gflops"] == pytest.approx(8 * flops_1 / (b8["median_ms"] / 1e3) / 1e9)
+
+
+def test_scaling_leaves_out_the_rows_that_would_repeat_the_case(capsys):
+    rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "fwd", "--batch", "8",
+                                     "--dtype", "float64", "--scaling"] + QUICK)
+    assert rc == 0, err
+    assert [r[3] for r in _table_rows(out)] == ["pykernels", "torch", "numpy_im2col", "pykernels_b1"]
+    rc, out, err = run_main(capsys, ["bench", "--op", "conv2d,relu", "--shape", "lenet_5x5,relu_vgg", "--pass", "fwd",
+                                     "--batch", "1", "--scaling"] + QUICK)
+    assert rc == 0, err
+    assert [tuple(r[2:4]) for r in _table_rows(out) if r[3].startswith("pykernels")] == [
+        ("fwd", "pykernels"), ("fwd", "pykernels_f64"), ("fwd", "pykernels")]  # relu: no scaling rows
+
+
+def test_scaling_is_refused_without_a_conv_case_or_on_cuda(capsys):
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--scaling"])
+    assert rc == 2 and "--scaling applies to conv2d only" in err and "pykernels bench:" not in out
+    rc, out, err = run_main(capsys, ["bench", "--device", "cuda", "--op", "conv2d", "--scaling"])
+    assert rc == 2 and "--scaling" in err and "pykernels bench:" not in out
+
+
 # ---- JSON and the plot -------------------------------------------------------------------------------
 
 
@@ -225,7 +273,7 @@ def test_help_documents_the_options(capsys):
     rc, out, err = run_main(capsys, ["bench", "--help"])
     assert rc == 0
     for flag in ("--op", "--shape", "--pass", "--device", "--dtype", "--repeat", "--min-time", "--json",
-                 "--plot", "--batch"):
+                 "--plot", "--batch", "--scaling"):
         assert flag in out, flag
     assert "> 1: pykernels is faster" in out
 
