@@ -48,6 +48,9 @@ CASES = {
     "many_chunks_c8": ((6, 8, 60, 61), (8, 8, 3, 3), 1),
     "many_chunks_c64": ((8, 64, 32, 32), (8, 64, 3, 3), 1),
     "vgg_like_4_chunks": ((8, 64, 56, 56), (8, 64, 3, 3), 1),
+    # Backward-weight's 196 tiles in chunks of 96 (float32) or 64 (float64) would leave a last chunk of 4:
+    # spread over the others instead (98 + 98, 66 + 66 + 64).
+    "weight_tail_spread": ((4, 128, 28, 28), (128, 128, 3, 3), 1),
     # C = 300: the packed filters span two GEMM depth blocks (256 + 44) and a last pass of 12 channels;
     # K = 13 leaves padding rows in the last register strip on every instruction set.
     "depth_blocks_k13": ((4, 300, 20, 20), (13, 300, 3, 3), 1),
@@ -224,6 +227,30 @@ def test_in_registers_backward_weight_rule():
         assert not in_registers(1, 512, 7)
 
 
+def test_backward_weight_spreads_a_small_last_chunk_over_the_others():
+    # 49 tiles of 4x4 per image (28x28 outputs), 128 channels: chunks of at most 96 tiles in float32, 64
+    # in float64 (V and E within 4 MiB); a last chunk under a quarter of that joins the others, evenly.
+    def tiles_per_chunk(batch, itemsize):
+        layer = ((batch, 128, 28, 28), (128, 128, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        return _pykernels_cpu.conv2d_backward_weight_winograd_chunk(*layer, itemsize)
+
+    assert tiles_per_chunk(1, 4) == 49  # one chunk
+    assert tiles_per_chunk(2, 4) == 98  # 96 + 2 -> 98
+    assert tiles_per_chunk(4, 4) == 98 and tiles_per_chunk(8, 4) == 98  # 2 x 96 + 4, 4 x 96 + 8
+    assert tiles_per_chunk(4, 8) == 66  # 3 x 64 + 4 -> 66 + 66 + 64
+    assert tiles_per_chunk(2, 8) == 64  # 64 + 34: over a quarter, kept
+    assert tiles_per_chunk(16, 8) == 64  # 12 x 64 + 16: a quarter exactly, kept
+    assert tiles_per_chunk(0, 4) == 0  # an empty batch: no tiles, no chunk
+    x_shape, w_shape, padding = CASES["weight_tail_spread"]
+    layer = (x_shape, w_shape, (1, 1), _pads(x_shape, padding), (1, 1), 1)
+    assert _pykernels_cpu.conv2d_backward_weight_uses_winograd(*layer)
+    for itemsize in (4, 8):  # the chunked path: not F(2x2), not F(3, 2) along the rows
+        assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_f2(*layer, itemsize)
+        assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_rows(*layer, itemsize)
+        assert not _pykernels_cpu.conv2d_backward_weight_uses_winograd_in_registers(*layer, itemsize)
+    assert [_pykernels_cpu.conv2d_backward_weight_winograd_chunk(*layer, b) for b in (4, 8)] == [98, 66]
+
+
 def test_rows_backward_weight_rule():
     def rows(batch, channels, size, itemsize=4):
         layer = ((channels, channels, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, itemsize)
@@ -341,7 +368,7 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
-@pytest.mark.parametrize("name", ["sums_in_blocks", "ragged_channels_asym_pad_batch2",
+@pytest.mark.parametrize("name", ["sums_in_blocks", "weight_tail_spread", "ragged_channels_asym_pad_batch2",
                                   "rows_ragged_channels_asym_pad", "regs_resnet_512_batch1",
                                   "regs_ragged_channels_asym_pad"])
 def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path, name):

@@ -462,6 +462,15 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
   m.def(
+      "conv2d_backward_weight_winograd_chunk",
+      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        return pykernels::cpu::winograd_backward_weight_chunk_tiles(
+            conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("itemsize") = 4,
+      "Tiles of 4x4 per chunk of F(4x4)'s chunked backward-weight on these 3x3 stride-1 shapes (for tests).");
+  m.def(
       "conv2d_reads_subsampled_x",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
         return pykernels::cpu::conv2d_reads_subsampled_x(conv_shape_of_dims(x, w, stride, pad, dilation, groups));

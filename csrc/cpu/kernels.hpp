@@ -194,10 +194,12 @@ bool winograd_backward_weight_applies(const Conv2dShape& s, bool sums_in_registe
 bool winograd_backward_weight_f2_applies(const Conv2dShape& s, int64_t element_bytes);
 // Whether backward-weight's F(3, 2) along the rows applies (fewer tiles than F(2x2)'s takes).
 bool winograd_backward_weight_rows_applies(const Conv2dShape& s, int64_t element_bytes);
-// The tiles conv2d_backward_weight_winograd transforms and sums per chunk (at element_bytes per value),
-// and whether it takes its sums D (36 x K x C) to grad_w a block at a time through L2 (all tiles in one
-// chunk, D over 4 MiB) rather than all of D through L3 or memory.
+// The tiles conv2d_backward_weight_winograd transforms and sums per chunk at most (at element_bytes per
+// value), the tiles its chunked path takes per chunk (that many, or up to a quarter more where that spreads
+// a small last chunk over the others), and whether it takes its sums D (36 x K x C) to grad_w a block at a
+// time through L2 (all tiles in one chunk, D over 4 MiB) rather than all of D through L3 or memory.
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes);
+int64_t winograd_backward_weight_chunk_tiles(const Conv2dShape& s, int64_t element_bytes);
 bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes);
 // Whether conv2d_backward_weight_winograd keeps its sums in registers (at most 8 tiles, 64 channels or more;
 // winograd_weight_in_registers_impl.inc), where winograd_backward_weight_applies.
