@@ -138,6 +138,20 @@ Conv2dShape conv_shape_of_dims(Quad x, Quad w, Pair stride, Quad pad, Pair dilat
 
 std::vector<int64_t> out_dims(const Conv2dShape& s) { return {s.N, s.K, s.P, s.Q}; }
 
+// A test's question about the path a layer takes: binds `name` (x_shape, weight_shape, stride, padding,
+// dilation, groups, itemsize) to query(the validated Conv2dShape, itemsize: bytes per value). `itemsize_arg`
+// is py::arg("itemsize"), with or without a default.
+template <typename Query, typename ItemsizeArg>
+void def_layer_query(py::module_& m, const char* name, Query query, ItemsizeArg itemsize_arg, const char* doc) {
+  m.def(
+      name,
+      [query](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
+        return query(conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
+      },
+      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), itemsize_arg, doc);
+}
+
 // ---- conv2d ------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -446,13 +460,7 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
         std::tuple{"conv2d_winograd_is_f2", &pykernels::cpu::winograd_f2_applies,
                    "Whether these shapes, where forward (or backward-input's transposed convolution) takes the "
                    "Winograd path, take F(2x2, 3x3) rather than F(4x4, 3x3) (for tests)."}})
-    m.def(
-        name,
-        [chosen = chosen](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-          return chosen(conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
-        },
-        py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        py::arg("groups"), py::arg("itemsize") = 4, doc);
+    def_layer_query(m, name, chosen, py::arg("itemsize") = 4, doc);
   m.def(
       "conv2d_backward_weight_uses_winograd",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
@@ -461,15 +469,10 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       },
       py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), "Whether conv2d backward-weight on these shapes takes the Winograd path (for tests).");
-  m.def(
-      "conv2d_backward_weight_winograd_chunk",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        return pykernels::cpu::winograd_backward_weight_chunk_tiles(
-            conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
-      },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize") = 4,
-      "Tiles of 4x4 per chunk of F(4x4)'s chunked backward-weight on these 3x3 stride-1 shapes (for tests).");
+  def_layer_query(m, "conv2d_backward_weight_winograd_chunk", &pykernels::cpu::winograd_backward_weight_chunk_tiles,
+                  py::arg("itemsize") = 4,
+                  "Tiles of 4x4 per chunk of F(4x4)'s chunked backward-weight on these 3x3 stride-1 shapes (for "
+                  "tests).");
   m.def(
       "conv2d_reads_subsampled_x",
       [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups) {
@@ -479,27 +482,20 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("groups"),
       "Whether conv2d forward on these shapes (1x1, strided or padded) runs as a pointwise layer over x "
       "subsampled (for tests).");
-  m.def(
-      "conv2d_backward_input_uses_transposed_forward",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        return pykernels::cpu::conv2d_backward_input_transposed_chosen(
-            conv_shape_of_dims(x, w, stride, pad, dilation, groups), itemsize);
-      },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+  def_layer_query(
+      m, "conv2d_backward_input_uses_transposed_forward", &pykernels::cpu::conv2d_backward_input_transposed_chosen,
+      py::arg("itemsize"),
       "Whether conv2d backward-input on these shapes, with finite weights at itemsize bytes per value, runs "
       "as the transposed convolution through the forward's paths instead of adding im2col columns back "
       "(for tests).");
-  m.def(
-      "conv2d_backward_weight_reads_wide_rows",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_backward_weight_reads_wide_rows",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return !pykernels::cpu::sums_weight_gradient_directly(s) &&
                !pykernels::cpu::conv2d_backward_weight_winograd_chosen(s) &&
                pykernels::cpu::conv2d_backward_weight_reads_wide_rows(s, itemsize);
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d backward-weight on these shapes, at itemsize bytes per value, reads x's rows in place "
       "from copies (conv_rows.cpp's wide rows) while its result is finite (for tests).");
   m.def(
@@ -513,101 +509,85 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("groups"),
       "Whether conv2d on these shapes sums directly (direct_conv_impl.inc): (forward and backward-input, "
       "backward-weight) (for tests).");
-  m.def(
-      "conv2d_per_group",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_per_group",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return std::make_tuple(pykernels::cpu::conv2d_forward_per_group_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_input_per_group_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_weight_per_group_chosen(s, itemsize));
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d's (forward, backward-input, backward-weight) on these grouped shapes, at itemsize bytes "
       "per value, run as one layer per group on Winograd (grouped_winograd.cpp) (for tests).");
-  m.def(
-      "conv2d_small_group_winograd",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_small_group_winograd",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return std::make_tuple(pykernels::cpu::conv2d_small_group_winograd_chosen(s, itemsize) ||
                                    pykernels::cpu::conv2d_small_groups_directly_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_input_small_group_winograd_chosen(s, itemsize) ||
                                    pykernels::cpu::conv2d_backward_input_small_groups_directly_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_weight_small_groups_chosen(s, itemsize));
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d's (forward, backward-input, backward-weight) on these grouped shapes, at itemsize bytes "
       "per value and on the active build, run with a group's channels in one to four vectors "
       "(small_group_conv.cpp: on F(2x2, 3x3) or summed directly) "
       "(for tests).");
-  m.def(
-      "conv2d_by_phases",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_by_phases",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return std::make_tuple(pykernels::cpu::conv2d_forward_by_phases_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_input_by_phases_chosen(s, itemsize),
                                pykernels::cpu::conv2d_backward_weight_by_phases_chosen(s));
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d's (forward, backward-input, backward-weight) on these dilated shapes, at itemsize bytes "
       "per value, run as the undilated layer over x's dilation phases (dilated_phases.cpp) (for tests).");
-  m.def(
-      "conv2d_depthwise_channels_last",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_depthwise_channels_last",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return std::pair<bool, bool>(pykernels::cpu::conv2d_depthwise_channels_last_chosen(s, itemsize),
                                      pykernels::cpu::conv2d_depthwise_weight_channels_last_chosen(s, itemsize));
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d on these depthwise shapes, at itemsize bytes per value, runs with the channels across "
       "the vector lanes (depthwise_conv.cpp): (forward and backward-input, backward-weight) (for tests).");
-  m.def(
-      "conv2d_forward_reads_rows_in_place",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) -> py::object {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_forward_reads_rows_in_place",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) -> py::object {
         if (pykernels::cpu::conv2d_winograd_chosen(s, itemsize) ||
             !pykernels::cpu::conv2d_forward_by_rows_chosen(s, itemsize))
           return py::none();
         return py::str(pykernels::cpu::conv2d_forward_reads_wide_rows(s, itemsize) ? "wide" : "per_row");
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "How conv2d forward on these shapes, at itemsize bytes per value, reads x in place from a phase-split "
       "copy (conv_rows.cpp): 'per_row', 'wide', or None where it packs im2col columns instead (for tests).");
-  m.def(
-      "conv2d_forward_channels_last",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_forward_channels_last",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return !pykernels::cpu::conv2d_winograd_chosen(s, itemsize) &&
                !pykernels::cpu::conv2d_split_winograd_chosen(s, itemsize) &&
                pykernels::cpu::conv2d_forward_channels_last_chosen(s, itemsize);
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d forward on these shapes, at itemsize bytes per value, runs as one GEMM per tap over "
       "channels-last copies of the images (channels_last_conv.cpp) (for tests).");
-  m.def(
-      "conv2d_backward_input_channels_last",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_backward_input_channels_last",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return !pykernels::cpu::conv2d_backward_input_winograd_chosen(s, itemsize) &&
                pykernels::cpu::conv2d_backward_input_channels_last_chosen(s, itemsize);
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d backward-input on these shapes, at itemsize bytes per value, runs as one GEMM per tap "
       "added into channels-last rows of grad_x (channels_last_conv.cpp) (for tests).");
-  m.def(
-      "conv2d_backward_weight_channels_last",
-      [](Quad x, Quad w, Pair stride, Quad pad, Pair dilation, int64_t groups, int64_t itemsize) {
-        const pykernels::Conv2dShape s = conv_shape_of_dims(x, w, stride, pad, dilation, groups);
+  def_layer_query(
+      m, "conv2d_backward_weight_channels_last",
+      [](const pykernels::Conv2dShape& s, int64_t itemsize) {
         return pykernels::cpu::conv2d_backward_weight_channels_last_chosen(s, itemsize);  // asked first
       },
-      py::arg("x_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::arg("itemsize"),
+      py::arg("itemsize"),
       "Whether conv2d backward-weight on these shapes, at itemsize bytes per value, runs as one GEMM per tap "
       "over channels-last copies of x (channels_last_conv.cpp) (for tests).");
   m.def("conv_algorithm", &pykernels::cpu::conv_algorithm,
