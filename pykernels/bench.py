@@ -14,9 +14,9 @@ for --min-time seconds. The table gives each implementation's median time, its r
 conv2d from shapes.ConvShape.flops(), GB/s for relu and max_pool2d from bytes_moved()), the ratio peer
 median / pykernels median (above 1 pykernels is faster than that peer) and its number of timed calls.
 With --scaling, conv2d's cases also time pykernels at batch 1 and in float64 in the same rounds (rows
-pykernels_b1 and pykernels_f64, ratio: their time per image / pykernels'), so that design.md's bounds on
-those are checked within one run, with the same peers' calls between, not across runs the host may have
-slowed differently.
+pykernels_b1 and pykernels_f64; pykernels_b8 too where the case's batch is not 8): batch 1's ratio is its
+time per image over batch 8's, float64's its time over float32's, so that the bounds on those are checked
+within one run, with the same peers' calls between, not across runs the host may have slowed differently.
 
 Peers (pykernels/peers.py): on the CPU, PyTorch (when installed; torch.set_num_threads(os.cpu_count()),
 the thread count pykernels' OpenMP uses too), NumPy im2col + matmul for conv2d and NumPy ufuncs for
@@ -554,7 +554,7 @@ class Row:
     others: Optional[float] = None  # others' CPU share during the case
     round_trip: Optional[float] = None  # the larger OpenMP round trip (ns) before and after the case
     ratio: Optional[float] = None  # time per image / pykernels' (all rows but pykernels'), see set_ratios
-    dtype: Optional[np.dtype] = None  # the run's, but for --scaling's float64 row
+    dtype: Optional[np.dtype] = None  # this row's (--scaling's float64 row); None: the run's
 
     @property
     def median(self) -> Optional[float]:
@@ -777,9 +777,10 @@ def title_lines(meta: dict, repeat: int, min_time: float, scaling: bool = False)
         f"medians of >= {repeat} interleaved rounds (>= {min_time:g} s per case) after warm-up; "
         "rate: GFLOP/s (conv2d) or GB/s (relu, max_pool2d)",
         "ratio = peer median / pykernels median: > 1 means pykernels is faster than that peer",
-    ] + ([f"{OURS_BATCH1}, {OURS_FLOAT64}: pykernels at batch 1, in float64, in the same rounds; ratio = time per image / "
-          f"pykernels' at batch {SCALING_BATCH} ({OURS_BATCH8} where the case's batch is another), in float32 "
-          f"(bounds: <= {SCALING_BOUNDS[OURS_BATCH1]:g}x, <= {SCALING_BOUNDS[OURS_FLOAT64]:g}x)"] if scaling else [])
+    ] + ([f"{OURS_BATCH1}, {OURS_FLOAT64}: pykernels at batch 1, in float64, in the same rounds; ratio = time per "
+          f"image / pykernels' at batch {SCALING_BATCH} ({OURS_BATCH8} where the case's batch is another), in "
+          f"float32 (bounds: <= {SCALING_BOUNDS[OURS_BATCH1]:g}x, <= {SCALING_BOUNDS[OURS_FLOAT64]:g}x)"]
+         if scaling else [])
 
 
 # ------------------------------------------------------------------------------------------------
