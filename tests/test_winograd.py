@@ -51,6 +51,8 @@ CASES = {
     # Backward-weight's 196 tiles in chunks of 96 (float32) or 64 (float64) would leave a last chunk of 4:
     # spread over the others instead (98 + 98, 66 + 66 + 64).
     "weight_tail_spread": ((4, 128, 28, 28), (128, 128, 3, 3), 1),
+    # 195 tiles: chunks of 96 + 96 + 3 that two threads take whole; one thread evens them out (65 x 3).
+    "chunks_by_threads_or_evened": ((3, 48, 17, 49), (8, 48, 3, 3), 1),
     # C = 300: the packed filters span two GEMM depth blocks (256 + 44) and a last pass of 12 channels;
     # K = 13 leaves padding rows in the last register strip on every instruction set.
     "depth_blocks_k13": ((4, 300, 20, 20), (13, 300, 3, 3), 1),
@@ -366,6 +368,33 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     gx1 = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
     gx2 = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
     assert np.array_equal(gx1, gx2)
+
+
+@pytest.mark.parametrize("name", ["chunks_by_threads_or_evened", "depth_blocks_k13"])
+def test_forward_and_backward_input_do_not_depend_on_thread_count(tmp_path, name):
+    # Two threads take chunks_by_threads_or_evened's 195 tiles as whole chunks of 96 + 96 + 3; one thread
+    # splits no phase and evens them out (65 + 65 + 65); depth_blocks_k13's 100 go as 50 + 50 either way.
+    # Chunks only group tiles: each output's sum runs the same, so the bits match.
+    x_shape, w_shape, padding = CASES[name]
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    g = rng.standard_normal(pk.conv2d(x, w, padding=padding).shape).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", x=x, g=g, w=w)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, _pykernels_cpu, pykernels as pk
+        assert _pykernels_cpu.openmp_threads() == 1
+        d = np.load(sys.argv[1])
+        y = pk.conv2d(d["x"], d["w"], padding={padding!r})
+        gx = pk.conv2d_backward(d["g"], d["x"], d["w"], padding={padding!r}, need_weight=False, need_bias=False)[0]
+        np.savez(sys.argv[2], y=y, gx=gx)
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.npz"), str(tmp_path / "single.npz")],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    single = np.load(tmp_path / "single.npz")
+    assert np.array_equal(pk.conv2d(x, w, padding=padding), single["y"])
+    gx = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
+    assert np.array_equal(gx, single["gx"])
 
 
 @pytest.mark.parametrize("name", ["sums_in_blocks", "weight_tail_spread", "ragged_channels_asym_pad_batch2",
