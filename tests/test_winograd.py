@@ -51,8 +51,9 @@ CASES = {
     # Backward-weight's 196 tiles in chunks of 96 (float32) or 64 (float64) would leave a last chunk of 4:
     # spread over the others instead (98 + 98, 66 + 66 + 64).
     "weight_tail_spread": ((4, 128, 28, 28), (128, 128, 3, 3), 1),
-    # 195 tiles: chunks of 96 + 96 + 3 that two threads take whole; one thread evens them out (65 x 3).
-    "chunks_by_threads_or_evened": ((3, 48, 17, 49), (8, 48, 3, 3), 1),
+    # 195 tiles: chunks of 96 + 96 + 3 that two threads take whole; one thread, splitting each phase (as
+    # two do with depth_blocks_k13's 96 + 4 -> 100), spreads the last 3 over the others (98 + 97).
+    "chunks_by_threads_or_spread": ((3, 48, 17, 49), (8, 48, 3, 3), 1),
     # C = 300: the packed filters span two GEMM depth blocks (256 + 44) and a last pass of 12 channels;
     # K = 13 leaves padding rows in the last register strip on every instruction set.
     "depth_blocks_k13": ((4, 300, 20, 20), (13, 300, 3, 3), 1),
@@ -370,10 +371,10 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
-@pytest.mark.parametrize("name", ["chunks_by_threads_or_evened", "depth_blocks_k13"])
+@pytest.mark.parametrize("name", ["chunks_by_threads_or_spread", "depth_blocks_k13"])
 def test_forward_and_backward_input_do_not_depend_on_thread_count(tmp_path, name):
-    # Two threads take chunks_by_threads_or_evened's 195 tiles as whole chunks of 96 + 96 + 3; one thread
-    # splits no phase and evens them out (65 + 65 + 65); depth_blocks_k13's 100 go as 50 + 50 either way.
+    # Two threads take chunks_by_threads_or_spread's 195 tiles as whole chunks of 96 + 96 + 3; one thread
+    # spreads the last 3 over the others (98 + 97); depth_blocks_k13's 100 go as one chunk either way.
     # Chunks only group tiles: each output's sum runs the same, so the bits match.
     x_shape, w_shape, padding = CASES[name]
     rng = np.random.default_rng(9)

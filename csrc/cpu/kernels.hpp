@@ -200,6 +200,14 @@ bool winograd_backward_weight_rows_applies(const Conv2dShape& s, int64_t element
 // time through L2 (all tiles in one chunk, D over 4 MiB) rather than all of D through L3 or memory.
 int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_bytes);
 int64_t winograd_backward_weight_chunk_tiles(const Conv2dShape& s, int64_t element_bytes);
+// Tiles per chunk for `total` tiles in chunks of `chunk`, except where the last chunk would hold under a
+// quarter of that: then one chunk fewer, the tiles spread over them evenly. A chunk of a few tiles costs
+// Winograd nearly a whole chunk's pass over the transformed filters (forward) or the sums (backward-weight).
+inline int64_t spread_small_last_chunk(int64_t total, int64_t chunk) {
+  if (chunk <= 0) return chunk;
+  const int64_t chunks = (total + chunk - 1) / chunk, last = total - (chunks - 1) * chunk;
+  return chunks > 1 && 4 * last < chunk ? (total + chunks - 2) / (chunks - 1) : chunk;
+}
 bool winograd_backward_weight_in_blocks(const Conv2dShape& s, int64_t element_bytes);
 // Whether conv2d_backward_weight_winograd keeps its sums in registers (at most 8 tiles, 64 channels or more;
 // winograd_weight_in_registers_impl.inc), where winograd_backward_weight_applies.

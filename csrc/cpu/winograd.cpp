@@ -144,10 +144,7 @@ int64_t winograd_backward_weight_chunk(const Conv2dShape& s, int64_t element_byt
 // (1.03 -> 0.89 where the cores shared no L3); at batch 4, 2 x 96 + 4 -> 2 x 98, 1.30 -> 1.24; at batch
 // 8, 4 x 96 + 8 -> 4 x 98, 2.22 -> 2.16; float64, in chunks of 64: batch 4 2.95 -> 2.85, batch 8 level.
 int64_t winograd_backward_weight_chunk_tiles(const Conv2dShape& s, int64_t element_bytes) {
-  const int64_t total = winograd_f4_tiles(s), chunk = winograd_backward_weight_chunk(s, element_bytes);
-  if (chunk <= 0) return chunk;
-  const int64_t chunks = (total + chunk - 1) / chunk, last = total - (chunks - 1) * chunk;
-  return chunks > 1 && 4 * last < chunk ? (total + chunks - 2) / (chunks - 1) : chunk;
+  return spread_small_last_chunk(winograd_f4_tiles(s), winograd_backward_weight_chunk(s, element_bytes));
 }
 
 namespace {
