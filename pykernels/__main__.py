@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -41,5 +42,18 @@ def main(argv=None) -> int:
     return 2
 
 
+def _run_as_command() -> int:
+    """main(), ending quietly when the reader of its output goes away (`python -m pykernels bench | head`)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too
+        # (the idiom of the signal module's documentation, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run_as_command())

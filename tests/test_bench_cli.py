@@ -394,6 +394,19 @@ def test_command_line_restarts_with_quiet_openblas(tmp_path):
     assert meta["environment"].get(bench.OPENBLAS_ENV[0]) == bench.OPENBLAS_ENV[1]
 
 
+def test_command_ends_quietly_when_its_reader_goes_away():
+    # `python -m pykernels bench | head -1`: the rows come after half a second of timing, when the pipe has no
+    # reader any more; the command ends with exit status 1 and no traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykernels", "bench", "--op", "relu", "--pass", "fwd", "--batch", "1", "--repeat", "2",
+         "--min-time", "0.5"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("pykernels bench:")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_a_peer_that_computes_something_else_is_flagged_and_one_that_fails_is_a_dash(capsys, monkeypatch):
     monkeypatch.setattr(peers.NumpyPeer, "relu", staticmethod(lambda x, *, out=None: x + 1))
 
