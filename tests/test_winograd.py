@@ -371,6 +371,22 @@ def test_winograd_is_deterministic_and_thread_count_independent():
     assert np.array_equal(gx1, gx2)
 
 
+def _on_one_thread(tmp_path, x, w, g, padding):
+    """conv2d's output, grad_x and grad_weight for (x, w, g), computed in a process with one OpenMP thread."""
+    np.savez(tmp_path / "inputs.npz", x=x, g=g, w=w)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, _pykernels_cpu, pykernels as pk
+        assert _pykernels_cpu.openmp_threads() == 1
+        d = np.load(sys.argv[1])
+        y = pk.conv2d(d["x"], d["w"], padding={padding!r})
+        gx, gw, _ = pk.conv2d_backward(d["g"], d["x"], d["w"], padding={padding!r}, need_bias=False)
+        np.savez(sys.argv[2], y=y, gx=gx, gw=gw)
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.npz"), str(tmp_path / "single.npz")],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return np.load(tmp_path / "single.npz")
+
+
 @pytest.mark.parametrize("name", ["chunks_by_threads_or_spread", "depth_blocks_k13"])
 def test_forward_and_backward_input_do_not_depend_on_thread_count(tmp_path, name):
     # Two threads take chunks_by_threads_or_spread's 195 tiles as whole chunks of 96 + 96 + 3; one thread
@@ -381,18 +397,7 @@ def test_forward_and_backward_input_do_not_depend_on_thread_count(tmp_path, name
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     g = rng.standard_normal(pk.conv2d(x, w, padding=padding).shape).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", x=x, g=g, w=w)
-    script = textwrap.dedent(f"""
-        import sys, numpy as np, _pykernels_cpu, pykernels as pk
-        assert _pykernels_cpu.openmp_threads() == 1
-        d = np.load(sys.argv[1])
-        y = pk.conv2d(d["x"], d["w"], padding={padding!r})
-        gx = pk.conv2d_backward(d["g"], d["x"], d["w"], padding={padding!r}, need_weight=False, need_bias=False)[0]
-        np.savez(sys.argv[2], y=y, gx=gx)
-    """)
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.npz"), str(tmp_path / "single.npz")],
-                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    single = np.load(tmp_path / "single.npz")
+    single = _on_one_thread(tmp_path, x, w, g, padding)
     assert np.array_equal(pk.conv2d(x, w, padding=padding), single["y"])
     gx = pk.conv2d_backward(g, x, w, padding=padding, need_weight=False, need_bias=False)[0]
     assert np.array_equal(gx, single["gx"])
@@ -410,18 +415,9 @@ def test_backward_weight_by_blocks_does_not_depend_on_thread_count(tmp_path, nam
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     g = rng.standard_normal(pk.conv2d(x, w, padding=padding).shape).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", x=x, g=g, w=w)
-    script = textwrap.dedent(f"""
-        import sys, numpy as np, _pykernels_cpu, pykernels as pk
-        assert _pykernels_cpu.openmp_threads() == 1
-        d = np.load(sys.argv[1])
-        gw = pk.conv2d_backward(d["g"], d["x"], d["w"], padding={padding!r}, need_input=False, need_bias=False)[1]
-        np.save(sys.argv[2], gw)
-    """)
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.npz"), str(tmp_path / "single.npy")],
-                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    single = _on_one_thread(tmp_path, x, w, g, padding)
     gw = pk.conv2d_backward(g, x, w, padding=padding, need_input=False, need_bias=False)[1]
-    assert np.array_equal(gw, np.load(tmp_path / "single.npy"))
+    assert np.array_equal(gw, single["gw"])
 
 
 # Forward and backward-input run Winograd and check its output: a NaN or inf in what a tile reads leaves
