@@ -234,9 +234,11 @@ def _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode,
 # asks for the same few again and again. Only arguments made of exact ints, strs, None and tuples of them
 # (and a bool ceil_mode) are remembered: those compare equal only when they mean the same thing, where
 # True == 1 and 2.0 == 2 would let stride=True or stride=2.0 find the entry of a valid call instead of
-# raising. Anything else takes the uncached path, and errors are never remembered.
+# raising. Anything else takes the uncached path, and errors are never remembered. (_fast.py remembers
+# whole calls on the same rule.)
 
-def _plain(value) -> bool:
+def plain_arguments(value) -> bool:
+    """Whether `value` is an exact int, str or None, or a tuple of such values and tuples."""
     kind = type(value)
     if kind is int or kind is str or value is None:
         return True
@@ -244,7 +246,7 @@ def _plain(value) -> bool:
         return False
     for v in value:  # a loop, not all() over a generator: this runs on every call (about 1 us saved)
         kind = type(v)
-        if not (kind is int or kind is str or v is None or (kind is tuple and _plain(v))):
+        if not (kind is int or kind is str or v is None or (kind is tuple and plain_arguments(v))):
             return False
     return True
 
@@ -255,7 +257,7 @@ _cached_pool2d_geometry = functools.lru_cache(maxsize=512)(_pool2d_geometry)
 
 def conv2d_geometry(x_shape, weight_shape, *, stride, padding, dilation, groups, x_name: str = "x") -> ConvGeometry:
     args = (x_shape, weight_shape, stride, padding, dilation, groups, x_name)
-    if _plain(args):
+    if plain_arguments(args):
         return _cached_conv2d_geometry(*args)
     return _conv2d_geometry(*args)
 
@@ -263,6 +265,6 @@ def conv2d_geometry(x_shape, weight_shape, *, stride, padding, dilation, groups,
 def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                     x_name: str = "x") -> PoolGeometry:
     args = (x_shape, kernel_size, stride, padding, dilation, ceil_mode, x_name)
-    if _plain(args[:5]) and type(ceil_mode) is bool and type(x_name) is str:
+    if plain_arguments(args[:5]) and type(ceil_mode) is bool and type(x_name) is str:
         return _cached_pool2d_geometry(*args)
     return _pool2d_geometry(*args)

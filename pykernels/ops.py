@@ -1,7 +1,8 @@
 """The functional API: conv2d, relu, max_pool2d and their backward passes.
 
 Each function validates its arguments (_args), picks the backend from the arrays (_backend), makes
-inputs contiguous, allocates the result with the input's array type, and runs one extension call.
+inputs contiguous, allocates the result with the input's array type, and runs one extension call; plain
+NumPy calls whose shapes and window arguments an earlier call has vetted go the short way first (_fast).
 Layout NCHW, weights (K, C/groups, R, S), cross-correlation (no kernel flip).
 """
 
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _args, _backend
+from . import _args, _backend, _fast
 
 
 _NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_ndarray = np.ndarray
+_INT64 = np.dtype(np.int64)
 
 
 def _kind_and_dtype(*named):
@@ -45,6 +48,17 @@ def _check_shape(a, name: str, shape) -> None:
 
 # ---- conv2d --------------------------------------------------------------------------------------------
 
+def _conv_plan(x, weight, stride, padding, dilation, groups):
+    """_fast's plan for a conv2d layer (forward and backward share it: its kernel arguments)."""
+    return _fast.plan(("conv", x.shape, weight.shape, stride, padding, dilation, groups),
+                      stride, padding, dilation, groups)
+
+
+def _remember_conv(geo, stride, padding, dilation, groups):
+    _fast.remember(("conv", geo.x_shape, geo.weight_shape, stride, padding, dilation, groups),
+                   (stride, padding, dilation, groups), geo.out_shape, geo.kernel_args())
+
+
 def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=None):
     """2-D cross-correlation of x (N, C, H, W) with weight (K, C/groups, R, S), plus bias (K,).
 
@@ -52,6 +66,15 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, o
     or 'same' (TensorFlow's rule: output = ceil(input / stride), odd total padding puts the extra
     row/column at the bottom/right). Returns y (N, K, P, Q), written into `out` when given.
     """
+    if out is None and type(x) is _ndarray and type(weight) is _ndarray and (bias is None or type(bias) is _ndarray):
+        plan = _conv_plan(x, weight, stride, padding, dilation, groups)
+        if plan is not None:
+            y = _fast.empty(plan.out_shape, plan.out_count, x.dtype)
+            try:
+                _fast.cpu.conv2d_forward(x, weight, bias, y, *plan.kernel_args)
+                return y
+            except _fast.REFUSED:
+                pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("x", x), ("weight", weight), ("bias", bias))
     geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups)
@@ -61,6 +84,8 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, o
     y = _backend.output(out, "out", kind, geo.out_shape, dtype)
     x, weight, bias = _contiguous(x, weight, bias)
     _backend.run(kind, "conv2d_forward", x, weight, bias, y, *geo.kernel_args())
+    if kind == "numpy":
+        _remember_conv(geo, stride, padding, dilation, groups)
     return y
 
 
@@ -70,6 +95,24 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
     grad_bias is grad_out summed over N, H and W. Deterministic: the same inputs give the same bits.
     """
+    if type(grad_out) is _ndarray and type(x) is _ndarray and type(weight) is _ndarray:
+        plan = _conv_plan(x, weight, stride, padding, dilation, groups)
+        if plan is not None:
+            dtype, cpu = grad_out.dtype, _fast.cpu
+            try:
+                grad_x = grad_w = grad_b = None
+                if need_input:
+                    grad_x = _fast.empty(x.shape, x.size, dtype)
+                    cpu.conv2d_backward_input(grad_out, weight, grad_x, *plan.kernel_args)
+                if need_weight:
+                    grad_w = _fast.empty(weight.shape, weight.size, dtype)
+                    cpu.conv2d_backward_weight(grad_out, x, grad_w, *plan.kernel_args)
+                if need_bias:
+                    grad_b = _fast.empty((weight.shape[0],), weight.shape[0], dtype)
+                    cpu.conv2d_backward_bias(grad_out, grad_b)
+                return grad_x, grad_w, grad_b
+            except _fast.REFUSED:
+                pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("x", x), ("weight", weight))
     geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups)
@@ -85,6 +128,8 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
     if need_bias:
         grad_b = _backend.output(None, "grad_bias", kind, (geo.weight_shape[0],), dtype)
         _backend.run(kind, "conv2d_backward_bias", grad_out, grad_b)
+    if kind == "numpy":
+        _remember_conv(geo, stride, padding, dilation, groups)
     return grad_x, grad_w, grad_b
 
 
@@ -92,6 +137,13 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
 def relu(x, *, out=None):
     """max(x, 0) elementwise; relu(NaN) is NaN. `out` may be x itself (in place)."""
+    if out is None and type(x) is _ndarray and _fast.cpu is not None:
+        y = _fast.empty(x.shape, x.size, x.dtype)
+        try:
+            _fast.cpu.relu_forward(x, y)
+            return y
+        except _fast.REFUSED:
+            pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("x", x))
     y = _backend.output(out, "out", kind, x.shape, dtype)
     (x,) = _contiguous(x)
@@ -101,6 +153,13 @@ def relu(x, *, out=None):
 
 def relu_backward(grad_out, y):
     """grad_out where y > 0, else 0 (so 0 at y == 0). y may be relu's input or its output."""
+    if type(grad_out) is _ndarray and type(y) is _ndarray and _fast.cpu is not None:
+        grad_x = _fast.empty(grad_out.shape, grad_out.size, grad_out.dtype)
+        try:
+            _fast.cpu.relu_backward(grad_out, y, grad_x)
+            return grad_x
+        except _fast.REFUSED:
+            pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("y", y))
     _check_shape(y, "y", grad_out.shape)
     grad_out, y = _contiguous(grad_out, y)
@@ -120,12 +179,26 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
     indices are int64 flat offsets into each H*W plane; ties go to the first maximum in row-major
     window order; NaN propagates with the index of the first NaN.
     """
+    if type(x) is _ndarray and type(ceil_mode) is bool:
+        plan = _fast.plan(("pool", x.shape, kernel_size, stride, padding, dilation, ceil_mode),
+                          kernel_size, stride, padding, dilation)
+        if plan is not None:
+            y = _fast.empty(plan.out_shape, plan.out_count, x.dtype)
+            indices = _fast.empty(plan.out_shape, plan.out_count, _INT64) if return_indices else None
+            try:
+                _fast.cpu.max_pool2d_forward(x, y, indices, *plan.kernel_args)
+                return (y, indices) if return_indices else y
+            except _fast.REFUSED:
+                pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("x", x))
     geo = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     (x,) = _contiguous(x)
     y = _backend.output(None, "out", kind, geo.out_shape, dtype)
     indices = _backend.output(None, "indices", kind, geo.out_shape, np.int64) if return_indices else None
     _backend.run(kind, "max_pool2d_forward", x, y, indices, *geo.kernel_args())
+    if kind == "numpy" and type(ceil_mode) is bool:
+        _fast.remember(("pool", geo.x_shape, kernel_size, stride, padding, dilation, ceil_mode),
+                       (kernel_size, stride, padding, dilation), geo.out_shape, geo.kernel_args())
     return (y, indices) if return_indices else y
 
 
@@ -136,6 +209,16 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
     Sums in a fixed order (no atomics): deterministic, bit for bit. Each index must name a cell of its own
     window (ValueError otherwise).
     """
+    if type(grad_out) is _ndarray and type(indices) is _ndarray and type(ceil_mode) is bool:
+        plan = _fast.plan(("pool_backward", input_shape, kernel_size, stride, padding, dilation, ceil_mode),
+                          input_shape, kernel_size, stride, padding, dilation)
+        if plan is not None:
+            grad_x = _fast.empty(plan.out_shape, plan.out_count, grad_out.dtype)
+            try:
+                _fast.cpu.max_pool2d_backward(grad_out, indices, grad_x, *plan.kernel_args)
+                return grad_x
+            except _fast.REFUSED:
+                pass  # the checks below say why (an index outside its window among them)
     kind, dtype = _kind_and_dtype(("grad_out", grad_out))
     if _backend.array_kind(("indices", indices)) != kind:
         raise TypeError("indices must be the same kind of array (NumPy or CuPy) as grad_out")
@@ -150,4 +233,7 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
     grad_out, indices = _contiguous(grad_out, indices)
     grad_x = _backend.output(None, "grad_x", kind, geo.x_shape, dtype)
     _backend.run(kind, "max_pool2d_backward", grad_out, indices, grad_x, *geo.kernel_args())
+    if kind == "numpy" and type(ceil_mode) is bool:
+        _fast.remember(("pool_backward", input_shape, kernel_size, stride, padding, dilation, ceil_mode),
+                       (input_shape, kernel_size, stride, padding, dilation), geo.x_shape, geo.kernel_args())
     return grad_x
