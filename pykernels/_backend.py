@@ -154,8 +154,8 @@ def output(out, name: str, kind: str, shape, dtype):
     shape = tuple(shape)
     if out is None:
         dtype = np.dtype(dtype)
-        if kind == "numpy" and math.prod(shape) * dtype.itemsize >= POOLED_RESULT_BYTES:
-            return module(kind).empty(shape, dtype)
+        if kind == "numpy":
+            return numpy_result(shape, math.prod(shape), dtype)
         return xp_of(kind).empty(shape, dtype=dtype)
     if array_kind((name, out)) != kind:
         raise TypeError(f"{name} must be a {'CuPy' if kind == 'cupy' else 'NumPy'} array like the inputs")
@@ -168,6 +168,13 @@ def output(out, name: str, kind: str, shape, dtype):
     if kind == "numpy" and not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
     return out
+
+
+def numpy_result(shape, count: int, dtype: np.dtype):
+    """A fresh NumPy result of `count` values; from POOLED_RESULT_BYTES on, on the CPU module's kept blocks."""
+    if count * dtype.itemsize >= POOLED_RESULT_BYTES:
+        return module("numpy").empty(shape, dtype)
+    return np.empty(shape, dtype)
 
 
 def empty_cache() -> int:

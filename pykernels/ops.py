@@ -69,7 +69,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, o
     if out is None and type(x) is _ndarray and type(weight) is _ndarray and (bias is None or type(bias) is _ndarray):
         plan = _conv_plan(x, weight, stride, padding, dilation, groups)
         if plan is not None:
-            y = _fast.empty(plan.out_shape, plan.out_count, x.dtype)
+            y = _backend.numpy_result(plan.out_shape, plan.out_count, x.dtype)
             try:
                 _fast.cpu.conv2d_forward(x, weight, bias, y, *plan.kernel_args)
                 return y
@@ -102,13 +102,13 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
             try:
                 grad_x = grad_w = grad_b = None
                 if need_input:
-                    grad_x = _fast.empty(x.shape, x.size, dtype)
+                    grad_x = _backend.numpy_result(x.shape, x.size, dtype)
                     cpu.conv2d_backward_input(grad_out, weight, grad_x, *plan.kernel_args)
                 if need_weight:
-                    grad_w = _fast.empty(weight.shape, weight.size, dtype)
+                    grad_w = _backend.numpy_result(weight.shape, weight.size, dtype)
                     cpu.conv2d_backward_weight(grad_out, x, grad_w, *plan.kernel_args)
                 if need_bias:
-                    grad_b = _fast.empty((weight.shape[0],), weight.shape[0], dtype)
+                    grad_b = _backend.numpy_result((weight.shape[0],), weight.shape[0], dtype)
                     cpu.conv2d_backward_bias(grad_out, grad_b)
                 return grad_x, grad_w, grad_b
             except _fast.REFUSED:
@@ -138,7 +138,7 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 def relu(x, *, out=None):
     """max(x, 0) elementwise; relu(NaN) is NaN. `out` may be x itself (in place)."""
     if out is None and type(x) is _ndarray and _fast.cpu is not None:
-        y = _fast.empty(x.shape, x.size, x.dtype)
+        y = _backend.numpy_result(x.shape, x.size, x.dtype)
         try:
             _fast.cpu.relu_forward(x, y)
             return y
@@ -154,7 +154,7 @@ def relu(x, *, out=None):
 def relu_backward(grad_out, y):
     """grad_out where y > 0, else 0 (so 0 at y == 0). y may be relu's input or its output."""
     if type(grad_out) is _ndarray and type(y) is _ndarray and _fast.cpu is not None:
-        grad_x = _fast.empty(grad_out.shape, grad_out.size, grad_out.dtype)
+        grad_x = _backend.numpy_result(grad_out.shape, grad_out.size, grad_out.dtype)
         try:
             _fast.cpu.relu_backward(grad_out, y, grad_x)
             return grad_x
@@ -183,8 +183,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
         plan = _fast.plan(("pool", x.shape, kernel_size, stride, padding, dilation, ceil_mode),
                           kernel_size, stride, padding, dilation)
         if plan is not None:
-            y = _fast.empty(plan.out_shape, plan.out_count, x.dtype)
-            indices = _fast.empty(plan.out_shape, plan.out_count, _INT64) if return_indices else None
+            y = _backend.numpy_result(plan.out_shape, plan.out_count, x.dtype)
+            indices = _backend.numpy_result(plan.out_shape, plan.out_count, _INT64) if return_indices else None
             try:
                 _fast.cpu.max_pool2d_forward(x, y, indices, *plan.kernel_args)
                 return (y, indices) if return_indices else y
@@ -213,7 +213,7 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
         plan = _fast.plan(("pool_backward", input_shape, kernel_size, stride, padding, dilation, ceil_mode),
                           input_shape, kernel_size, stride, padding, dilation)
         if plan is not None:
-            grad_x = _fast.empty(plan.out_shape, plan.out_count, grad_out.dtype)
+            grad_x = _backend.numpy_result(plan.out_shape, plan.out_count, grad_out.dtype)
             try:
                 _fast.cpu.max_pool2d_backward(grad_out, indices, grad_x, *plan.kernel_args)
                 return grad_x
