@@ -8,9 +8,14 @@ Every case is one op x shape x pass (``benchmark.group``, e.g. ``conv2d-fwd-resn
 parametrised over implementations: "pykernels", "torch" (skipped when torch is absent) and the NumPy
 peers (see pykernels/peers.py). Shapes come from pykernels/shapes.py (design.md's table). Inputs are
 seeded float32, made and converted before timing. Each case runs about PYKERNELS_BENCH_SECONDS
-(default 0.5) of rounds, at least 3 and at most 200, after one untimed warm-up call.
+(default 0.5) of rounds, at least 3 and at most 200, after one untimed warm-up call. conv2d's shapes
+also run at batch 1, at batch 8 where the table's batch is not 8 (LeNet's 64), and in float64 (groups
+``...-b1``, ``...-b8``, ``...-f64``).
 
-At the end a compact table of medians, one row per group, with our ratio against torch, is printed.
+At the end a compact table of medians, one row per group, with our ratio against torch, is printed, then
+pykernels' time per image at batch 1 over its time per image at batch 8, and its float64 time over its
+float32 time. Rounds run back to back here, so each call finds its data in the caches; `python -m
+pykernels bench --scaling` times the same ratios between the peers' calls.
 """
 
 from __future__ import annotations
@@ -106,10 +111,24 @@ def require(impl, op):
 
 
 @functools.lru_cache(maxsize=4)
-def inputs(name, seed=0):
-    """Seeded float32 inputs of the table's shape ``name`` (cached: every impl gets the same)."""
+def inputs(name, seed=0, batch=None, dtype="float32"):
+    """Seeded inputs of the table's shape ``name``, at its batch or ``batch``, float32 unless ``dtype`` says
+    otherwise (cached: every impl gets the same)."""
     # kept writable (torch.from_numpy warns on read-only arrays); no op may write into its inputs
-    return _shapes.get_shape(name).random_inputs(seed=seed, dtype=np.float32)
+    shape = _shapes.get_shape(name)
+    if batch is not None:
+        shape = shape.with_batch(batch)
+    return shape.random_inputs(seed=seed, dtype=np.dtype(dtype))
+
+
+#: Suffixes of the groups that time a conv2d shape at another batch or in float64, and their batch/dtype.
+_VARIANT_BATCH = {"b1": 1, "b8": 8}
+_VARIANT_DTYPE = {"f64": "float64"}
+
+
+def variant(suffix):
+    """(batch or None for the table's, dtype) of a group suffix: "" (the table's case), "b1", "b8", "f64"."""
+    return _VARIANT_BATCH.get(suffix), _VARIANT_DTYPE.get(suffix, "float32")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,6 +201,7 @@ class _Bench:
         self.benchmark = benchmark
 
     inputs = staticmethod(inputs)
+    variant = staticmethod(variant)
     require = staticmethod(require)
     check_shape = staticmethod(check_shape)
 
@@ -205,7 +225,7 @@ def pytest_terminal_summary(terminalreporter):
         by_group.setdefault(r.group, {})[r.impl] = r
     tr = terminalreporter
     tr.section(f"pykernels benchmark medians (ms; rate in brackets; {_THREADS} threads)")
-    head = f"{'group':<38}" + "".join(f"{i:>24}" for i in impls) + f"{'torch/ours':>12}"
+    head = f"{'group':<42}" + "".join(f"{i:>24}" for i in impls) + f"{'torch/ours':>12}"
     tr.write_line(head)
     for group in sorted(by_group, key=_group_key):
         row = by_group[group]
@@ -220,8 +240,9 @@ def pytest_terminal_summary(terminalreporter):
         ratio = ""
         if "pykernels" in row and "torch" in row:
             ratio = f"{row['torch'].median_s / row['pykernels'].median_s:.2f}x"
-        tr.write_line(f"{group:<38}{cells}{ratio:>12}")
+        tr.write_line(f"{group:<42}{cells}{ratio:>12}")
     tr.write_line("torch/ours > 1 means pykernels is faster than torch in this run.")
+    _write_scaling(tr, by_group)
     noisy = [r for r in _RESULTS if r.others is not None and r.others > _BUSY_LIMIT]
     if noisy:
         worst = max(r.others for r in noisy)
@@ -230,9 +251,40 @@ def pytest_terminal_summary(terminalreporter):
                       "rerun on an idle machine.", yellow=True, bold=True)
 
 
+def _split_group(group):
+    """(op, pass, shape name, variant suffix or "") of a group name."""
+    op, pass_, rest = group.split("-", 2)
+    name, _, variant = rest.partition("-")
+    return op, pass_, name, variant
+
+
+def _write_scaling(tr, by_group):
+    """pykernels' batch-1 and float64 ratios, where this run timed them and the table's case."""
+    lines = []
+    for group in sorted(by_group, key=_group_key):
+        _, _, name, variant = _split_group(group)
+        ours = by_group[group].get("pykernels")
+        if variant or ours is None:
+            continue
+        batch = _shapes.get_shape(name).x[0]
+        # batch 1 against batch 8: this group where the table's batch is 8, else its -b8 group
+        per8 = by_group.get(group if batch == 8 else f"{group}-b8", {}).get("pykernels")
+        b1 = by_group.get(f"{group}-b1", {}).get("pykernels")
+        f64 = by_group.get(f"{group}-f64", {}).get("pykernels")
+        cells = [f"{b1.median_s / (per8.median_s / 8):.2f}" if b1 and per8 else "-",
+                 f"{f64.median_s / ours.median_s:.2f}" if f64 else "-"]
+        if cells != ["-", "-"]:
+            lines.append(f"{group:<42}" + "".join(f"{c:>24}" for c in cells))
+    if lines:
+        tr.section("pykernels at batch 1 and in float64 (back to back)")
+        tr.write_line(f"{'group':<42}{'b1 / b8, per image':>24}{'float64 / float32':>24}")
+        for line in lines:
+            tr.write_line(line)
+
+
 def _group_key(group):
-    """Sort by op, then by the table's shape order, then by pass."""
-    op, pass_, name = group.split("-", 2)
+    """Sort by op, then by the table's shape order, then by pass, then variant."""
+    op, pass_, name, variant = _split_group(group)
     order = {s.name: i for i, s in enumerate(_shapes.ALL_SHAPES)}
     passes = {"fwd": 0, "bwd_data": 1, "bwd_weight": 2, "bwd": 1}
-    return (op, order.get(name, 99), passes.get(pass_, 9))
+    return (op, order.get(name, 99), passes.get(pass_, 9), variant)
