@@ -189,3 +189,15 @@ def test_plans_stay_bounded():
         pk.max_pool2d(np.resize(x, (1, 1, size, 1)), (1, 1))
     assert 0 < len(_fast._plans) <= _fast._MOST_PLANS
     np.testing.assert_array_equal(pk.max_pool2d(x, (1, 1)), x)
+
+
+def test_mixed_dtypes_after_a_vetted_call_get_the_checked_way_s_message():
+    x, w, b, gy, kw = _conv_case(np.float32)
+    pk.conv2d(x, w, b, **kw)
+    pk.conv2d_backward(gy, x, w, **kw)
+    for call in (lambda: pk.conv2d(x, w, b.astype(np.float64), **kw),
+                 lambda: pk.conv2d(x.astype(np.float64), w, **kw),
+                 lambda: pk.conv2d_backward(gy.astype(np.float64), x, w, **kw),
+                 lambda: pk.relu_backward(x, x.astype(np.float64))):
+        with pytest.raises(TypeError, match="pass arrays of one dtype"):
+            call()
