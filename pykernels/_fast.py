@@ -41,30 +41,24 @@ _plans: dict = {}
 _MOST_PLANS = 1024  # a network has tens of distinct layers; past this, start again rather than grow
 
 
-def plan(key, *window) -> Optional[Plan]:
-    """The plan remembered for `key` (the op's name, shapes and window arguments), provided the window
-    arguments in it are exact; None otherwise."""
+def plan(name, fixed, window) -> Optional[Plan]:
+    """The plan remembered for op `name` with `fixed` (its shapes, and a max-pool's ceil_mode) and the caller's
+    `window` arguments (a tuple), provided those are exact; None otherwise."""
     try:
-        found = _plans.get(key)
+        found = _plans.get((name, fixed, window))
     except TypeError:  # an unhashable argument, a list say: the checked way handles it
         return None
-    if found is None:
-        return None
-    for v in window:  # exact ints and strs, the usual stride=1, padding='same', need no deeper look
-        kind = type(v)
-        if not (kind is int or kind is str):
-            return found if _args.plain_arguments(window) else None
-    return found
+    return found if found is not None and _args.plain_arguments(window) else None
 
 
-def remember(key, window, out_shape, kernel_args) -> None:
-    """Remember a call's plan after it passed the op's checks, where its window arguments (those of `key`
-    that the caller gave, a tuple) are exact (see above)."""
+def remember(name, fixed, window, out_shape, kernel_args) -> None:
+    """Remember a call's plan (keyed as `plan` looks it up) after it passed the op's checks, where its window
+    arguments are exact (see above)."""
     if not _args.plain_arguments(window):
         return
     if len(_plans) >= _MOST_PLANS:
         _plans.clear()
-    _plans[key] = Plan(out_shape, math.prod(out_shape), kernel_args)
+    _plans[(name, fixed, window)] = Plan(out_shape, math.prod(out_shape), kernel_args)
 
 
 def forget() -> None:

@@ -50,13 +50,12 @@ def _check_shape(a, name: str, shape) -> None:
 
 def _conv_plan(x, weight, stride, padding, dilation, groups):
     """_fast's plan for a conv2d layer (forward and backward share it: its kernel arguments)."""
-    return _fast.plan(("conv", x.shape, weight.shape, stride, padding, dilation, groups),
-                      stride, padding, dilation, groups)
+    return _fast.plan("conv", (x.shape, weight.shape), (stride, padding, dilation, groups))
 
 
 def _remember_conv(geo, stride, padding, dilation, groups):
-    _fast.remember(("conv", geo.x_shape, geo.weight_shape, stride, padding, dilation, groups),
-                   (stride, padding, dilation, groups), geo.out_shape, geo.kernel_args())
+    _fast.remember("conv", (geo.x_shape, geo.weight_shape), (stride, padding, dilation, groups), geo.out_shape,
+                   geo.kernel_args())
 
 
 def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=None):
@@ -180,8 +179,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
     window order; NaN propagates with the index of the first NaN.
     """
     if type(x) is _ndarray and type(ceil_mode) is bool:
-        plan = _fast.plan(("pool", x.shape, kernel_size, stride, padding, dilation, ceil_mode),
-                          kernel_size, stride, padding, dilation)
+        plan = _fast.plan("pool", (x.shape, ceil_mode), (kernel_size, stride, padding, dilation))
         if plan is not None:
             y = _backend.numpy_result(plan.out_shape, plan.out_count, x.dtype)
             indices = _backend.numpy_result(plan.out_shape, plan.out_count, _INT64) if return_indices else None
@@ -197,8 +195,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
     indices = _backend.output(None, "indices", kind, geo.out_shape, np.int64) if return_indices else None
     _backend.run(kind, "max_pool2d_forward", x, y, indices, *geo.kernel_args())
     if kind == "numpy" and type(ceil_mode) is bool:
-        _fast.remember(("pool", geo.x_shape, kernel_size, stride, padding, dilation, ceil_mode),
-                       (kernel_size, stride, padding, dilation), geo.out_shape, geo.kernel_args())
+        _fast.remember("pool", (geo.x_shape, ceil_mode), (kernel_size, stride, padding, dilation), geo.out_shape,
+                       geo.kernel_args())
     return (y, indices) if return_indices else y
 
 
@@ -210,8 +208,7 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
     window (ValueError otherwise).
     """
     if type(grad_out) is _ndarray and type(indices) is _ndarray and type(ceil_mode) is bool:
-        plan = _fast.plan(("pool_backward", input_shape, kernel_size, stride, padding, dilation, ceil_mode),
-                          input_shape, kernel_size, stride, padding, dilation)
+        plan = _fast.plan("pool_backward", (ceil_mode,), (input_shape, kernel_size, stride, padding, dilation))
         if plan is not None:
             grad_x = _backend.numpy_result(plan.out_shape, plan.out_count, grad_out.dtype)
             try:
@@ -234,6 +231,6 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
     grad_x = _backend.output(None, "grad_x", kind, geo.x_shape, dtype)
     _backend.run(kind, "max_pool2d_backward", grad_out, indices, grad_x, *geo.kernel_args())
     if kind == "numpy" and type(ceil_mode) is bool:
-        _fast.remember(("pool_backward", input_shape, kernel_size, stride, padding, dilation, ceil_mode),
-                       (input_shape, kernel_size, stride, padding, dilation), geo.x_shape, geo.kernel_args())
+        _fast.remember("pool_backward", (ceil_mode,), (input_shape, kernel_size, stride, padding, dilation),
+                       geo.x_shape, geo.kernel_args())
     return grad_x
