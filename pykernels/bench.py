@@ -17,6 +17,8 @@ With --scaling, conv2d's cases also time pykernels at batch 1 and in float64 in 
 pykernels_b1 and pykernels_f64; pykernels_b8 too where the case's batch is not 8): batch 1's ratio is its
 time per image over batch 8's, float64's its time over float32's, so that the bounds on those are checked
 within one run, with the same peers' calls between, not across runs the host may have slowed differently.
+PyTorch, when installed, runs there too (rows torch_b1 and torch_f64, their ratio PyTorch's time over
+pykernels' at that batch and dtype): what a user of either library gets at batch 1 and in float64.
 
 Peers (pykernels/peers.py): on the CPU, PyTorch (when installed; torch.set_num_threads(os.cpu_count()),
 the thread count pykernels' OpenMP uses too), NumPy im2col + matmul for conv2d and NumPy ufuncs for
@@ -68,8 +70,13 @@ OURS = "pykernels"
 OURS_BATCH1, OURS_BATCH8, OURS_FLOAT64 = "pykernels_b1", "pykernels_b8", "pykernels_f64"
 SCALING_BATCH = 8
 SCALING_BOUNDS = {OURS_BATCH1: 1.5, OURS_FLOAT64: 2.0}
-#: The row each row's ratio is taken against, where not pykernels' own (if that row ran).
-RATIO_BASE = {OURS_BATCH1: OURS_BATCH8}
+#: --scaling's peer rows: that peer at batch 1 and in float64 in the same rounds, compared with pykernels' rows
+#: there (the peer's time / pykernels'), as the peers' own rows are with pykernels' at the case's batch.
+SCALING_PEER = "torch"
+PEER_BATCH1, PEER_FLOAT64 = f"{SCALING_PEER}_b1", f"{SCALING_PEER}_f64"
+#: The row each row's ratio is taken against, where not pykernels' own. Batch 1's is batch 8's where that
+#: row ran (else the case's own batch is 8, and pykernels' row is it); the peer rows' only their counterpart.
+RATIO_BASE = {OURS_BATCH1: OURS_BATCH8, PEER_BATCH1: OURS_BATCH1, PEER_FLOAT64: OURS_FLOAT64}
 
 DEFAULT_REPEAT = 10
 DEFAULT_MIN_TIME = 1.5  # seconds per case: the full CPU table takes about a minute on 2 cores
@@ -128,7 +135,8 @@ def add_arguments(parser) -> None:
                         help=f"conv2d on the CPU: also time pykernels at batch 1 ({OURS_BATCH1}) and in float64 "
                              f"({OURS_FLOAT64}) in the same rounds, their ratio being their time per image over "
                              f"pykernels' at batch {SCALING_BATCH} ({OURS_BATCH8}, where the case's batch is not) "
-                             "and in float32 (bounds: at most 1.5x and 2x)")
+                             f"and in float32 (bounds: at most 1.5x and 2x); and {SCALING_PEER}, if installed, "
+                             f"there too ({PEER_BATCH1}, {PEER_FLOAT64}: its time over pykernels')")
     parser.add_argument("--json", metavar="FILE", help="also write the results and the machine's details as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw the ratios per shape and pass (needs matplotlib)")
 
@@ -223,6 +231,17 @@ def _sized(shape, device: str, batch: Optional[int]):
 
 # ------------------------------------------------------------------------------------------------
 # implementations: pykernels and the peers, one interface (asarray / to_numpy / supports / ops)
+
+
+class Renamed:
+    """An implementation timed under another row name (--scaling's peer rows)."""
+
+    def __init__(self, impl, name: str):
+        self._impl = impl
+        self.name = name
+
+    def __getattr__(self, attr):
+        return getattr(self._impl, attr)
 
 
 class Ours:
@@ -565,13 +584,19 @@ class Row:
         return amount / self.median / 1e9 if self.times else None
 
 
+def ratio_base(impl: str, ran) -> str:
+    """The row `impl`'s ratio is taken against (RATIO_BASE), given the rows that `ran`."""
+    base = RATIO_BASE.get(impl, OURS)
+    return OURS if base == OURS_BATCH8 and base not in ran else base
+
+
 def set_ratios(rows: List[Row]) -> None:
     """ratio = time per image / pykernels' time per image, for every other row of one case that ran (peer
-    median / pykernels median for the peers, which run pykernels' batch); --scaling's batch-1 row against
-    its batch-8 row where there is one (RATIO_BASE)."""
+    median / pykernels median for the peers, which run pykernels' batch); --scaling's rows against their
+    own base (RATIO_BASE): batch 1 against batch 8, the peer's batch-1 and float64 rows against pykernels'."""
     per_image = {r.impl: r.median / r.case.shape.batch for r in rows if r.median is not None}
     for r in rows:
-        base = RATIO_BASE.get(r.impl) if RATIO_BASE.get(r.impl) in per_image else OURS
+        base = ratio_base(r.impl, per_image)
         if r.impl != OURS and r.impl in per_image and base in per_image:
             r.ratio = per_image[r.impl] / per_image[base]
 
@@ -594,17 +619,25 @@ def results_differ(ours, theirs, dtype) -> Optional[str]:
     return None
 
 
-def scaling_variants(case: Case, dtype, xp=np) -> list:
+def scaling_variants(case: Case, dtype, xp=np, peer=None) -> list:
     """--scaling's rows for one case, as (impl, case, dtype): pykernels at batch 1, at batch 8 where the
-    case's batch is another, and in float64 (conv2d only; none that would repeat the case itself)."""
+    case's batch is another, and in float64 (conv2d only; none that would repeat the case itself); and
+    `peer` (an implementation object, if given) at batch 1 and in float64 where pykernels has those rows."""
     if case.op != "conv2d":
         return []
     variants = []
+    batch_1 = Case(case.op, case.shape.with_batch(1), case.pass_)
     for name, batch in ((OURS_BATCH1, 1), (OURS_BATCH8, SCALING_BATCH)):
         if case.shape.batch != batch and case.shape.batch != 1:
             variants.append((Ours(xp, name), Case(case.op, case.shape.with_batch(batch), case.pass_), dtype))
     if np.dtype(dtype) != np.float64:
         variants.append((Ours(xp, OURS_FLOAT64), case, np.dtype(np.float64)))
+    if peer is not None:
+        names = {impl.name for impl, _, _ in variants}
+        if OURS_BATCH1 in names:
+            variants.append((Renamed(peer, PEER_BATCH1), batch_1, dtype))
+        if OURS_FLOAT64 in names:
+            variants.append((Renamed(peer, PEER_FLOAT64), case, np.dtype(np.float64)))
     return variants
 
 
@@ -633,7 +666,7 @@ def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float
         fn, result = prepared
         entries.append((timer_for(impl, device), fn))
         results.append((row, result))
-    _note_differences([(row, res) for row, res in results if row.impl in impls], dtype)
+    _note_differences(results, impls)
     watch = OthersWatch() if device == "cpu" else None
     trips = [openmp_round_trip_ns()] if device == "cpu" else []
     for (row, _), times in zip(results, time_interleaved(entries, repeat, min_time)):
@@ -667,15 +700,17 @@ def _to_host(impl, result):
     return impl.to_numpy(result)
 
 
-def _note_differences(results, dtype) -> None:
-    ours = next((res for row, res in results if row.impl == OURS), None)
-    if ours is None:
-        return
+def _note_differences(results, impls) -> None:
+    """Flag each peer row whose result differs from pykernels' row it is compared with: the case's peers
+    (``impls``) against pykernels', --scaling's peer rows against pykernels' at their batch and dtype."""
+    by_impl = {row.impl: res for row, res in results}
     for row, res in results:
-        if row.impl != OURS:
-            why = results_differ(ours, res, dtype)
-            if why:
-                row.differs, row.note = True, f"{row.impl} on {row.case.label}: {why}"
+        if row.impl == OURS or not (row.impl in impls or row.impl in (PEER_BATCH1, PEER_FLOAT64)):
+            continue
+        ours = by_impl.get(ratio_base(row.impl, by_impl))
+        why = None if ours is None else results_differ(ours, res, row.dtype)
+        if why:
+            row.differs, row.note = True, f"{row.impl} on {row.case.label}: {why}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -779,7 +814,9 @@ def title_lines(meta: dict, repeat: int, min_time: float, scaling: bool = False)
         "ratio = peer median / pykernels median: > 1 means pykernels is faster than that peer",
     ] + ([f"{OURS_BATCH1}, {OURS_FLOAT64}: pykernels at batch 1, in float64, in the same rounds; ratio = time per "
           f"image / pykernels' at batch {SCALING_BATCH} ({OURS_BATCH8} where the case's batch is another), in "
-          f"float32 (bounds: <= {SCALING_BOUNDS[OURS_BATCH1]:g}x, <= {SCALING_BOUNDS[OURS_FLOAT64]:g}x)"]
+          f"float32 (bounds: <= {SCALING_BOUNDS[OURS_BATCH1]:g}x, <= {SCALING_BOUNDS[OURS_FLOAT64]:g}x)",
+          f"{PEER_BATCH1}, {PEER_FLOAT64}: {SCALING_PEER} likewise; ratio = its median / {OURS_BATCH1}'s, "
+          f"{OURS_FLOAT64}'s (> 1: pykernels is faster)"]
          if scaling else [])
 
 
@@ -981,7 +1018,10 @@ def _run(args) -> int:
     xp = _array_module(args.device)
     impls = implementations(cases, args.device, xp)
     meta = metadata(args.device, dtype, impls)
-    variants = {case: scaling_variants(case, dtype, xp) if args.scaling else [] for case in cases}
+    peer = impls.get(SCALING_PEER) if args.scaling else None
+    if isinstance(peer, str):  # not installed: the reason is its own rows' note
+        peer = None
+    variants = {case: scaling_variants(case, dtype, xp, peer) if args.scaling else [] for case in cases}
     names = list(impls) + list(dict.fromkeys(impl.name for v in variants.values() for impl, _, _ in v))
     table = Table(cases, names, dtype, args.device)
     table.header(title_lines(meta, args.repeat, args.min_time, args.scaling))

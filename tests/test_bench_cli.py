@@ -111,21 +111,29 @@ def test_scaling_times_batch_1_batch_8_and_float64_in_the_same_rounds(capsys, tm
                                      "--scaling", "--json", str(path)] + QUICK)
     assert rc == 0, err
     assert "pykernels_b1, pykernels_f64: pykernels at batch 1, in float64, in the same rounds" in out
+    assert "torch_b1, torch_f64: torch likewise; ratio = its median / pykernels_b1's, pykernels_f64's" in out
     rows = _table_rows(out)
-    impls = ["pykernels", "torch", "numpy_im2col", "pykernels_b1", "pykernels_b8", "pykernels_f64"]
+    # torch at batch 1 and in float64 too, where it is installed (as the tests' CI has it)
+    peer_rows = ["torch_b1", "torch_f64"] if HAS_TORCH else []
+    impls = ["pykernels", "torch", "numpy_im2col", "pykernels_b1", "pykernels_b8", "pykernels_f64"] + peer_rows
     assert [(r[2], r[3]) for r in rows] == [(p, i) for p in ("fwd", "bwd_weight") for i in impls]
+    assert not any(r[6].endswith("!") for r in rows)  # every result agrees with pykernels'
     results = json.loads(path.read_text())["results"]
     for pass_ in ("fwd", "bwd_weight"):
         by_impl = {r["impl"]: r for r in results if r["pass"] == pass_}
-        assert {i: (r["batch"], r["dtype"]) for i, r in by_impl.items()} == {
+        assert {i: (r["batch"], r["dtype"]) for i, r in by_impl.items()} == dict({
             "pykernels": (2, "float32"), "torch": (2, "float32"), "numpy_im2col": (2, "float32"),
-            "pykernels_b1": (1, "float32"), "pykernels_b8": (8, "float32"), "pykernels_f64": (2, "float64")}
+            "pykernels_b1": (1, "float32"), "pykernels_b8": (8, "float32"), "pykernels_f64": (2, "float64")},
+            **({"torch_b1": (1, "float32"), "torch_f64": (2, "float64")} if HAS_TORCH else {}))
         ours, b1, b8, f64 = (by_impl[i] for i in ("pykernels", "pykernels_b1", "pykernels_b8", "pykernels_f64"))
         # every row ran the same number of rounds, interleaved
         assert len({len(r["times_ms"]) for r in by_impl.values() if r["times_ms"]}) == 1
         assert b1["ratio"] == pytest.approx(b1["median_ms"] / (b8["median_ms"] / 8))
         assert b8["ratio"] == pytest.approx(b8["median_ms"] / 8 / (ours["median_ms"] / 2))
         assert f64["ratio"] == pytest.approx(f64["median_ms"] / ours["median_ms"])
+        if HAS_TORCH:  # the peer's rows against pykernels' at the same batch and dtype
+            assert by_impl["torch_b1"]["ratio"] == pytest.approx(by_impl["torch_b1"]["median_ms"] / b1["median_ms"])
+            assert by_impl["torch_f64"]["ratio"] == pytest.approx(by_impl["torch_f64"]["median_ms"] / f64["median_ms"])
         # rates from each row's own batch: one image's flops at batch 1
         flops_1 = shapes.CONV_SHAPES[0].with_batch(1).flops()
         assert b1["gflops"] == pytest.approx(flops_1 / (b1["median_ms"] / 1e3) / 1e9)
@@ -136,12 +144,35 @@ def test_scaling_leaves_out_the_rows_that_would_repeat_the_case(capsys):
     rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "fwd", "--batch", "8",
                                      "--dtype", "float64", "--scaling"] + QUICK)
     assert rc == 0, err
-    assert [r[3] for r in _table_rows(out)] == ["pykernels", "torch", "numpy_im2col", "pykernels_b1"]
+    assert [r[3] for r in _table_rows(out)] == ["pykernels", "torch", "numpy_im2col", "pykernels_b1"] + (
+        ["torch_b1"] if HAS_TORCH else [])
     rc, out, err = run_main(capsys, ["bench", "--op", "conv2d,relu", "--shape", "lenet_5x5,relu_vgg", "--pass", "fwd",
                                      "--batch", "1", "--scaling"] + QUICK)
     assert rc == 0, err
     assert [tuple(r[2:4]) for r in _table_rows(out) if r[3].startswith("pykernels")] == [
         ("fwd", "pykernels"), ("fwd", "pykernels_f64"), ("fwd", "pykernels")]  # relu: no scaling rows
+    if HAS_TORCH:
+        assert [r[3] for r in _table_rows(out) if r[3].startswith("torch_")] == ["torch_f64"]
+
+
+def test_scaling_peer_rows_are_checked_against_pykernels_at_their_batch_and_dtype(capsys, monkeypatch):
+    # A peer whose float64 result is off is flagged on its float64 row only; its batch-1 row is compared
+    # with pykernels' batch-1 result (a different shape from the case's), and agrees.
+    monkeypatch.setattr(bench, "PEERS_BY_DEVICE", {"cpu": dict(bench.PEERS_BY_DEVICE["cpu"], conv2d=("torch",))})
+    def off_in_float64(x, *args, **kwargs):
+        y = peers.im2col_conv2d(x, *args, **kwargs)
+        return y * (1 + 1e-6) if y.dtype == np.float64 else y
+
+    monkeypatch.setattr(peers.NumpyIm2colPeer, "conv2d", staticmethod(off_in_float64))
+    monkeypatch.setattr(bench, "load_peer", lambda name, device: bench.Renamed(peers.NumpyIm2colPeer(), name))
+    rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "fwd", "--batch", "2",
+                                     "--scaling"] + QUICK)
+    assert rc == 0, err
+    rows = {r[3]: r for r in _table_rows(out)}
+    assert [i for i in rows if i.startswith("torch")] == ["torch", "torch_b1", "torch_f64"]
+    assert rows["torch_f64"][7].endswith("x!") and not rows["torch_b1"][7].endswith("!")
+    assert not rows["torch"][7].endswith("!")
+    assert "note: torch_f64 on conv2d lenet_5x5 fwd: result differs from pykernels'" in out
 
 
 def test_scaling_is_refused_without_a_conv_case_or_on_cuda(capsys):
