@@ -626,18 +626,16 @@ def scaling_variants(case: Case, dtype, xp=np, peer=None) -> list:
     if case.op != "conv2d":
         return []
     variants = []
-    batch_1 = Case(case.op, case.shape.with_batch(1), case.pass_)
     for name, batch in ((OURS_BATCH1, 1), (OURS_BATCH8, SCALING_BATCH)):
         if case.shape.batch != batch and case.shape.batch != 1:
             variants.append((Ours(xp, name), Case(case.op, case.shape.with_batch(batch), case.pass_), dtype))
     if np.dtype(dtype) != np.float64:
         variants.append((Ours(xp, OURS_FLOAT64), case, np.dtype(np.float64)))
     if peer is not None:
-        names = {impl.name for impl, _, _ in variants}
-        if OURS_BATCH1 in names:
-            variants.append((Renamed(peer, PEER_BATCH1), batch_1, dtype))
-        if OURS_FLOAT64 in names:
-            variants.append((Renamed(peer, PEER_FLOAT64), case, np.dtype(np.float64)))
+        ours = {impl.name: (c, dt) for impl, c, dt in variants}
+        for name, counterpart in ((PEER_BATCH1, OURS_BATCH1), (PEER_FLOAT64, OURS_FLOAT64)):
+            if counterpart in ours:
+                variants.append((Renamed(peer, name),) + ours[counterpart])
     return variants
 
 
@@ -935,7 +933,9 @@ def row_record(row: Row, dtype) -> dict:
 def write_json(path: str, meta: dict, rows: List[Row], dtype, settings: dict) -> None:
     doc = {"metadata": dict(meta, **settings),
            "ratio_definition": "time per image / pykernels' time per image: for a peer, at pykernels' batch, "
-                               "its median_ms / pykernels' median_ms (> 1: pykernels is faster)",
+                               "its median_ms / pykernels' median_ms (> 1: pykernels is faster); --scaling's "
+                               f"rows against another: {', '.join(f'{k} against {v}' for k, v in RATIO_BASE.items())} "
+                               f"({OURS_BATCH1} against pykernels where the case's batch is {SCALING_BATCH})",
            "results": [row_record(r, dtype) for r in rows]}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
