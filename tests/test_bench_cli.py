@@ -117,7 +117,7 @@ def test_scaling_times_batch_1_batch_8_and_float64_in_the_same_rounds(capsys, tm
     peer_rows = ["torch_b1", "torch_f64"] if HAS_TORCH else []
     impls = ["pykernels", "torch", "numpy_im2col", "pykernels_b1", "pykernels_b8", "pykernels_f64"] + peer_rows
     assert [(r[2], r[3]) for r in rows] == [(p, i) for p in ("fwd", "bwd_weight") for i in impls]
-    assert not any(r[6].endswith("!") for r in rows)  # every result agrees with pykernels'
+    assert not any(r[7].endswith("!") for r in rows)  # every result agrees with pykernels'
     results = json.loads(path.read_text())["results"]
     for pass_ in ("fwd", "bwd_weight"):
         by_impl = {r["impl"]: r for r in results if r["pass"] == pass_}
@@ -159,6 +159,7 @@ def test_scaling_peer_rows_are_checked_against_pykernels_at_their_batch_and_dtyp
     # A peer whose float64 result is off is flagged on its float64 row only; its batch-1 row is compared
     # with pykernels' batch-1 result (a different shape from the case's), and agrees.
     monkeypatch.setattr(bench, "PEERS_BY_DEVICE", {"cpu": dict(bench.PEERS_BY_DEVICE["cpu"], conv2d=("torch",))})
+
     def off_in_float64(x, *args, **kwargs):
         y = peers.im2col_conv2d(x, *args, **kwargs)
         return y * (1 + 1e-6) if y.dtype == np.float64 else y
