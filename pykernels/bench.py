@@ -138,7 +138,7 @@ def add_arguments(parser) -> None:
                              f"and in float32 (bounds: at most 1.5x and 2x); and {SCALING_PEER}, if installed, "
                              f"there too ({PEER_BATCH1}, {PEER_FLOAT64}: its time over pykernels')")
     parser.add_argument("--json", metavar="FILE", help="also write the results and the machine's details as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="draw the ratios per shape and pass (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PNG", help="draw the peers' ratios per shape and pass (needs matplotlib)")
 
 
 def _comma_list(text: str, valid, what: str) -> List[str]:
@@ -952,15 +952,22 @@ def require_matplotlib():
         raise BenchError(str(exc)) from None
 
 
+def peer_ratios(rows: List[Row]) -> dict:
+    """The peers' ratios (peer time / pykernels'), as "shape pass" -> {peer: ratio} in the table's order. Not
+    --scaling's pykernels rows: their ratio is pykernels' own time against batch 8's or float32's (> 1 is
+    slower), which the plot's axis would read the other way."""
+    ratios: dict = {}
+    for r in rows:
+        by_peer = ratios.setdefault(f"{r.case.shape.name} {r.case.pass_}", {})
+        if r.impl not in (OURS, OURS_BATCH1, OURS_BATCH8, OURS_FLOAT64) and r.ratio is not None:
+            by_peer[r.impl] = r.ratio
+    return ratios
+
+
 def write_plot(path: str, rows: List[Row], meta: dict) -> None:
     """Bars of peer/pykernels ratios per shape and pass (one colour per peer), log scale, a line at 1."""
     Figure = require_matplotlib()
-    ratios = {}  # label -> {peer: ratio}, in the table's order
-    for r in rows:
-        label = f"{r.case.shape.name} {r.case.pass_}"
-        ratios.setdefault(label, {})
-        if r.impl != OURS and r.ratio is not None:
-            ratios[label][r.impl] = r.ratio
+    ratios = peer_ratios(rows)
     peer_names = list(dict.fromkeys(p for by_peer in ratios.values() for p in by_peer))
     colours = {p: f"C{i}" for i, p in enumerate(peer_names)}
     fig = Figure(figsize=(min(18.0, max(6.0, 0.5 * len(ratios) + 2)), 5.5))

@@ -249,6 +249,23 @@ def test_plot_writes_a_png(capsys, tmp_path):
     assert pixels.shape[:2] == (height, width) and pixels.std() > 0  # not blank
 
 
+def test_plot_draws_the_peers_ratios_not_pykernels_own_scaling_rows(capsys, tmp_path):
+    # pykernels_b1/_b8/_f64's ratios are pykernels against itself (> 1: slower), the axis says "peer time /
+    # pykernels time (> 1: pykernels is faster)": only the peers' rows, torch_b1 and torch_f64 among them.
+    path = tmp_path / "scaling.json"
+    rc, out, err = run_main(capsys, ["bench", "--shape", "lenet_5x5", "--pass", "fwd", "--batch", "2", "--scaling",
+                                     "--json", str(path)] + QUICK)
+    assert rc == 0, err
+    shape = shapes.CONV_SHAPES[0].with_batch(2)
+    rows = [bench.Row(bench.Case(r["op"], shape, r["pass"]), r["impl"], ratio=r["ratio"])
+            for r in json.loads(path.read_text())["results"]]
+    ratios = bench.peer_ratios(rows)
+    assert list(ratios) == ["lenet_5x5 fwd"]
+    by_peer = {r.impl: r.ratio for r in rows if r.impl in ratios["lenet_5x5 fwd"]}
+    assert ratios["lenet_5x5 fwd"] == by_peer
+    assert set(by_peer) == {"numpy_im2col"} | ({"torch", "torch_b1", "torch_f64"} if HAS_TORCH else set())
+
+
 def test_plot_without_matplotlib_names_the_demo_extra_before_timing(capsys, monkeypatch, tmp_path):
     _hide_modules(monkeypatch, "matplotlib")
     png = tmp_path / "ratios.png"
