@@ -68,6 +68,8 @@ OURS = "pykernels"
 #: for the CPU targets on those: batch 1 at most 1.5x slower per image than batch 8, float64 at least
 #: half float32's speed. Where the case's batch is not 8 (lenet_5x5's 64, --batch), a batch-8 row too.
 OURS_BATCH1, OURS_BATCH8, OURS_FLOAT64 = "pykernels_b1", "pykernels_b8", "pykernels_f64"
+#: pykernels' rows; every other row is a peer's, its ratio that peer's time over pykernels'.
+OURS_ROWS = (OURS, OURS_BATCH1, OURS_BATCH8, OURS_FLOAT64)
 SCALING_BATCH = 8
 SCALING_BOUNDS = {OURS_BATCH1: 1.5, OURS_FLOAT64: 2.0}
 #: --scaling's peer rows: that peer at batch 1 and in float64 in the same rounds, compared with pykernels' rows
@@ -664,7 +666,7 @@ def run_case(case: Case, impls, device: str, dtype, repeat: int, min_time: float
         fn, result = prepared
         entries.append((timer_for(impl, device), fn))
         results.append((row, result))
-    _note_differences(results, impls)
+    _note_differences(results)
     watch = OthersWatch() if device == "cpu" else None
     trips = [openmp_round_trip_ns()] if device == "cpu" else []
     for (row, _), times in zip(results, time_interleaved(entries, repeat, min_time)):
@@ -698,12 +700,12 @@ def _to_host(impl, result):
     return impl.to_numpy(result)
 
 
-def _note_differences(results, impls) -> None:
+def _note_differences(results) -> None:
     """Flag each peer row whose result differs from pykernels' row it is compared with: the case's peers
-    (``impls``) against pykernels', --scaling's peer rows against pykernels' at their batch and dtype."""
+    against pykernels', --scaling's peer rows against pykernels' at their batch and dtype."""
     by_impl = {row.impl: res for row, res in results}
     for row, res in results:
-        if row.impl == OURS or not (row.impl in impls or row.impl in (PEER_BATCH1, PEER_FLOAT64)):
+        if row.impl in OURS_ROWS:
             continue
         ours = by_impl.get(ratio_base(row.impl, by_impl))
         why = None if ours is None else results_differ(ours, res, row.dtype)
@@ -959,7 +961,7 @@ def peer_ratios(rows: List[Row]) -> dict:
     ratios: dict = {}
     for r in rows:
         by_peer = ratios.setdefault(f"{r.case.shape.name} {r.case.pass_}", {})
-        if r.impl not in (OURS, OURS_BATCH1, OURS_BATCH8, OURS_FLOAT64) and r.ratio is not None:
+        if r.impl not in OURS_ROWS and r.ratio is not None:
             by_peer[r.impl] = r.ratio
     return ratios
 
