@@ -516,10 +516,27 @@ def _copy_and_shared_paths(dtype):
             *per_group, *small_groups)
 
 
+def _col2im_blocks_layers(dtype):
+    # backward-input at batch 1 through im2col columns added back (col2im): one thread adds them in blocks of
+    # output rows in turn (each block's columns within about 512 KB: 2 blocks here), two or more threads
+    # add the whole image's at once, split into bands of input rows; each cell must get its entries in one
+    # order either way. A 7x7 stride-2 stem (stride 2 across: col2im_add_by_pairs) and a stride-1 5x6 'same'
+    # layer (the fuzzing found both thread-count dependent)
+    rng = np.random.default_rng(46)
+    grads = ()
+    for x_shape, w_shape, kwargs in (((1, 3, 75, 63), (64, 3, 7, 7), dict(stride=2)),
+                                     ((1, 32, 22, 12), (38, 32, 5, 6), dict(padding="same"))):
+        x = rng.standard_normal(x_shape).astype(dtype)
+        w = rng.standard_normal(w_shape).astype(dtype)
+        g = rng.standard_normal(pk.conv2d(x, w, **kwargs).shape).astype(dtype)
+        grads += (pk.conv2d_backward(g, x, w, **kwargs, need_weight=False, need_bias=False)[0],)
+    return grads
+
+
 def _run_all(x, w, b, go):
     extra = () if x.shape[0] != 4 else (*_streamed_winograd_layer(x.dtype), _batch_halves_weight_gradient(x.dtype),
                                          _whole_chunk_winograd_forward(x.dtype),
-                                         *_copy_and_shared_paths(x.dtype))
+                                         *_copy_and_shared_paths(x.dtype), *_col2im_blocks_layers(x.dtype))
     y = pk.conv2d(x, w, b, stride=2, padding=1)
     grads = pk.conv2d_backward(go, x, w, stride=2, padding=1)
     # stride 1: the Winograd path, all three passes (its chunking depends on the thread count)

@@ -156,7 +156,7 @@ void col2im_add_by_pairs(const Conv2dShape& s, const T* col, int64_t row_stride,
     runs[static_cast<size_t>(kw)] = {valid_outputs(w_off, 2, s.W, s.Q), parity * evens + (w_off - parity) / 2};
   }
   for (int64_t c = c0; c < c1; ++c)
-    for (int64_t r = 0; r < s.R; ++r) {
+    for (int64_t r = s.R - 1; r >= 0; --r) {  // output rows p in ascending order: see col2im_add
       const int64_t h_off = r * win.dilation_h - win.pad_top;
       const Range ps = valid_outputs(h_off, sh, s.H, s.P);
       const Range in_rows = valid_outputs(h_off - h0, sh, h1 - h0, s.P);  // h in [h0, h1)
@@ -176,9 +176,12 @@ void col2im_add_by_pairs(const Conv2dShape& s, const T* col, int64_t row_stride,
 
 // The adjoint of im2col: gx_g[c, h, w] += col[...] for every col entry that came from x, for output rows
 // [p0, p1) (col holds their positions from column 0 on), input rows [h0, h1) and channels [c0, c1). Each
-// cell receives its entries in col's row order whatever the ranges (at stride 2 across, each kernel row's
-// entries summed first: col2im_add_by_pairs), so splitting the input rows or the channels among threads
-// (disjoint writes) gives the same bits as one pass.
+// cell receives its entries by ascending output row p (col's kernel rows r from last to first: p falls as r
+// rises; at stride 2 across, each kernel row's entries summed first: col2im_add_by_pairs), so splitting the
+// input rows or the channels among threads (disjoint writes), or taking blocks of output rows in turn,
+// gives the same bits as one pass: a result that does not depend on the thread count, which picks between
+// them (in kernel row order, one thread's blocks of output rows gave a resnet_stem-like layer at batch 1
+// other bits than two threads' one pass).
 template <typename T>
 // col's rows are row_stride apart (PQ for one image's col; N*PQ when col holds the batch side by side).
 void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g, int64_t p0, int64_t p1,
@@ -187,17 +190,21 @@ void col2im_add(const Conv2dShape& s, const T* col, int64_t row_stride, T* gx_g,
   if (h1 < 0) h1 = s.H;
   if (c1 < 0) c1 = s.C_per_group();
   if (sw == 2) return col2im_add_by_pairs(s, col, row_stride, gx_g, p0, p1, h0, h1, c0, c1);
-  for_each_col_segment(s, c0 * s.R * s.S, c1 * s.R * s.S,
-                       [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
-                         const T* in = col + row * row_stride;
-                         const Range in_rows = valid_outputs(h_off - h0, sh, h1 - h0, s.P);  // h in [h0, h1)
-                         const int64_t first = std::max({ps.begin, p0, in_rows.begin});
-                         for (int64_t p = first; p < std::min({ps.end, p1, in_rows.end}); ++p) {
-                           const T* i = in + (p - p0) * s.Q;
-                           T* xr = gx_g + c * HW + (p * sh + h_off) * s.W + w_off;
-                           for (int64_t q = qs.begin; q < qs.end; ++q) xr[q * sw] += i[q];
-                         }
-                       });
+  const auto add_segment = [&](int64_t row, int64_t c, Range ps, Range qs, int64_t h_off, int64_t w_off) {
+    const T* in = col + row * row_stride;
+    const Range in_rows = valid_outputs(h_off - h0, sh, h1 - h0, s.P);  // h in [h0, h1)
+    const int64_t first = std::max({ps.begin, p0, in_rows.begin});
+    for (int64_t p = first; p < std::min({ps.end, p1, in_rows.end}); ++p) {
+      const T* i = in + (p - p0) * s.Q;
+      T* xr = gx_g + c * HW + (p * sh + h_off) * s.W + w_off;
+      for (int64_t q = qs.begin; q < qs.end; ++q) xr[q * sw] += i[q];
+    }
+  };
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = s.R - 1; r >= 0; --r) {
+      const int64_t row = (c * s.R + r) * s.S;
+      for_each_col_segment(s, row, row + s.S, add_segment);
+    }
 }
 
 }  // namespace
