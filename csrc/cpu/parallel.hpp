@@ -101,6 +101,7 @@ class Workspace {
 
 }  // namespace pykernels::cpu
 
+#include <limits>
 #include <memory>
 #include <new>
 
@@ -121,7 +122,12 @@ static T* reusable_buffer(int64_t count) {
   thread_local std::unique_ptr<T[], AlignedDelete> buffer;
   thread_local int64_t capacity = 0;
   if (count > capacity) {
-    buffer.reset();  // free the old one first: peak memory is the new size, not both
+    // Free the old one first (peak memory is the new size, not both), and forget its size: should the new
+    // one not be had (std::bad_alloc, to the caller), a later, smaller request must allocate again, not
+    // take the freed buffer (a layer at stride 10^4 and one at 10^5 then a small one segfaulted so).
+    buffer.reset();
+    capacity = 0;
+    if (static_cast<uint64_t>(count) > std::numeric_limits<size_t>::max() / sizeof(T)) throw std::bad_alloc();
     buffer.reset(static_cast<T*>(::operator new[](static_cast<size_t>(count) * sizeof(T), std::align_val_t(64))));
     capacity = count;
   }
