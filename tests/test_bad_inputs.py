@@ -12,7 +12,7 @@ import pytest
 
 import _pykernels_cpu as C
 import pykernels as pk
-from pykernels import _args
+from pykernels import _args, reference
 
 F32, F64 = np.float32, np.float64
 NO_PAD = (0, 0, 0, 0)
@@ -190,6 +190,35 @@ def test_padding_at_limit_gives_output_too_large():
     # 2^31 - 1 is accepted as a parameter, but the output it implies has more than 2^56 elements
     with raises(ValueError, "output"):
         pk.conv2d(rnd(1, 1, 2, 2), rnd(1, 1, 1, 1), padding=2**31 - 1)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", [
+    ((2, 1, 5, 5), (1, 1, 3, 3), dict(stride=10**4)),  # few weights: the direct sums' layers
+    ((2, 1, 5, 5), (1, 1, 3, 3), dict(stride=2**31 - 1)),
+    ((2, 4, 5, 5), (4, 1, 3, 3), dict(stride=10**5, groups=4)),  # depthwise
+    ((2, 8, 5, 7), (16, 2, 3, 3), dict(stride=10**5, groups=4)),  # small groups
+    ((1, 16, 40, 40), (32, 16, 3, 3), dict(stride=(10**5, 1))),  # a GEMM's layers
+    ((2, 16, 40, 40), (32, 16, 3, 3), dict(stride=(1, 10**5))),
+    ((2, 16, 40, 40), (32, 16, 3, 3), dict(stride=10**5)),
+    ((1, 1, 4, 4), (1, 1, 2, 2), dict(stride=10**4, dilation=1000, padding=((1000, 0), (1000, 0)))),
+])
+def test_strides_far_past_the_window(x_shape, w_shape, kwargs):
+    # A stride far past the window leaves most of its stride phases without a tap: copies of x split into
+    # them (the direct sums' planes, the wide rows' copy) had grown with stride^2, 1 GB at stride 1000,
+    # std::bad_alloc from 10^4 (phase_copy_fits). Such layers take the GEMM, which gets the reference's
+    # answer at once.
+    x, w = rnd(*x_shape, dtype=F64), rnd(*w_shape, dtype=F64, seed=1)
+    layer = (x_shape, w_shape, *_args.conv2d_geometry(
+        x_shape, w_shape, padding=kwargs.get("padding", 0), stride=kwargs["stride"],
+        dilation=kwargs.get("dilation", 1), groups=kwargs.get("groups", 1)).kernel_args())
+    assert C.conv2d_sums_directly(*layer) == (False, False)
+    assert C.conv2d_forward_reads_rows_in_place(*layer, 8) is None  # nor from a copy, wide or per row
+    assert not C.conv2d_backward_weight_reads_wide_rows(*layer, 8)
+    y = pk.conv2d(x, w, **kwargs)
+    np.testing.assert_allclose(y, reference.conv2d(x, w, **kwargs), rtol=1e-12, atol=1e-12)
+    g = rnd(*y.shape, dtype=F64, seed=2)
+    for got, want in zip(pk.conv2d_backward(g, x, w, **kwargs), reference.conv2d_backward(g, x, w, **kwargs)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 # ==== dtypes and array types ============================================================================

@@ -258,6 +258,7 @@ bool gathers_columns(const Conv2dShape& s, int64_t element_bytes) {
   // Only where windows overlap (as conv_rows.cpp's rule): a 1x1 stride-2 layer's copy holds 4x what it
   // reads, and gathering from it ran resnet's 256 -> 512 downsampling at batch 1 11 % slower.
   return !is_pointwise(s) && s.Q < kGatherMaxQ && s.R * s.S >= 2 * s.win.stride_h * s.win.stride_w &&
+         PhaseSplitCopy::fits(s) &&
          double(s.N * s.groups) * double(copy.size) * double(element_bytes) <= double(int64_t(64) << 20);
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "common/shapes.hpp"
@@ -60,8 +61,27 @@ inline bool has_few_weights(const Conv2dShape& s) {
 // batch 8, against that GEMM: 256 channels in groups of 8 on 28x28, forward 3.3 -> 0.70 ms, backward-input
 // 1.8 -> 0.74; groups of 32 on 7x7 1.34 -> 1.22 and 1.69 -> 1.45; 64 channels in 2 groups 1.11 -> 0.63
 // and 0.83 -> 0.62. Not pointwise layers, whose GEMM reads x without im2col.
+// Whether a copy of one image's channel split into its stride phases, `values` of it (counted in double:
+// such products overflow int64 at strides near 2^31), stays within a few times x's and y's planes, plus 64 Ki
+// values. Strides far past the window leave most phases without a tap: (2, 1, 5, 5) with a 3x3 filter at
+// stride 1000 made 16 M values for 25 in the direct sums' planes, its backward-input taking 0.45 s and 1 GB
+// (bad_alloc from 10^4), and the wide rows' copy (PhaseSplitCopy) 10^8 at stride 10^4. The GEMM on im2col's
+// columns takes those layers: its columns grow with the outputs only.
+inline bool phase_copy_fits(const Conv2dShape& s, double values) {
+  return values <= 4.0 * (double(s.H) * double(s.W) + double(s.P) * double(s.Q)) + 65536.0;
+}
+
+// The direct sums' phase-split planes (direct_conv_impl.inc's PhasePlanes: stride_h x stride_w phases of
+// the padded image, each rounded up to whole vectors) within phase_copy_fits.
+inline bool phase_planes_fit(const Conv2dShape& s) {
+  const Window2d& w = s.win;
+  const double rows = std::ceil(double(s.H + w.pad_top + w.pad_bottom) / double(w.stride_h));
+  const double columns = std::ceil(double(s.W + w.pad_left + w.pad_right) / double(w.stride_w));
+  return phase_copy_fits(s, double(w.stride_h) * double(w.stride_w) * (rows * columns + 64.0));
+}
+
 inline bool sums_directly(const Conv2dShape& s) {
-  return has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !is_pointwise(s));
+  return phase_planes_fit(s) && (has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !is_pointwise(s)));
 }
 
 // Backward-weight's direct sums take the same layers but those with more than 16 output channels per
@@ -101,7 +121,8 @@ inline bool sums_weight_gradient_directly(const Conv2dShape& s) {
   const bool strided = avx512 && taps <= 27 && s.win.stride_h <= 2 && s.win.stride_w <= 2 &&
                        (Kg <= 32 || s.P * s.Q >= 32 * 32);
   const bool few_taps = blocks_fit && (taps <= 27 || more_taps) && (unit_stride || strided) && !is_pointwise(s);
-  return has_few_weights(s) || few_taps || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100));
+  return phase_planes_fit(s) &&
+         (has_few_weights(s) || few_taps || (sums_directly(s) && (s.K_per_group() <= 16 || s.P * s.Q >= 100)));
 }
 
 }  // namespace pykernels::cpu

@@ -51,7 +51,8 @@ bool conv2d_forward_by_rows_applies(const Conv2dShape& s, int64_t element_bytes)
   const int64_t row_span = (s.R - 1) * win.dilation_h + 1;
   const int64_t columns = (s.Q - 1) * win.stride_w + (s.S - 1) * win.dilation_w + 1;
   const double footprint = double(s.C_per_group()) * double(row_span) * double(columns) * double(element_bytes);
-  return s.R * s.S >= 2 * win.stride_h * win.stride_w && s.Q >= 32 && footprint <= 192.0 * 1024;
+  return s.R * s.S >= 2 * win.stride_h * win.stride_w && s.Q >= 32 && footprint <= 192.0 * 1024 &&
+         PhaseSplitCopy::fits(s);
 }
 
 namespace {
@@ -81,7 +82,9 @@ bool strided_rows_go_wide(const Conv2dShape& s, int64_t element_bytes) {
 }
 
 bool wide_rows_allowed(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.R * s.S < 2 || (strided_per_row(s, element_bytes) && !strided_rows_go_wide(s, element_bytes))) return false;
+  if (s.R * s.S < 2 || !PhaseSplitCopy::fits(s) ||
+      (strided_per_row(s, element_bytes) && !strided_rows_go_wide(s, element_bytes)))
+    return false;
   // At batch 1 only on rows as wide as the per-row plan takes: there the threads split one image's rows,
   // and on short ones (512 channels on 7x7) each share re-read megabytes of weights for a few columns.
   return !(s.N == 1 && s.Q < 32);
@@ -226,7 +229,8 @@ void conv2d_forward_by_rows(const Conv2dShape& s, const T* x, const T* w, const 
 }
 
 bool conv2d_backward_weight_reads_wide_rows(const Conv2dShape& s, int64_t element_bytes) {
-  if (s.R * s.S < 2 || s.N == 0 || strided_per_row(s, element_bytes)) return false;  // N = 0: zeros
+  if (s.R * s.S < 2 || s.N == 0 || !PhaseSplitCopy::fits(s) || strided_per_row(s, element_bytes))
+    return false;  // N = 0: zeros
   // Every image's copy and packed grad_y (its channels rounded up to whole strips: at most 64 more) at
   // once, at most 64 MiB.
   const PhaseSplitCopy copy(s);

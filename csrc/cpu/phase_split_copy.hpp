@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -32,6 +33,15 @@ struct PhaseSplitCopy {
     const int64_t columns = (s.Q - 1) * win.stride_w + (s.S - 1) * win.dilation_w + 1;  // padded ones read
     width = (columns + win.stride_w - 1) / win.stride_w;
     size = s.C_per_group() * rows * win.stride_w * width + kGemmMaxStripWidth;
+  }
+  // Whether this copy stays within phase_copy_fits (counted as above, in double): every path that makes one
+  // asks first (conv_rows.cpp, conv2d.cpp).
+  static bool fits(const Conv2dShape& s) {
+    const Window2d& win = s.win;
+    const double read = double(s.P - 1) * double(win.stride_h) + double(s.R - 1) * double(win.dilation_h) + 1.0;
+    const double columns = double(s.Q - 1) * double(win.stride_w) + double(s.S - 1) * double(win.dilation_w) + 1.0;
+    const double rows = std::ceil(read / double(win.stride_h)) * double(win.stride_h);
+    return phase_copy_fits(s, rows * double(win.stride_w) * std::ceil(columns / double(win.stride_w)));
   }
   int64_t output_row_offset(int64_t p) const { return p * width; }
   // Where padded row h of channel c, phase f begins.
