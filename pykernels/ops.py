@@ -96,8 +96,12 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
     """
     if type(grad_out) is _ndarray and type(x) is _ndarray and type(weight) is _ndarray:
         plan = _conv_plan(x, weight, stride, padding, dilation, groups)
-        if plan is not None:
-            dtype, cpu = grad_out.dtype, _fast.cpu
+        dtype = grad_out.dtype
+        # Each extension call sees only the arrays its pass reads: x's dtype (grad_x alone), weight's (grad_w
+        # alone), grad_out's shape (grad_b alone) and, with no pass asked for, grad_out's dtype are checked here.
+        if (plan is not None and grad_out.shape == plan.out_shape and x.dtype == dtype and weight.dtype == dtype
+                and dtype in _NUMPY_FLOATS):
+            cpu = _fast.cpu
             try:
                 grad_x = grad_w = grad_b = None
                 if need_input:

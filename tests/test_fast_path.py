@@ -201,3 +201,22 @@ def test_mixed_dtypes_after_a_vetted_call_get_the_checked_way_s_message():
                  lambda: pk.relu_backward(x, x.astype(np.float64))):
         with pytest.raises(TypeError, match="pass arrays of one dtype"):
             call()
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, False, False)])
+def test_backward_passes_asked_for_alone_check_every_array_the_short_way(need):
+    """After a vetted conv2d_backward: a pass asked for alone (or none) still refuses what the checked way
+    refuses, though its extension call does not read every array (fuzzing found grad_x alone returned in
+    float32 for a float64 x, grad_b alone for a grad_out of the wrong shape)."""
+    x, w, b, gy, kw = _conv_case(np.float32)
+    flags = dict(need_input=need[0], need_weight=need[1], need_bias=need[2])
+    want = pk.conv2d_backward(gy, x, w, **kw, **flags)
+    _assert_same(pk.conv2d_backward(gy, x, w, **kw, **flags), want)  # the short way
+    for args, message in (((gy.astype(np.float64), x, w), "pass arrays of one dtype"),
+                          ((gy, x.astype(np.float64), w), "pass arrays of one dtype"),
+                          ((gy, x, w.astype(np.float64)), "pass arrays of one dtype"),
+                          ((gy.astype(np.int64), x, w), "grad_out must have dtype float32, float64"),
+                          ((gy[:, :, :-1], x, w), r"grad_out must have shape \(2, 4, 5, 4\)")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            pk.conv2d_backward(*args, **kw, **flags)
