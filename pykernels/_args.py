@@ -102,8 +102,8 @@ def _window_output(size: int, pad_begin: int, pad_end: int, kernel: int, stride:
     """Output length along one axis; <= 0 when the window does not fit (PyTorch's ceil_mode rule)."""
     span = dilation * (kernel - 1) + 1
     padded = size + pad_begin + pad_end
-    if padded < span:
-        return 0
+    # Floor division: <= 0 where the window is longer than the padded input, except with ceil_mode, whose
+    # windows may run up to stride - 1 cells past the end from the first one on (PyTorch's rule too)
     out = (padded - span + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= size + pad_begin:
         out -= 1  # the last window would start inside the end padding

@@ -262,6 +262,9 @@ def test_same_padding_amounts(size, kernel, stride, dilation, expected):
     (7, 2, 2, 0, 4),
     (4, 2, 2, 1, 3),
     (1, 2, 2, 1, 1),
+    (4, 5, 3, 0, 1),  # a window longer than the input: ceil_mode's first one may run stride - 1 past the end
+    (4, 6, 3, 0, 1),
+    (3, 4, 2, 0, 1),
 ])
 def test_ceil_mode_output_sizes(size, kernel, stride, padding, expected):
     x = np.zeros((1, 1, size, size), dtype=np.float32)

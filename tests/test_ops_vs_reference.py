@@ -1121,6 +1121,8 @@ POOL_CASES = {
     "ceil_k3_s2_odd": pool_case((2, 3, 8, 9), 3, 2, ceil_mode=True),
     "ceil_dilated": pool_case((1, 1, 8, 7), 3, 2, dilation=2, ceil_mode=True),
     "ceil_asym_padding": pool_case((1, 2, 7, 6), (2, 3), (2, 2), ((1, 0), (0, 2)), ceil_mode=True),
+    # windows 5 wide on 4 columns: ceil_mode's first window runs past the end (PyTorch's rule, found by fuzzing)
+    "ceil_window_longer_than_input": pool_case((2, 3, 14, 4), 5, 3, ceil_mode=True),
     "padding_beyond_torch_limit": pool_case((1, 2, 7, 6), 3, 1, 2),
     "padding_beyond_torch_limit_dilated": pool_case((1, 2, 9, 9), 3, 2, 4, dilation=2),
     "padding_beyond_limit_asym": pool_case((2, 1, 6, 5), (3, 4), 1, ((2, 2), (3, 1))),

@@ -58,8 +58,10 @@ inline int64_t pool_output_size(int64_t in, int64_t pad_begin, int64_t pad_end, 
                                 int64_t stride, int64_t dilation, bool ceil_mode) {
   const int64_t span = dilation * (kernel - 1) + 1;
   const int64_t padded = in + pad_begin + pad_end;
-  if (padded < span) return 0;
-  int64_t out = (padded - span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  // ceil_mode's windows may run up to stride - 1 cells past the end, the first one too (PyTorch's rule)
+  const int64_t reach = padded - span + (ceil_mode ? stride - 1 : 0);
+  if (reach < 0) return 0;
+  int64_t out = reach / stride + 1;
   if (ceil_mode && (out - 1) * stride >= in + pad_begin) --out;
   return out;
 }

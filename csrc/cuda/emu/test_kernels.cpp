@@ -487,6 +487,7 @@ void pool_suite(int random_cases) {
       make_pool(1, 2, 7, 6, 2, 3, 2, 2, 1, 1, 1, 0, 0, 2, true),
       make_pool(1, 2, 9, 9, 3, 3, 2, 2, 2, 2, 4, 4, 4, 4, false),
       make_pool(2, 2, 5, 6, 5, 6, 5, 6, 1, 1, 0, 0, 0, 0, false),   // window == input
+      make_pool(2, 3, 14, 4, 5, 5, 3, 3, 1, 1, 0, 0, 0, 0, true),   // ceil_mode: windows past the input's end
       make_pool(1, 1, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false),
       make_pool(0, 3, 5, 5, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1, false),   // empty batch
   };
