@@ -83,6 +83,8 @@ def padding4(padding, name: str, in_hw: Pair, kernel_hw: Pair, stride: Pair, dil
 
 
 def check_shape(shape, name: str, what: str = "(N, C, H, W)") -> tuple[int, ...]:
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape):
+        raise TypeError(f"{name} must be a shape of ints {what}, got {tuple(shape)!r}")
     shape = tuple(int(d) for d in shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must be 4-D {what}, got shape {shape}")
@@ -110,7 +112,7 @@ def _window_output(size: int, pad_begin: int, pad_end: int, kernel: int, stride:
     return out
 
 
-def _check_output(shape, name: str = "output") -> tuple[int, ...]:
+def check_elements(shape, name: str = "output") -> tuple[int, ...]:
     if math.prod(shape) > MAX_ELEMENTS:
         raise ValueError(f"the {name} shape {tuple(shape)} has too many elements (more than 2^56)")
     return tuple(shape)
@@ -159,9 +161,9 @@ def _conv2d_geometry(x_shape, weight_shape, stride, padding, dilation, groups, x
             f"weight: kernel {r}x{s} with dilation {dilation} spans "
             f"{dilation[0] * (r - 1) + 1}x{dilation[1] * (s - 1) + 1}, larger than the padded input "
             f"{h + pad[0] + pad[1]}x{w + pad[2] + pad[3]} of {x_name} {x_shape} (padding {pad})")
-    out_shape = _check_output((n, k, p, q))
+    out_shape = check_elements((n, k, p, q))
     # The kernels' im2col workspace for one image: (C/groups * R * S) x (P * Q).
-    _check_output((c_per_group * r * s, p * q), "im2col workspace")
+    check_elements((c_per_group * r * s, p * q), "im2col workspace")
     return ConvGeometry(x_shape, weight_shape, out_shape, stride, pad, dilation, groups)
 
 
@@ -225,7 +227,7 @@ def _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode,
             raise ValueError(
                 f"padding ({begin}, {end}) along {axis} is so large that pooling window {bad} lies wholly in the "
                 f"padding ({x_name} {x_shape}, kernel_size {kernel}, stride {stride}, dilation {dilation})")
-    out_shape = _check_output((n, c, p, q))
+    out_shape = check_elements((n, c, p, q))
     return PoolGeometry(x_shape, out_shape, kernel, stride, pad, dilation, ceil_mode)
 
 

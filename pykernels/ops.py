@@ -16,6 +16,7 @@ from . import _args, _backend, _fast
 _NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ndarray = np.ndarray
 _INT64 = np.dtype(np.int64)
+_OPTIONAL_ARRAYS = ("bias",)  # the array arguments that may be None
 
 
 def _kind_and_dtype(*named):
@@ -23,8 +24,8 @@ def _kind_and_dtype(*named):
     # The common case first, in few steps (small layers are dominated by the per-call Python): NumPy
     # arrays of one float dtype. Anything else, including every error, takes the checks below.
     dtype = None
-    for _, a in named:
-        if a is None:
+    for name, a in named:
+        if a is None and name in _OPTIONAL_ARRAYS:
             continue
         if type(a) is not np.ndarray or (dtype is not None and a.dtype != dtype):
             break
@@ -32,6 +33,9 @@ def _kind_and_dtype(*named):
     else:
         if dtype in _NUMPY_FLOATS:
             return "numpy", dtype
+    for name, a in named:
+        if a is None and name not in _OPTIONAL_ARRAYS:
+            raise TypeError(f"{name} must be a NumPy or CuPy array, got None")
     kind = _backend.array_kind(*named)
     return kind, _backend.common_dtype(kind, *named)
 
@@ -141,13 +145,14 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 def relu(x, *, out=None):
     """max(x, 0) elementwise; relu(NaN) is NaN. `out` may be x itself (in place)."""
     if out is None and type(x) is _ndarray and _fast.cpu is not None:
-        y = _backend.numpy_result(x.shape, x.size, x.dtype)
         try:
+            y = _backend.numpy_result(x.shape, x.size, x.dtype)  # (a huge broadcast view: the checks below)
             _fast.cpu.relu_forward(x, y)
             return y
         except _fast.REFUSED:
             pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("x", x))
+    _args.check_elements(x.shape, "x")
     y = _backend.output(out, "out", kind, x.shape, dtype)
     (x,) = _contiguous(x)
     _backend.run(kind, "relu_forward", x, y)
@@ -157,13 +162,14 @@ def relu(x, *, out=None):
 def relu_backward(grad_out, y):
     """grad_out where y > 0, else 0 (so 0 at y == 0). y may be relu's input or its output."""
     if type(grad_out) is _ndarray and type(y) is _ndarray and _fast.cpu is not None:
-        grad_x = _backend.numpy_result(grad_out.shape, grad_out.size, grad_out.dtype)
         try:
+            grad_x = _backend.numpy_result(grad_out.shape, grad_out.size, grad_out.dtype)
             _fast.cpu.relu_backward(grad_out, y, grad_x)
             return grad_x
         except _fast.REFUSED:
             pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("y", y))
+    _args.check_elements(grad_out.shape, "grad_out")
     _check_shape(y, "y", grad_out.shape)
     grad_out, y = _contiguous(grad_out, y)
     grad_x = _backend.output(None, "grad_x", kind, grad_out.shape, dtype)
@@ -221,6 +227,8 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
             except _fast.REFUSED:
                 pass  # the checks below say why (an index outside its window among them)
     kind, dtype = _kind_and_dtype(("grad_out", grad_out))
+    if indices is None:
+        raise TypeError("indices must be a NumPy or CuPy array (as max_pool2d returns them), got None")
     if _backend.array_kind(("indices", indices)) != kind:
         raise TypeError("indices must be the same kind of array (NumPy or CuPy) as grad_out")
     if np.dtype(indices.dtype) != np.int64:

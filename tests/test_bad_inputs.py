@@ -6,6 +6,9 @@ they re-check everything and raise ValueError/TypeError instead of crashing.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -484,6 +487,28 @@ def test_max_pool2d_backward_bad_input_shape():
         pk.max_pool2d_backward(y, idx, 7, 2)
     with raises(ValueError, "input_shape"):
         pk.max_pool2d_backward(y, idx, (4, 7, 7), 2)
+    for bad in ((2, 4, 7.5, 7), (2, 4, 7.0, 7), (2, True, 7, 7)):  # was truncated to 7 or taken as 1
+        with raises(TypeError, "input_shape", "ints"):
+            pk.max_pool2d_backward(y, idx, bad, 2)
+    np.testing.assert_array_equal(pk.max_pool2d_backward(y, idx, np.array(X.shape), 2),
+                                  pk.max_pool2d_backward(y, idx, X.shape, 2))
+
+
+def test_none_for_an_array_is_a_type_error_naming_it():
+    # (had been AttributeError: 'NoneType' object has no attribute 'shape')
+    y, idx = pk.max_pool2d(X, 2, return_indices=True)
+    g = rnd(2, 6, 5, 5)
+    for name, call in (("x", lambda: pk.conv2d(None, W)), ("weight", lambda: pk.conv2d(X, None)),
+                       ("grad_out", lambda: pk.conv2d_backward(None, X, W)),
+                       ("x", lambda: pk.conv2d_backward(g, None, W)),
+                       ("weight", lambda: pk.conv2d_backward(g, X, None)),
+                       ("x", lambda: pk.relu(None)), ("grad_out", lambda: pk.relu_backward(None, X)),
+                       ("y", lambda: pk.relu_backward(X, None)), ("x", lambda: pk.max_pool2d(None, 2)),
+                       ("grad_out", lambda: pk.max_pool2d_backward(None, idx, X.shape, 2)),
+                       ("indices", lambda: pk.max_pool2d_backward(y, None, X.shape, 2))):
+        with raises(TypeError, name, "got None"):
+            call()
+    np.testing.assert_array_equal(pk.conv2d(X, W, None), pk.conv2d(X, W))  # bias may be None
 
 
 # ==== max_pool2d ========================================================================================
@@ -546,6 +571,25 @@ def test_huge_broadcast_view_pool():
     huge = np.broadcast_to(np.float32(1), (2**20, 2**20, 2**20, 1))
     with raises(ValueError, "x", "too many elements"):
         pk.max_pool2d(huge, 1)
+
+
+def test_huge_broadcast_view_relu():
+    huge = np.broadcast_to(np.float32(1), (2**20, 2**20, 2**20, 1))
+    with raises(ValueError, "x", "too many elements"):
+        pk.relu(huge)
+    with raises(ValueError, "grad_out", "too many elements"):
+        pk.relu_backward(huge, huge)
+
+
+@pytest.mark.parametrize("setting,why", [("bogus", "is not portable, avx2 or avx512"), ("AVX2", "is not portable")])
+def test_an_ignored_isa_setting_warns(setting, why):
+    script = "import warnings; warnings.simplefilter('error'); import pykernels"
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYKERNELS_CPU_ISA=setting),
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode != 0 and "RuntimeWarning" in result.stderr and why in result.stderr, result.stderr
+    ok = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYKERNELS_CPU_ISA="portable"),
+                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert ok.returncode == 0, ok.stderr
 
 
 @pytest.mark.parametrize("x_shape,w_shape", [
