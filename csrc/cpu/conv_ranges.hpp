@@ -55,12 +55,6 @@ inline bool has_few_weights(const Conv2dShape& s) {
   return s.K_per_group() * s.C_per_group() * s.R * s.S <= kDirectWeightLimit;
 }
 
-// Forward and backward-input sum directly (direct_conv_impl.inc) the layers with few weights, and grouped
-// ones with at most 32 output channels per group (ResNeXt's 8 to 32, RegNet's): their GEMM per group packs
-// im2col columns that meet only K/g rows of weights, where the direct sums read x where it lies. Float32,
-// batch 8, against that GEMM: 256 channels in groups of 8 on 28x28, forward 3.3 -> 0.70 ms, backward-input
-// 1.8 -> 0.74; groups of 32 on 7x7 1.34 -> 1.22 and 1.69 -> 1.45; 64 channels in 2 groups 1.11 -> 0.63
-// and 0.83 -> 0.62. Not pointwise layers, whose GEMM reads x without im2col.
 // Whether a copy of one image's channel split into its stride phases, `values` of it (counted in double:
 // such products overflow int64 at strides near 2^31), stays within a few times x's and y's planes, plus 64 Ki
 // values. Strides far past the window leave most phases without a tap: (2, 1, 5, 5) with a 3x3 filter at
@@ -80,8 +74,15 @@ inline bool phase_planes_fit(const Conv2dShape& s) {
   return phase_copy_fits(s, double(w.stride_h) * double(w.stride_w) * (rows * columns + 64.0));
 }
 
+// Forward and backward-input sum directly (direct_conv_impl.inc) the layers with few weights, and grouped
+// ones with at most 32 output channels per group (ResNeXt's 8 to 32, RegNet's): their GEMM per group packs
+// im2col columns that meet only K/g rows of weights, where the direct sums read x where it lies. Float32,
+// batch 8, against that GEMM: 256 channels in groups of 8 on 28x28, forward 3.3 -> 0.70 ms, backward-input
+// 1.8 -> 0.74; groups of 32 on 7x7 1.34 -> 1.22 and 1.69 -> 1.45; 64 channels in 2 groups 1.11 -> 0.63
+// and 0.83 -> 0.62. Not pointwise layers, whose GEMM reads x without im2col.
 inline bool sums_directly(const Conv2dShape& s) {
-  return phase_planes_fit(s) && (has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !is_pointwise(s)));
+  return phase_planes_fit(s) &&
+         (has_few_weights(s) || (s.groups > 1 && s.K_per_group() <= 32 && !is_pointwise(s)));
 }
 
 // Backward-weight's direct sums take the same layers but those with more than 16 output channels per
