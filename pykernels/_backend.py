@@ -10,6 +10,8 @@ clone and the installed package find the same extension (design.md, Build).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import numpy as np
 
@@ -21,17 +23,12 @@ except ImportError as exc:  # not built: say how to build it when an op is first
     _CPU_IMPORT_ERROR = exc
 
 
-
 def _warn_about_ignored_isa() -> None:
     """PYKERNELS_CPU_ISA caps the CPU kernels' instruction set; the extension takes only a name this CPU runs
     and otherwise picks its best, so say when a setting had no effect (a typo would otherwise go unseen)."""
-    import os
-
     wanted = os.environ.get("PYKERNELS_CPU_ISA")
     if _cpu is None or not wanted or wanted == _cpu.active_isa():
         return
-    import warnings
-
     why = ("is not portable, avx2 or avx512" if wanted not in ("portable", "avx2", "avx512")
            else "is not supported by this CPU")
     warnings.warn(f"PYKERNELS_CPU_ISA={wanted!r} {why}: running {_cpu.active_isa()!r}", RuntimeWarning,
