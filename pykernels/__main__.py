@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from . import _cli_types
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykernels", description=__doc__,
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
 
     check = commands.add_parser("check", help="test every op and gradient against the NumPy reference")
     check.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=_cli_types.seed, default=0)
 
     from . import bench
     bench_parser = commands.add_parser("bench", help="time the kernels against PyTorch / NumPy / CuPy, if installed")

@@ -1073,9 +1073,19 @@ def _check_request(args, cases) -> None:
     if args.plot:
         require_matplotlib()
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
+        if path is None:
+            continue
+        if not path or os.path.isdir(path):
+            raise BenchError(f"{flag}: {path!r} is not a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
             raise BenchError(f"{flag}: folder {folder} does not exist")
+    if args.batch is not None:  # the largest input, made for every pass, within the machine's memory
+        largest = max(math.prod(c.shape.x) for c in cases) * np.dtype(args.dtype).itemsize
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        if memory and 4 * largest > memory:
+            raise BenchError(f"--batch {args.batch}: an input alone takes {largest / 2**30:.1f} GiB, with its "
+                             f"result and gradients more than this machine's {memory / 2**30:.0f} GiB")
 
 
 def needs_quiet_openblas(cases, device: str) -> bool:

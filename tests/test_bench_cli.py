@@ -304,6 +304,25 @@ def test_pass_that_applies_to_nothing_is_refused(capsys):
     assert rc == 2 and "--pass bwd_weight applies to none" in err
 
 
+@pytest.mark.parametrize("name", ["", "a folder"])
+def test_json_needs_a_file_name(capsys, tmp_path, name):
+    # a folder had been found out only when the results were written, after the whole run (--plot, whose
+    # name is checked alike, needs matplotlib first)
+    path = str(tmp_path) if name else ""
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--repeat", "1", "--min-time", "0", "--json", path])
+    assert rc == 2 and f"--json: {path!r} is not a file name" in err and out == "", err
+
+
+def test_a_batch_larger_than_memory_is_refused_before_any_timing(capsys):
+    rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--batch", "99999999999"])
+    assert rc == 2 and "--batch 99999999999: an input alone takes" in err and "GiB" in err and out == ""
+
+
+def test_check_refuses_a_negative_seed(capsys):
+    rc, out, err = run_main(capsys, ["check", "--seed", "-1"])
+    assert rc == 2 and "--seed: must be an integer in [0, 2**32)" in err
+
+
 def test_float16_needs_cuda(capsys):
     rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--dtype", "float16"])
     assert rc == 2 and "float16 runs on CUDA only" in err
