@@ -13,6 +13,8 @@ import math
 import numbers
 from typing import NamedTuple
 
+import numpy as np
+
 # Parameters are bounded so that every product the kernels form stays far from int64 overflow;
 # tensors likewise (2^56 elements leaves room for byte offsets).
 MAX_PARAMETER = 2**31 - 1
@@ -208,7 +210,8 @@ def _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode,
     kernel = pair(kernel_size, "kernel_size")
     stride = kernel if stride is None else pair(stride, "stride")
     dilation = pair(dilation, "dilation")
-    if not isinstance(ceil_mode, (bool,)) and not (isinstance(ceil_mode, numbers.Integral) and ceil_mode in (0, 1)):
+    if not isinstance(ceil_mode, (bool, np.bool_)) and not (isinstance(ceil_mode, numbers.Integral)
+                                                            and ceil_mode in (0, 1)):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
     ceil_mode = bool(ceil_mode)
     n, c, h, w = x_shape

@@ -130,6 +130,8 @@ def common_dtype(kind: str, *named) -> np.dtype:
         if dt not in _FLOAT_DTYPES[kind]:
             allowed = ", ".join(t.name for t in _FLOAT_DTYPES[kind])
             hint = " (float16 runs on CUDA only)" if dt == np.float16 else ""
+            if dt.isnative is False and dt.newbyteorder("=") in _FLOAT_DTYPES[kind]:
+                hint = f" ({dt.newbyteorder('=').name} in the other byte order: pass {name}.astype('={dt.char}'))"
             raise TypeError(f"{name} must have dtype {allowed}; got {dt}{hint}")
         if dtype is None:
             first_name, dtype = name, dt

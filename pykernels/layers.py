@@ -186,6 +186,10 @@ class ReLU(_Layer):
     def backward(self, grad_out):
         if self._cache is None:
             raise _not_run(self)
+        shape = getattr(grad_out, "shape", None)  # (not an array: relu_backward's TypeError)
+        if shape is not None and tuple(shape) != self._cache.shape:  # relu_backward would blame y, kept here
+            raise ValueError(f"grad_out must have the shape of ReLU's last output {self._cache.shape}, "
+                             f"got {tuple(grad_out.shape)}")
         return ops.relu_backward(grad_out, self._cache)
 
     def __repr__(self):
@@ -289,10 +293,12 @@ class Linear(_Layer):
         if self._cache is None:
             raise _not_run(self)
         x = self._cache
+        kind = _backend.array_kind(("grad_out", grad_out), ("weight", self.weight))
+        _backend.common_dtype(kind, ("grad_out", grad_out), ("weight", self.weight))  # as forward: no upcast
         expected = (x.shape[0], self.out_features)
         if tuple(grad_out.shape) != expected:
             raise ValueError(f"grad_out must have shape {expected}, got {tuple(grad_out.shape)}")
-        xp = _backend.xp_of(_backend.array_kind(("grad_out", grad_out), ("weight", self.weight)))
+        xp = _backend.xp_of(kind)
         self.grads = {"weight": xp.matmul(grad_out.T, x)}
         if self.bias is not None:
             self.grads["bias"] = grad_out.sum(axis=0)

@@ -550,6 +550,22 @@ def test_pool_ceil_mode_not_bool(ceil_mode):
         pk.max_pool2d(X, 2, ceil_mode=ceil_mode)
 
 
+def test_pool_ceil_mode_takes_numpy_bools_as_the_layer_does():
+    for flag in (True, False):
+        np.testing.assert_array_equal(pk.max_pool2d(X, 2, ceil_mode=np.bool_(flag)),
+                                      pk.max_pool2d(X, 2, ceil_mode=flag))
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_other_byte_order_is_named_with_its_fix(dtype):
+    # (the message had said 'must have dtype float32, float64; got >f4' alone: a float32 by any other name)
+    native = "float32" if dtype == ">f4" else "float64"
+    with raises(TypeError, "x must have dtype", f"{native} in the other byte order", "x.astype("):
+        pk.relu(X.astype(dtype))
+    with raises(TypeError, "weight", "other byte order"):
+        pk.conv2d(X, W.astype(dtype))
+
+
 def test_pool_wrong_ndim():
     with raises(ValueError, "x", "4-D", "(4, 7, 7)"):
         pk.max_pool2d(rnd(4, 7, 7), 2)

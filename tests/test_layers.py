@@ -113,6 +113,22 @@ def test_linear_forward_is_x_weight_t_plus_bias():
         layer(x.astype(np.float32))  # no silent upcast of float32 input against float64 weights
 
 
+def test_linear_backward_refuses_another_dtype_as_forward_does():
+    # a float64 grad_out on a float32 layer had returned float64 gradients (matmul's silent upcast)
+    layer = Linear(3, 2, rng=0)
+    layer(np.ones((2, 3), np.float32))
+    with pytest.raises(TypeError, match="pass arrays of one dtype"):
+        layer.backward(np.ones((2, 2), np.float64))
+    assert layer.backward(np.ones((2, 2), np.float32)).dtype == np.float32
+
+
+def test_relu_backward_blames_grad_out_not_its_saved_output():
+    layer = ReLU()
+    layer(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"grad_out must have the shape of ReLU's last output \(2, 3\), got"):
+        layer.backward(np.ones((2, 4), np.float32))
+
+
 def test_flatten_round_trip():
     x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
     layer = Flatten()
