@@ -23,19 +23,26 @@ except ImportError as exc:  # not built: say how to build it when an op is first
     _CPU_IMPORT_ERROR = exc
 
 
-def _warn_about_ignored_isa() -> None:
-    """PYKERNELS_CPU_ISA caps the CPU kernels' instruction set; the extension takes only a name this CPU runs
-    and otherwise picks its best, so say when a setting had no effect (a typo would otherwise go unseen)."""
-    wanted = os.environ.get("PYKERNELS_CPU_ISA")
-    if _cpu is None or not wanted or wanted == _cpu.active_isa():
-        return
-    why = ("is not portable, avx2 or avx512" if wanted not in ("portable", "avx2", "avx512")
-           else "is not supported by this CPU")
-    warnings.warn(f"PYKERNELS_CPU_ISA={wanted!r} {why}: running {_cpu.active_isa()!r}", RuntimeWarning,
-                  stacklevel=2)
+def _ignored_settings():
+    """(setting, why) for each PYKERNELS_* environment setting the CPU extension reads but cannot take: it then
+    runs its default silently, so a typo (PYKERNELS_CONV_ALGORITHM=GEMM kept Winograd) would go unseen."""
+    env = os.environ
+    isa = env.get("PYKERNELS_CPU_ISA")
+    if isa and isa != _cpu.active_isa():  # it caps the choice at a build this CPU runs
+        why = "is not supported by this CPU" if isa in ("portable", "avx2", "avx512") else \
+            "is not portable, avx2 or avx512"
+        yield f"PYKERNELS_CPU_ISA={isa!r}", f"{why}: running {_cpu.active_isa()!r}"
+    algorithm = env.get("PYKERNELS_CONV_ALGORITHM")
+    if algorithm and algorithm not in ("gemm", "auto"):
+        yield f"PYKERNELS_CONV_ALGORITHM={algorithm!r}", "is not 'gemm' or 'auto': Winograd stays on where it applies"
+    cache = env.get("PYKERNELS_CPU_CACHE_MB")
+    if cache and not (cache.isascii() and cache.isdigit()):  # digits only, as block_cache.cpp reads it
+        yield f"PYKERNELS_CPU_CACHE_MB={cache!r}", "is not a whole number of MB: the default cap, 1024 MB, applies"
 
 
-_warn_about_ignored_isa()
+if _cpu is not None:
+    for _setting, _why in _ignored_settings():
+        warnings.warn(f"{_setting} {_why}", RuntimeWarning, stacklevel=2)
 
 _cuda = None
 _CUDA_REASON = None  # why CUDA is unavailable, once probed

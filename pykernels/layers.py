@@ -215,13 +215,16 @@ class MaxPool2D(_Layer):
 
     def forward(self, x):
         y, indices = ops.max_pool2d(x, **self._geometry(), return_indices=True)
-        self._cache = (tuple(x.shape), indices)
+        self._cache = (tuple(x.shape), y.dtype, indices)
         return y
 
     def backward(self, grad_out):
         if self._cache is None:
             raise _not_run(self)
-        shape, indices = self._cache
+        shape, dtype, indices = self._cache
+        if getattr(grad_out, "dtype", dtype) != dtype:  # as the other layers: no silent change of dtype
+            raise TypeError(f"grad_out has dtype {grad_out.dtype} but the last input had {dtype}; "
+                            "pass arrays of one dtype")
         return ops.max_pool2d_backward(grad_out, indices, shape, **self._geometry())
 
     def __repr__(self):
@@ -310,6 +313,15 @@ class Linear(_Layer):
                 f"xp={_backend.array_kind(('w', self.weight))})")
 
 
+def _each_layer(layers, prefix=""):
+    """(index path, layer) for every layer, inside nested Sequentials too ("1.0")."""
+    for i, layer in enumerate(layers):
+        path = f"{prefix}{i}"
+        yield path, layer
+        if isinstance(layer, Sequential):
+            yield from _each_layer(layer.layers, path + ".")
+
+
 class Sequential:
     """Layers applied in order; backward walks them in reverse. Parameter names are prefixed with the
     layer's index ("0.weight"), nested Sequentials included ("1.0.bias")."""
@@ -319,6 +331,15 @@ class Sequential:
             if not all(callable(getattr(layer, m, None)) for m in ("forward", "backward", "to")):
                 raise TypeError(f"layers[{i}] must be a layer (with forward, backward and to), "
                                 f"got {type(layer).__name__}")
+        # Each layer keeps its last forward's input for backward and its last backward's gradients: one used
+        # twice would compute both backward passes from its second input and keep one pass's gradients only.
+        seen = {}
+        for path, layer in _each_layer(layers):
+            if id(layer) in seen:
+                raise ValueError(f"layers[{path}] is the same layer as layers[{seen[id(layer)]}]: a layer keeps one "
+                                 "forward's input for backward, so it can be used once; make another (with the "
+                                 "same params to share weights: their gradients then need adding up)")
+            seen[id(layer)] = path
         self.layers = list(layers)
 
     def forward(self, x):

@@ -597,15 +597,31 @@ def test_huge_broadcast_view_relu():
         pk.relu_backward(huge, huge)
 
 
-@pytest.mark.parametrize("setting,why", [("bogus", "is not portable, avx2 or avx512"), ("AVX2", "is not portable")])
-def test_an_ignored_isa_setting_warns(setting, why):
+def _import_with(name, value):
     script = "import warnings; warnings.simplefilter('error'); import pykernels"
-    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYKERNELS_CPU_ISA=setting),
-                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYKERNELS_")}
+    return subprocess.run([sys.executable, "-c", script], env=dict(env, **{name: value}), capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.parametrize("name,value,why", [
+    ("PYKERNELS_CPU_ISA", "bogus", "is not portable, avx2 or avx512"),
+    ("PYKERNELS_CPU_ISA", "AVX2", "is not portable"),
+    ("PYKERNELS_CONV_ALGORITHM", "GEMM", "is not 'gemm' or 'auto'"),  # had kept Winograd on in silence
+    ("PYKERNELS_CPU_CACHE_MB", "-5", "is not a whole number"),  # had meant no cap at all
+    ("PYKERNELS_CPU_CACHE_MB", "1e3", "is not a whole number"),
+])
+def test_a_setting_the_extension_ignores_warns(name, value, why):
+    result = _import_with(name, value)
     assert result.returncode != 0 and "RuntimeWarning" in result.stderr and why in result.stderr, result.stderr
-    ok = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYKERNELS_CPU_ISA="portable"),
-                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("name,value", [("PYKERNELS_CPU_ISA", "portable"), ("PYKERNELS_CONV_ALGORITHM", "gemm"),
+                                        ("PYKERNELS_CONV_ALGORITHM", "auto"), ("PYKERNELS_CPU_CACHE_MB", "0"),
+                                        ("PYKERNELS_CPU_CACHE_MB", "17592186044416")])
+def test_a_setting_the_extension_takes_is_quiet(name, value):
+    result = _import_with(name, value)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("x_shape,w_shape", [

@@ -122,6 +122,25 @@ def test_linear_backward_refuses_another_dtype_as_forward_does():
     assert layer.backward(np.ones((2, 2), np.float32)).dtype == np.float32
 
 
+def test_sequential_refuses_a_layer_given_twice():
+    # Conv2D used twice had kept one backward's weight gradient, computed from its second input: 49 off
+    conv, relu = Conv2D(2, 2, 3, padding=1, dtype=np.float64, rng=0), ReLU()
+    for layers, where in (((conv, relu, conv), r"layers\[2\] is the same layer as layers\[0\]"),
+                          ((conv, Sequential(relu, conv)), r"layers\[1.1\] is the same layer as layers\[0\]"),
+                          ((relu, Conv2D(2, 2, 3, rng=0), relu), r"layers\[2\] is the same layer as layers\[0\]")):
+        with pytest.raises(ValueError, match=where):
+            Sequential(*layers)
+    Sequential(conv, relu, Conv2D(2, 2, 3, padding=1, dtype=np.float64, rng=0), ReLU())  # distinct layers: fine
+
+
+def test_maxpool2d_backward_refuses_another_dtype():
+    layer = MaxPool2D(2)
+    layer(np.ones((1, 1, 4, 4), np.float32))
+    with pytest.raises(TypeError, match="grad_out has dtype float64 but the last input had float32"):
+        layer.backward(np.ones((1, 1, 2, 2), np.float64))  # had returned float64
+    assert layer.backward(np.ones((1, 1, 2, 2), np.float32)).dtype == np.float32
+
+
 def test_relu_backward_blames_grad_out_not_its_saved_output():
     layer = ReLU()
     layer(np.ones((2, 3), np.float32))

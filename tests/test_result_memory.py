@@ -120,6 +120,19 @@ def test_cache_over_its_cap_frees_the_oldest_blocks():
     ))
 
 
+@pytest.mark.parametrize("cap_mb,kept_mib", [("-5", 1024), ("17592186044416", 1200)])
+def test_cache_cap_out_of_range(cap_mb, kept_mib):
+    # "-5" (strtoull's 2^64 - 5) had meant no cap: now the default, 1024 MB, of 300 unused 4 MiB blocks; 2^44
+    # MB had wrapped round to a cap of 0, keeping nothing: now no cap, all 1200 MiB kept.
+    run_with_cache_cap(cap_mb, (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import numpy as np, _pykernels_cpu as C\n"
+        "blocks = [C.empty([4 << 20], np.dtype(np.uint8)) for _ in range(300)]\n"
+        "del blocks\n"
+        f"assert C.cached_bytes() == {kept_mib} << 20, C.cached_bytes()\n"
+    ))
+
+
 def test_empty_rejects_bad_shapes():
     with pytest.raises(ValueError, match="negative"):
         _pykernels_cpu.empty([2, -1], np.dtype(np.float32))

@@ -3,6 +3,7 @@
 #include "cpu/block_cache.hpp"
 
 #include <cstdlib>
+#include <limits>
 #include <list>
 #include <mutex>
 #include <new>
@@ -21,10 +22,13 @@ constexpr size_t kGrain = size_t(64) << 10;    // smaller blocks are rounded up 
 size_t cap_from_env() {
   const char* env = std::getenv("PYKERNELS_CPU_CACHE_MB");
   if (!env || !*env) return size_t(1024) << 20;
+  // Digits only (strtoull would take "-5" as 2^64 - 5, no cap); not a number: the default (pykernels warns at
+  // import); more than size_t holds in bytes: no cap (2^44 had wrapped round to a cap of 0).
+  if (*env < '0' || *env > '9') return size_t(1024) << 20;
   char* end = nullptr;
   const unsigned long long mb = std::strtoull(env, &end, 10);
-  if (*end != '\0') return size_t(1024) << 20;  // not a number: the default
-  return size_t(mb) << 20;
+  if (*end != '\0') return size_t(1024) << 20;
+  return mb > (std::numeric_limits<size_t>::max() >> 20) ? std::numeric_limits<size_t>::max() : size_t(mb) << 20;
 }
 
 struct Cache {
