@@ -665,10 +665,12 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
       // Else col, in each thread's own buffer kept between calls; with an image per thread, by blocks of
       // output rows, each added into grad_x while it is still in L2 (about 512 KB: whole, resnet_stem's col
       // is 7.4 MB per thread in float32 and 15 MB in float64, and the threads' two went to memory). One
-      // image split among the threads keeps its col whole: it fits in L3, and every block would be a
-      // parallel region of its own.
-      const int64_t block_rows = (int64_t(512) << 10) / (CRS * s.Q * int64_t(sizeof(T)));
-      const int64_t rows = per_item_threads ? std::clamp<int64_t>(block_rows, 1, s.P) : s.P;
+      // image split among the threads keeps its col whole up to 64 MiB: it fits in L3, and every block would
+      // be a parallel region of its own; past that by blocks too (a 4x4096x4096 image's whole col had taken
+      // 2.6 GB, kept after the call, and a 4x23171x23171 one 19 GB). Same bits either way (col2im_add).
+      const int64_t row_bytes = CRS * s.Q * int64_t(sizeof(T));
+      const int64_t rows = std::clamp<int64_t>((per_item_threads ? int64_t(512) << 10 : int64_t(64) << 20) / row_bytes,
+                                               1, s.P);
       T* col = reusable_buffer<T, 0>(CRS * rows * s.Q);
       std::fill(gx_g, gx_g + Cg * HW, T(0));
       for (int64_t p0 = 0; p0 < s.P; p0 += rows) {
