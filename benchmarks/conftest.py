@@ -194,6 +194,26 @@ def check_shape(impl, result, expected_shape):
     assert got == tuple(expected_shape), f"{impl.name}: result shape {got}, expected {tuple(expected_shape)}"
 
 
+#: The float64 reference's result per group, computed once (the group's implementations run one after another).
+_TRUTH: dict = {}
+
+
+def check_result(impl, result, group, truth, dtype="float32"):
+    """The result agrees with ``truth()`` (pykernels.reference in float64 on the same inputs, made once per
+    group): to 2e-3 of its largest value in float32 (Winograd's float32 error is about 1e-5 of it), 1e-9 in
+    float64. A shape check alone passed a kernel that returned zeros; this holds the peers to it too."""
+    if group not in _TRUTH:
+        _TRUTH.clear()
+        _TRUTH[group] = np.asarray(truth(), dtype=np.float64)
+    want = _TRUTH[group]
+    got = impl.to_numpy(result)
+    assert got.shape == want.shape, f"{impl.name}: result shape {got.shape}, expected {want.shape}"
+    scale = max(float(np.abs(want).max()), np.finfo(np.float64).tiny)
+    error = float(np.abs(got.astype(np.float64) - want).max()) / scale
+    assert error <= (1e-9 if np.dtype(dtype) == np.float64 else 2e-3), \
+        f"{impl.name}: {group} is off the reference by {error:.2e} of its largest value"
+
+
 class _Bench:
     """What a benchmark module needs, handed out as the ``bench`` fixture (no conftest imports)."""
 
@@ -204,6 +224,7 @@ class _Bench:
     variant = staticmethod(variant)
     require = staticmethod(require)
     check_shape = staticmethod(check_shape)
+    check_result = staticmethod(check_result)
 
     def run(self, impl, fn, **kw):
         return run_benchmark(self.benchmark, impl, fn, **kw)

@@ -1,7 +1,9 @@
 """max_pool2d forward (with indices) and backward on design.md's pooling shapes."""
 
+import numpy as np
 import pytest
 
+from pykernels import reference
 from pykernels.shapes import POOL_SHAPES
 
 IMPLS = ["pykernels", "torch"]
@@ -12,23 +14,27 @@ IMPLS = ["pykernels", "torch"]
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: s.name)
 def test_max_pool2d(bench, impl, shape, pass_):
     bench.require(impl, "max_pool2d" if pass_ == "fwd" else "max_pool2d_backward")
-    x, g = (impl.asarray(a) for a in bench.inputs(shape.name))
+    arrays = bench.inputs(shape.name)
+    x, g = (impl.asarray(a) for a in arrays)
+    x64, g64 = (a.astype(np.float64) for a in arrays)
     kw = shape.kwargs()
     if pass_ == "fwd":
         def fn():
             return impl.max_pool2d(x, shape.kernel_size, **kw, return_indices=True)
 
-        result = bench.run(impl, fn, group=f"max_pool2d-fwd-{shape.name}", nbytes=shape.bytes_moved("fwd"),
-                           shape=shape)
+        group = f"max_pool2d-fwd-{shape.name}"
+        result = bench.run(impl, fn, group=group, nbytes=shape.bytes_moved("fwd"), shape=shape)
         y, idx = result
-        bench.check_shape(impl, y, shape.out)
-        bench.check_shape(impl, idx, shape.out)
+        want_y, want_idx = reference.max_pool2d(x64, shape.kernel_size, **kw)
+        bench.check_result(impl, y, group, lambda: want_y)
+        np.testing.assert_array_equal(impl.to_numpy(idx), want_idx, err_msg=f"{impl.name}: {group} indices")
     else:
         _, idx = impl.max_pool2d(x, shape.kernel_size, **kw, return_indices=True)  # outside the timing
 
         def fn():
             return impl.max_pool2d_backward(g, idx, shape.x, shape.kernel_size, **kw)
 
-        result = bench.run(impl, fn, group=f"max_pool2d-bwd-{shape.name}", nbytes=shape.bytes_moved("bwd"),
-                           shape=shape)
-        bench.check_shape(impl, result, shape.x)
+        group = f"max_pool2d-bwd-{shape.name}"
+        result = bench.run(impl, fn, group=group, nbytes=shape.bytes_moved("bwd"), shape=shape)
+        bench.check_result(impl, result, group, lambda: reference.max_pool2d_backward(
+            g64, reference.max_pool2d(x64, shape.kernel_size, **kw)[1], shape.x, shape.kernel_size, **kw))

@@ -1,7 +1,9 @@
 """ReLU forward and backward on design.md's ReLU shapes."""
 
+import numpy as np
 import pytest
 
+from pykernels import reference
 from pykernels.shapes import RELU_SHAPES
 
 IMPLS = ["pykernels", "torch", "numpy"]
@@ -12,14 +14,23 @@ IMPLS = ["pykernels", "torch", "numpy"]
 @pytest.mark.parametrize("shape", RELU_SHAPES, ids=lambda s: s.name)
 def test_relu(bench, impl, shape, pass_):
     bench.require(impl, "relu" if pass_ == "fwd" else "relu_backward")
-    x, g = (impl.asarray(a) for a in bench.inputs(shape.name))
+    arrays = bench.inputs(shape.name)
+    x, g = (impl.asarray(a) for a in arrays)
+    x64, g64 = (a.astype(np.float64) for a in arrays)
     if pass_ == "fwd":
         def fn():
             return impl.relu(x)
+
+        def truth():
+            return reference.relu(x64)
     else:
         y = impl.relu(x)  # made once, outside the timed region
 
         def fn():
             return impl.relu_backward(g, y)
-    result = bench.run(impl, fn, group=f"relu-{pass_}-{shape.name}", nbytes=shape.bytes_moved(pass_), shape=shape)
-    bench.check_shape(impl, result, shape.x)
+
+        def truth():
+            return reference.relu_backward(g64, reference.relu(x64))
+    group = f"relu-{pass_}-{shape.name}"
+    result = bench.run(impl, fn, group=group, nbytes=shape.bytes_moved(pass_), shape=shape)
+    bench.check_result(impl, result, group, truth)
