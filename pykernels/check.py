@@ -1,8 +1,11 @@
 """`python -m pykernels check`: a self-test to run after installing.
 
-Every op and gradient against pykernels.reference (NumPy float64) on random shapes that cover the
-awkward corners (odd sizes, strides, asymmetric and 'same' padding, dilation, groups, ceil_mode);
-prints a table of op, dtype, worst relative error and pass/fail, and exits 1 on any failure.
+Every op and gradient against pykernels.reference (NumPy float64), with random values (--seed), on fixed
+shapes that cover the awkward corners (odd sizes, strides, asymmetric and 'same' padding, dilation, groups,
+ceil_mode) and reach every kind of CPU kernel (direct sums, the GEMM by rows and wide rows, Winograd F(4x4)
+and F(2x2) in all three passes, 5x5 split into 3x3 Winograd, depthwise and grouped layers, pointwise, the
+max-pool's gathered rows); prints a table of op, dtype, worst relative error and pass/fail, and exits 1 on
+any failure. The test suite (tests/) checks far more shapes and asserts each path is taken.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ CONV_CASES = [
     ((2, 8, 7, 9), (5, 8, 1, 1), 1, 0, 1, 1),
     ((1, 3, 20, 20), (8, 3, 7, 7), 2, 3, 1, 1),
     ((2, 1, 12, 12), (3, 1, 3, 3), 1, "valid", 3, 1),
+    # (a fourth fuzzing round found the cases above reached the direct sums and the GEMM only)
+    ((2, 16, 12, 12), (16, 16, 3, 3), 1, 1, 1, 1),  # Winograd F(4x4): forward and backward-input
+    ((4, 64, 12, 12), (64, 64, 3, 3), 1, 1, 1, 1),  # ... and backward-weight
+    ((1, 64, 7, 7), (64, 64, 3, 3), 1, 1, 1, 1),  # F(2x2); backward-weight's sums in registers
+    ((2, 16, 14, 14), (16, 16, 5, 5), 1, 2, 1, 1),  # 5x5 as 3x3 Winograd; backward-input as the transposed forward
+    ((2, 32, 9, 9), (16, 32, 1, 1), 1, 0, 1, 1),  # pointwise: the GEMM reads x in place
+    ((2, 32, 10, 10), (32, 1, 3, 3), 1, 1, 1, 32),  # depthwise
+    ((2, 32, 9, 9), (32, 4, 3, 3), 1, 1, 1, 8),  # small groups
+    ((2, 8, 40, 40), (16, 8, 3, 3), 2, 1, 1, 1),  # strided: wide rows read in place
 ]
 # (x shape, kernel_size, stride, padding, dilation, ceil_mode)
 POOL_CASES = [
@@ -34,6 +46,7 @@ POOL_CASES = [
     ((2, 2, 9, 10), (3, 2), (2, 1), ((2, 0), (1, 1)), 2, False),
     ((1, 3, 5, 6), 2, 2, 1, 1, True),
     ((2, 2, 14, 14), 3, 2, "same", 1, False),
+    ((2, 3, 8, 40), 2, 2, 0, 1, False),  # 20 windows a row: the backward's gathered rows
 ]
 
 
