@@ -189,7 +189,7 @@ class ReLU(_Layer):
         shape = getattr(grad_out, "shape", None)  # (not an array: relu_backward's TypeError)
         if shape is not None and tuple(shape) != self._cache.shape:  # relu_backward would blame y, kept here
             raise ValueError(f"grad_out must have the shape of ReLU's last output {self._cache.shape}, "
-                             f"got {tuple(grad_out.shape)}")
+                             f"got {tuple(shape)}")
         return ops.relu_backward(grad_out, self._cache)
 
     def __repr__(self):
