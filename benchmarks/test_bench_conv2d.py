@@ -23,26 +23,23 @@ def _time_pass(bench, impl, shape, pass_, variant=""):
         shape = shape.with_batch(batch)
     arrays = bench.inputs(shape.name, batch=batch, dtype=dtype)
     x, w, _, g = (impl.asarray(a) for a in arrays)
-    x64, w64, _, g64 = (a.astype(np.float64) for a in arrays)
     kw = shape.kwargs()
     if pass_ == "fwd":
         def fn():
             return impl.conv2d(x, w, **kw)
-
-        def truth():
-            return reference.conv2d(x64, w64, **kw)
     elif pass_ == "bwd_data":
         def fn():
             return impl.conv2d_backward(g, x, w, **kw, need_input=True, need_weight=False, need_bias=False)[0]
-
-        def truth():
-            return reference.conv2d_backward(g64, x64, w64, **kw)[0]
     else:
         def fn():
             return impl.conv2d_backward(g, x, w, **kw, need_input=False, need_weight=True, need_bias=False)[1]
 
-        def truth():
-            return reference.conv2d_backward(g64, x64, w64, **kw)[1]
+    def truth():  # the float64 reference, made once per group (check_result)
+        x64, w64, _, g64 = (a.astype(np.float64) for a in arrays)
+        if pass_ == "fwd":
+            return reference.conv2d(x64, w64, **kw)
+        return reference.conv2d_backward(g64, x64, w64, **kw)[0 if pass_ == "bwd_data" else 1]
+
     group = f"conv2d-{pass_}-{shape.name}" + (f"-{variant}" if variant else "")
     result = bench.run(impl, fn, group=group, flops=shape.flops(), shape=shape)
     bench.check_result(impl, result, group, truth, dtype)
