@@ -204,7 +204,8 @@ def numpy_result(shape, count: int, dtype: np.dtype):
 
 
 def empty_cache() -> int:
-    """Free the unused CPU blocks kept for large NumPy results; the number of bytes released."""
+    """Free the CPU memory kept for reuse: every thread's scratch buffers (once no kernel call is in flight;
+    calls made meanwhile wait) and the unused blocks of large NumPy results; the number of bytes released."""
     return module("numpy").empty_cache()
 
 

@@ -19,6 +19,7 @@
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/scratch_buffers.hpp"
 
 namespace py = pybind11;
 using pykernels::Conv2dShape;
@@ -165,6 +166,7 @@ void conv2d_forward_t(const py::array& x, const py::array& w, const std::optiona
   T* yp = out_ptr<T>(y, "out", {{&x, "x"}, {&w, "weight"}, {bias ? &*bias : nullptr, "bias"}});
   const T* bp = bias ? in_ptr<T>(*bias) : nullptr;
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::conv2d_forward<T>(s, in_ptr<T>(x), in_ptr<T>(w), bp, yp);
 }
 
@@ -178,6 +180,7 @@ void conv2d_backward_input_t(const py::array& gy, const py::array& w, py::array&
   check_array<T>(gy, "grad_out", 4, out_dims(s));
   T* gxp = out_ptr<T>(gx, "grad_x", {{&gy, "grad_out"}, {&w, "weight"}});
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::conv2d_backward_input<T>(s, in_ptr<T>(gy), in_ptr<T>(w), gxp);
 }
 
@@ -191,6 +194,7 @@ void conv2d_backward_weight_t(const py::array& gy, const py::array& x, py::array
   check_array<T>(gy, "grad_out", 4, out_dims(s));
   T* gwp = out_ptr<T>(gw, "grad_weight", {{&gy, "grad_out"}, {&x, "x"}});
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::conv2d_backward_weight<T>(s, in_ptr<T>(gy), in_ptr<T>(x), gwp);
 }
 
@@ -205,6 +209,7 @@ void conv2d_backward_bias_t(const py::array& gy, py::array& gb) {
   check_array<T>(gb, "grad_bias", 1, {s.K});
   T* gbp = out_ptr<T>(gb, "grad_bias", {{&gy, "grad_out"}});
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::conv2d_backward_bias<T>(s, in_ptr<T>(gy), gbp);
 }
 
@@ -226,6 +231,7 @@ void relu_forward_t(const py::array& x, py::array& y) {
   T* yp = out_ptr<T>(y, "out", {{&x, "x"}}, /*same_allowed=*/true);
   const int64_t count = x.size();
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::relu_forward<T>(count, in_ptr<T>(x), yp);
 }
 
@@ -237,6 +243,7 @@ void relu_backward_t(const py::array& gy, const py::array& y, py::array& gx) {
   T* gxp = out_ptr<T>(gx, "grad_x", {{&gy, "grad_out"}, {&y, "y"}}, /*same_allowed=*/true);
   const int64_t count = gy.size();
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::relu_backward<T>(count, in_ptr<T>(gy), in_ptr<T>(y), gxp);
 }
 
@@ -274,6 +281,7 @@ void max_pool2d_forward_t(const py::array& x, py::array& y, std::optional<py::ar
     ip = out_ptr<int64_t>(*indices, "indices", {{&x, "x"}, {&y, "out"}});
   }
   py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
   pykernels::cpu::max_pool2d_forward<T>(s, in_ptr<T>(x), yp, ip);
 }
 
@@ -291,6 +299,7 @@ void max_pool2d_backward_t(const py::array& gy, const py::array& indices, py::ar
   int64_t bad;
   {
     py::gil_scoped_release release;
+    pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
     bad = pykernels::cpu::max_pool2d_backward<T>(s, in_ptr<T>(gy), in_ptr<int64_t>(indices), gxp);
   }
   if (bad >= 0) {
@@ -424,9 +433,16 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
       py::arg("shape"), py::arg("dtype"),
       "An uninitialised C-contiguous array on a block kept for reuse once the array and its views are "
       "freed (block_cache.hpp): for large results.");
-  m.def("empty_cache", &pykernels::cpu::clear_block_cache,
-        "Free the unused blocks kept for large results; returns the bytes released.");
+  m.def(
+      "empty_cache",
+      []() {
+        py::gil_scoped_release release;  // waits for the kernel calls in flight, which hold no GIL
+        return pykernels::cpu::release_scratch_buffers() + pykernels::cpu::clear_block_cache();
+      },
+      "Free every thread's scratch buffers (once no kernel call is in flight) and the unused blocks kept for "
+      "large results; returns the bytes released.");
   m.def("cached_bytes", &pykernels::cpu::block_cache_bytes, "Bytes held in unused blocks kept for large results.");
+  m.def("scratch_bytes", &pykernels::cpu::scratch_bytes, "Bytes held in scratch buffers, all threads together.");
   m.def("active_isa", &pykernels::cpu::active_isa, "Instruction set of the hot loops: 'avx512', 'avx2' or 'portable'.");
   m.def(
       "set_isa",

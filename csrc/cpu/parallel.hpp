@@ -102,8 +102,9 @@ class Workspace {
 }  // namespace pykernels::cpu
 
 #include <limits>
-#include <memory>
 #include <new>
+
+#include "cpu/scratch_buffers.hpp"
 
 namespace pykernels::cpu {
 
@@ -111,27 +112,17 @@ namespace pykernels::cpu {
 // is written before it is read, and a buffer of tens of megabytes (the transformed filters of a
 // 512-channel layer, backward-input's im2col columns of resnet_stem) allocated afresh on each call would
 // be mapped anew by the kernel, whose page faults cost as much as the work itself. The buffer stays
-// until the thread exits. It starts on a cache line: at new[]'s 16 bytes, every full-vector load and
-// store of AVX-512 straddled two lines (Winograd F(2x2) ran a fifth faster once its buffers were aligned).
-// Internal linkage: each file that uses it (and each instruction-set build of one) has its own buffers.
+// until the thread exits or pykernels.empty_cache() frees it (scratch_buffers.hpp: only inside a kernel
+// call, which every entry point makes). It starts on a cache line: at new[]'s 16 bytes, every full-vector
+// load and store of AVX-512 straddled two lines (Winograd F(2x2) ran a fifth faster once its buffers
+// were aligned). Internal linkage: each file that uses it (and each instruction-set build of one) has its
+// own buffers.
 template <typename T, int Slot>
 static T* reusable_buffer(int64_t count) {
-  struct AlignedDelete {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  thread_local std::unique_ptr<T[], AlignedDelete> buffer;
-  thread_local int64_t capacity = 0;
-  if (count > capacity) {
-    // Free the old one first (peak memory is the new size, not both), and forget its size: should the new
-    // one not be had (std::bad_alloc, to the caller), a later, smaller request must allocate again, not
-    // take the freed buffer (a layer at stride 10^4 and one at 10^5 then a small one segfaulted so).
-    buffer.reset();
-    capacity = 0;
-    if (static_cast<uint64_t>(count) > std::numeric_limits<size_t>::max() / sizeof(T)) throw std::bad_alloc();
-    buffer.reset(static_cast<T*>(::operator new[](static_cast<size_t>(count) * sizeof(T), std::align_val_t(64))));
-    capacity = count;
-  }
-  return buffer.get();
+  thread_local ScratchBuffer buffer;
+  if (count < 0 || static_cast<uint64_t>(count) > std::numeric_limits<size_t>::max() / sizeof(T))
+    throw std::bad_alloc();
+  return static_cast<T*>(buffer.get(static_cast<size_t>(count) * sizeof(T)));
 }
 
 }  // namespace pykernels::cpu

@@ -1,0 +1,103 @@
+"""Scratch buffers that each thread keeps between kernel calls (csrc/cpu/scratch_buffers.hpp).
+
+What a user relies on: pykernels.empty_cache() gives back every thread's scratch memory (the transformed
+filters, Winograd's work buffers, im2col columns), that of threads that have ended and of OpenMP's
+workers too, and returns the bytes it released; it waits for kernel calls in flight instead of freeing
+memory under them, so calls from other threads meanwhile give the same bits as ever.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+import _pykernels_cpu
+import pykernels as pk
+from pykernels import reference as ref
+
+# A 3x3 layer that takes Winograd (transformed filters, V and M kept per thread) and a strided 7x7 one
+# whose backward passes go through im2col columns and padded copies of x.
+WINOGRAD = dict(x=(2, 64, 28, 28), w=(64, 64, 3, 3), stride=1, padding=1)
+STRIDED = dict(x=(1, 3, 45, 47), w=(8, 3, 7, 7), stride=2, padding=3)
+
+
+def layer(spec, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(spec["x"]).astype(np.float32)
+    w = rng.standard_normal(spec["w"]).astype(np.float32)
+    return x, w, dict(stride=spec["stride"], padding=spec["padding"])
+
+
+def test_empty_cache_frees_the_scratch_buffers_and_calls_after_it_agree():
+    x, w, args = layer(WINOGRAD, 0)
+    y = pk.conv2d(x, w, **args)
+    held = _pykernels_cpu.scratch_bytes()
+    assert held >= 36 * 64 * 64 * 4  # at least the transformed filters (36 x 64 x 64 float32 values)
+    released = pk.empty_cache()
+    assert released >= held
+    assert _pykernels_cpu.scratch_bytes() == 0
+    again = pk.conv2d(x, w, **args)
+    assert np.array_equal(again, y)
+    np.testing.assert_allclose(again, ref.conv2d(x, w, **args), rtol=1e-4, atol=1e-3)
+    assert _pykernels_cpu.scratch_bytes() > 0
+
+
+def test_empty_cache_frees_the_buffers_of_a_thread_that_has_ended():
+    x, w, args = layer(STRIDED, 1)
+    gy = np.random.default_rng(2).standard_normal(pk.conv2d(x, w, **args).shape).astype(np.float32)
+    pk.empty_cache()
+    held_in_worker = []
+
+    def work():
+        pk.conv2d_backward(gy, x, w, **args)
+        held_in_worker.append(_pykernels_cpu.scratch_bytes())
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert held_in_worker[0] > 0
+    left = _pykernels_cpu.scratch_bytes()  # what the worker's OpenMP threads, if any, still hold
+    assert pk.empty_cache() >= left
+    assert _pykernels_cpu.scratch_bytes() == 0
+
+
+def test_empty_cache_during_calls_on_other_threads_changes_no_result():
+    cases = []
+    for seed, spec in enumerate((WINOGRAD, STRIDED)):
+        x, w, args = layer(spec, seed)
+        gy = np.random.default_rng(seed + 10).standard_normal(pk.conv2d(x, w, **args).shape).astype(np.float32)
+        cases.append((x, w, gy, args, pk.conv2d(x, w, **args), pk.conv2d_backward(gy, x, w, **args)))
+    stop = threading.Event()
+    calls, mismatches, failures = [0], [], []
+
+    def run(case):
+        x, w, gy, args, y, grads = case
+        try:
+            while not stop.is_set():
+                if not np.array_equal(pk.conv2d(x, w, **args), y):
+                    mismatches.append("forward")
+                if not all(np.array_equal(a, b) for a, b in zip(pk.conv2d_backward(gy, x, w, **args), grads)):
+                    mismatches.append("backward")
+                calls[0] += 1
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(cases[i % 2],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    releases, released, start = 0, 0, time.perf_counter()
+    try:
+        while time.perf_counter() - start < 1.5 or calls[0] < 30:
+            released += pk.empty_cache()
+            releases += 1
+            time.sleep(0.001)
+            assert time.perf_counter() - start < 60, "kernel calls starved"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures and not mismatches, (failures, mismatches[:5])
+    assert releases > 10 and calls[0] >= 30
+    assert released > 0  # buffers really were freed between calls
