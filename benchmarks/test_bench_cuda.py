@@ -5,8 +5,9 @@
 
 Skipped where pykernels.cuda_available() is False. Each case is timed with CUDA events
 (cupyx.profiler.benchmark: median GPU time of repeated launches after a warm-up); the pytest-benchmark
-figure next to it is host time including a synchronisation. At the end a table of GPU medians per
-group with pykernels' time as a ratio of each peer's (< 1: pykernels is faster).
+figure next to it is host time including a synchronisation. Every implementation's result is then
+checked against pykernels.reference in float64 (conftest.py's check_result), as on the CPU. At the end
+a table of GPU medians per group with pykernels' time as a ratio of each peer's (< 1: pykernels is faster).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import pykernels as pk
+from pykernels import reference
 from pykernels.shapes import CONV_SHAPES, POOL_SHAPES, RELU_SHAPES
 
 if not pk.cuda_available():
@@ -81,7 +83,7 @@ def conv_fn(impl, shape, pass_, x, w, g):
         if pass_ == "fwd":
             return lambda: pk.conv2d(x, w, **kw)
         need = dict(need_input=pass_ == "bwd_data", need_weight=pass_ == "bwd_weight", need_bias=False)
-        return lambda: pk.conv2d_backward(g, x, w, **kw, **need)
+        return lambda: pk.conv2d_backward(g, x, w, **kw, **need)[0 if pass_ == "bwd_data" else 1]
     if impl == "torch_cudnn":
         torch = _torch()
         tx, tw, tg = (torch.as_tensor(a, device="cuda") for a in (x, w, g))
@@ -91,7 +93,7 @@ def conv_fn(impl, shape, pass_, x, w, g):
         mask = [pass_ == "bwd_data", pass_ == "bwd_weight", False]
         return lambda: torch.ops.aten.convolution_backward(
             tg, tx, tw, None, list(_pair(kw["stride"])), list(_pair(kw["padding"])), list(_pair(kw["dilation"])),
-            False, [0, 0], 1, mask)
+            False, [0, 0], 1, mask)[0 if pass_ == "bwd_data" else 1]
     k = shape.weight[0]
     wm = w.reshape(k, -1)
     if pass_ == "fwd":
@@ -121,34 +123,65 @@ def _time(benchmark, group, impl, fn, flops=None, nbytes=None):
     benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=1)
 
 
+class _OnHost:
+    """An implementation's results as check_result reads them: CuPy arrays and torch tensors copied to NumPy."""
+
+    def __init__(self, name):
+        self.name = name
+
+    @staticmethod
+    def to_numpy(a):
+        return a.detach().cpu().numpy() if hasattr(a, "detach") else cp.asnumpy(a)
+
+
+def _check(bench, impl, result, group, truth):
+    """A result made outside the timing against ``truth()`` (the float64 reference, made once per group)."""
+    bench.check_result(_OnHost(impl), result, group, truth)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pass_", ["fwd", "bwd_data", "bwd_weight"])
 @pytest.mark.parametrize("shape", [s.gpu() for s in CONV_SHAPES], ids=lambda s: s.name)
-def test_conv2d_gpu(benchmark, impl, shape, pass_):
-    x, w, _, g = (cp.asarray(a) for a in shape.random_inputs(seed=0))
-    _time(benchmark, f"gpu-conv2d-{pass_}-{shape.name}", impl, conv_fn(impl, shape, pass_, x, w, g),
-          flops=shape.flops())
+def test_conv2d_gpu(bench, benchmark, impl, shape, pass_):
+    arrays = shape.random_inputs(seed=0)
+    x, w, _, g = (cp.asarray(a) for a in arrays)
+    group, fn = f"gpu-conv2d-{pass_}-{shape.name}", conv_fn(impl, shape, pass_, x, w, g)
+    _time(benchmark, group, impl, fn, flops=shape.flops())
+
+    def truth():
+        x64, w64, _, g64 = (a.astype(np.float64) for a in arrays)
+        if pass_ == "fwd":
+            return reference.conv2d(x64, w64, **shape.kwargs())
+        return reference.conv2d_backward(g64, x64, w64, **shape.kwargs())[0 if pass_ == "bwd_data" else 1]
+
+    _check(bench, impl, fn(), group, truth)
 
 
 @pytest.mark.parametrize("impl", ["pykernels", "torch_cudnn"])
 @pytest.mark.parametrize("pass_", ["fwd", "bwd"])
 @pytest.mark.parametrize("shape", [s.gpu() for s in RELU_SHAPES], ids=lambda s: s.name)
-def test_relu_gpu(benchmark, impl, shape, pass_):
-    x, g = (cp.asarray(a) for a in shape.random_inputs(seed=0))
+def test_relu_gpu(bench, benchmark, impl, shape, pass_):
+    arrays = shape.random_inputs(seed=0)
+    x, g = (cp.asarray(a) for a in arrays)
     if impl == "pykernels":
         fn = (lambda: pk.relu(x)) if pass_ == "fwd" else (lambda: pk.relu_backward(g, x))
     else:
         torch = _torch()
         tx, tg = torch.as_tensor(x, device="cuda"), torch.as_tensor(g, device="cuda")
         fn = (lambda: torch.relu(tx)) if pass_ == "fwd" else (lambda: torch.ops.aten.threshold_backward(tg, tx, 0))
-    _time(benchmark, f"gpu-relu-{pass_}-{shape.name}", impl, fn, nbytes=shape.bytes_moved(pass_))
+    group = f"gpu-relu-{pass_}-{shape.name}"
+    _time(benchmark, group, impl, fn, nbytes=shape.bytes_moved(pass_))
+    x64, g64 = (a.astype(np.float64) for a in arrays)
+    _check(bench, impl, fn(), group,
+           lambda: reference.relu(x64) if pass_ == "fwd" else reference.relu_backward(g64, reference.relu(x64)))
 
 
 @pytest.mark.parametrize("impl", ["pykernels", "torch_cudnn"])
 @pytest.mark.parametrize("pass_", ["fwd", "bwd"])
 @pytest.mark.parametrize("shape", [s.gpu() for s in POOL_SHAPES], ids=lambda s: s.name)
-def test_max_pool2d_gpu(benchmark, impl, shape, pass_):
-    x, g = (cp.asarray(a) for a in shape.random_inputs(seed=0))
+def test_max_pool2d_gpu(bench, benchmark, impl, shape, pass_):
+    arrays = shape.random_inputs(seed=0)
+    x, g = (cp.asarray(a) for a in arrays)
     kw = dict(kernel_size=shape.kernel_size, **shape.kwargs())
     if impl == "pykernels":
         _, idx = pk.max_pool2d(x, **kw, return_indices=True)
@@ -167,7 +200,16 @@ def test_max_pool2d_gpu(benchmark, impl, shape, pass_):
             fn = lambda: torch.ops.aten.max_pool2d_with_indices_backward(  # noqa: E731
                 tg, tx, list(_pair(tkw["kernel_size"])), list(_pair(tkw["stride"])), list(_pair(tkw["padding"])),
                 [1, 1], False, tidx)
-    _time(benchmark, f"gpu-max_pool2d-{pass_}-{shape.name}", impl, fn, nbytes=shape.bytes_moved(pass_))
+    group = f"gpu-max_pool2d-{pass_}-{shape.name}"
+    _time(benchmark, group, impl, fn, nbytes=shape.bytes_moved(pass_))
+    want_y, want_indices = reference.max_pool2d(arrays[0].astype(np.float64), shape.kernel_size, **shape.kwargs())
+    if pass_ == "fwd":
+        y, indices = fn()
+        _check(bench, impl, y, group, lambda: want_y)
+        np.testing.assert_array_equal(_OnHost.to_numpy(indices), want_indices, err_msg=f"{impl}: {group} indices")
+    else:
+        _check(bench, impl, fn(), group, lambda: reference.max_pool2d_backward(
+            arrays[1].astype(np.float64), want_indices, shape.x, shape.kernel_size, **shape.kwargs()))
 
 
 @pytest.fixture(scope="module", autouse=True)
