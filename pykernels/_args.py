@@ -34,6 +34,13 @@ def _int(value, name: str) -> int:
     return value
 
 
+def flag(value, name: str) -> bool:
+    """A yes/no argument: a bool, a NumPy bool or the int 0 or 1 (a string such as 'no' would read as true)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def pair(value, name: str, *, minimum: int = 1) -> Pair:
     """int or (h, w) -> (h, w), each >= minimum."""
     if isinstance(value, (tuple, list)):
@@ -210,10 +217,7 @@ def _pool2d_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode,
     kernel = pair(kernel_size, "kernel_size")
     stride = kernel if stride is None else pair(stride, "stride")
     dilation = pair(dilation, "dilation")
-    if not isinstance(ceil_mode, (bool, np.bool_)) and not (isinstance(ceil_mode, numbers.Integral)
-                                                            and ceil_mode in (0, 1)):
-        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
-    ceil_mode = bool(ceil_mode)
+    ceil_mode = flag(ceil_mode, "ceil_mode")
     n, c, h, w = x_shape
     _check_spatial_input(x_shape, x_name)
     pad = padding4(padding, "padding", (h, w), kernel, stride, dilation)

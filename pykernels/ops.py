@@ -98,7 +98,8 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
     grad_bias is grad_out summed over N, H and W. Deterministic: the same inputs give the same bits.
     """
-    if type(grad_out) is _ndarray and type(x) is _ndarray and type(weight) is _ndarray:
+    if (type(grad_out) is _ndarray and type(x) is _ndarray and type(weight) is _ndarray
+            and type(need_input) is type(need_weight) is type(need_bias) is bool):
         plan = _conv_plan(x, weight, stride, padding, dilation, groups)
         dtype = grad_out.dtype
         # Each extension call sees only the arrays its pass reads: x's dtype (grad_x alone), weight's (grad_w
@@ -121,6 +122,9 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
             except _fast.REFUSED:
                 pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("x", x), ("weight", weight))
+    need_input = _args.flag(need_input, "need_input")
+    need_weight = _args.flag(need_weight, "need_weight")
+    need_bias = _args.flag(need_bias, "need_bias")
     geo = _args.conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups)
     _check_shape(grad_out, "grad_out", geo.out_shape)
@@ -188,7 +192,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
     indices are int64 flat offsets into each H*W plane; ties go to the first maximum in row-major
     window order; NaN propagates with the index of the first NaN.
     """
-    if type(x) is _ndarray and type(ceil_mode) is bool:
+    if type(x) is _ndarray and type(ceil_mode) is bool and type(return_indices) is bool:
         plan = _fast.plan("pool", (x.shape, ceil_mode), (kernel_size, stride, padding, dilation))
         if plan is not None:
             y = _backend.numpy_result(plan.out_shape, plan.out_count, x.dtype)
@@ -199,6 +203,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=
             except _fast.REFUSED:
                 pass  # the checks below say why, or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("x", x))
+    return_indices = _args.flag(return_indices, "return_indices")
     geo = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     (x,) = _contiguous(x)
     y = _backend.output(None, "out", kind, geo.out_shape, dtype)

@@ -556,6 +556,32 @@ def test_pool_ceil_mode_takes_numpy_bools_as_the_layer_does():
                                       pk.max_pool2d(X, 2, ceil_mode=flag))
 
 
+@pytest.mark.parametrize("value", ["no", None, 2, 0.0])
+def test_pool_return_indices_not_bool(value):
+    # "no" reads as true: a silent tuple where the caller expected an array.
+    with raises(TypeError, "return_indices", repr(value)):
+        pk.max_pool2d(X, 2, return_indices=value)
+
+
+@pytest.mark.parametrize("name", ["need_input", "need_weight", "need_bias"])
+@pytest.mark.parametrize("value", ["no", None, 2, 1.0])
+def test_conv_backward_need_flags_not_bool(name, value):
+    grad_out = rnd(2, 6, 5, 5)
+    with raises(TypeError, name, repr(value)):
+        pk.conv2d_backward(grad_out, X, W, **{name: value})
+
+
+def test_flags_take_numpy_bools_and_0_1():
+    grad_out = rnd(2, 6, 5, 5)
+    want = pk.conv2d_backward(grad_out, X, W, need_input=False, need_bias=False)
+    got = pk.conv2d_backward(grad_out, X, W, need_input=np.False_, need_weight=np.True_, need_bias=0)
+    assert got[0] is None and got[2] is None
+    np.testing.assert_array_equal(got[1], want[1])
+    y, indices = pk.max_pool2d(X, 2, return_indices=np.True_)
+    np.testing.assert_array_equal(y, pk.max_pool2d(X, 2))
+    assert isinstance(pk.max_pool2d(X, 2, return_indices=0), np.ndarray)
+
+
 @pytest.mark.parametrize("dtype", [">f4", ">f8"])
 def test_other_byte_order_is_named_with_its_fix(dtype):
     # (the message had said 'must have dtype float32, float64; got >f4' alone: a float32 by any other name)
