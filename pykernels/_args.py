@@ -63,6 +63,10 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[in
     return total // 2, total - total // 2
 
 
+def _padding_forms(name: str, padding) -> str:
+    return f"{name} must be an int, a pair, ((top, bottom), (left, right)), 'same' or 'valid'; got {padding!r}"
+
+
 def padding4(padding, name: str, in_hw: Pair, kernel_hw: Pair, stride: Pair, dilation: Pair) -> Padding4:
     """Every padding form -> (top, bottom, left, right).
 
@@ -76,10 +80,10 @@ def padding4(padding, name: str, in_hw: Pair, kernel_hw: Pair, stride: Pair, dil
             top, bottom = same_padding(in_hw[0], kernel_hw[0], stride[0], dilation[0])
             left, right = same_padding(in_hw[1], kernel_hw[1], stride[1], dilation[1])
             return top, bottom, left, right
-        raise ValueError(f"{name} must be an int, a pair, ((top, bottom), (left, right)), 'same' or 'valid'; got {padding!r}")
+        raise ValueError(_padding_forms(name, padding))
     if isinstance(padding, (tuple, list)):
         if len(padding) != 2:
-            raise ValueError(f"{name} must be an int, a pair, ((top, bottom), (left, right)), 'same' or 'valid'; got {padding!r}")
+            raise ValueError(_padding_forms(name, padding))
         if all(isinstance(p, (tuple, list)) for p in padding):
             (top, bottom), (left, right) = (pair(p, name, minimum=0) for p in padding)
         else:

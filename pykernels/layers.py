@@ -458,7 +458,8 @@ class SGD:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
         value = float(value)
-        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value >= high):
+        too_high = high is not None and value >= high
+        if not math.isfinite(value) or value < low or (low_open and value == low) or too_high:
             bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
             raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
         return value

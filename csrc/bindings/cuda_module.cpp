@@ -140,7 +140,8 @@ DeviceArray parse(py::handle obj, const char* name) {
   }
 
   const py::tuple data = cai["data"].cast<py::tuple>();
-  if (data.size() != 2) throw py::type_error(std::string(name) + ".__cuda_array_interface__['data'] must be (ptr, readonly)");
+  if (data.size() != 2)
+    throw py::type_error(std::string(name) + ".__cuda_array_interface__['data'] must be (ptr, readonly)");
   a.ptr = data[0].cast<uintptr_t>();
   a.readonly = data[1].cast<bool>();
 

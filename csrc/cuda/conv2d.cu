@@ -408,7 +408,8 @@ struct BackwardInputB {
 };
 
 template <typename T, typename I, int BM, int BN>
-__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_backward_input_kernel(const ConvArgs<T, I> p) {
+__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>())
+    conv2d_backward_input_kernel(const ConvArgs<T, I> p) {
   using TS = Tile<BM, BN>;
   const int tx = int(threadIdx.x) % TS::TX, ty = int(threadIdx.x) / TS::TX;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
@@ -526,7 +527,8 @@ struct BackwardWeightB {
 };
 
 template <typename T, typename I, int BM, int BN>
-__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>()) conv2d_backward_weight_kernel(const ConvArgs<T, I> p) {
+__global__ void __launch_bounds__(kThreads, gemm_min_blocks<T, I>())
+    conv2d_backward_weight_kernel(const ConvArgs<T, I> p) {
   using TS = Tile<BM, BN>;
   const int tx = int(threadIdx.x) % TS::TX, ty = int(threadIdx.x) / TS::TX;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
