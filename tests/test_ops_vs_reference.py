@@ -1386,6 +1386,31 @@ def test_conv2d_empty_batch(name, dtype):
     assert want_gw.shape == gw.shape and not want_gw.any()
 
 
+# (C, K, H = W, kernel, stride, dilation, groups) reaching every path of the dispatch: Winograd F(4x4) and
+# F(2x2), streamed filters, split 5x5, strided and dilated layers, depthwise and grouped ones, pointwise.
+# Float64 64 -> 64 channels on 8x8 died of SIGFPE at batch 0 (a path divided by its count of tiles).
+EMPTY_BATCH_LAYERS = [(3, 8, 40, 7, 2, 1, 1), (32, 64, 16, 3, 2, 1, 1), (128, 128, 14, 3, 2, 1, 8),
+                      (64, 64, 10, 3, 1, 1, 64), (32, 32, 10, 5, 1, 1, 32), (16, 16, 16, 3, 1, 2, 1),
+                      (96, 96, 14, 3, 1, 1, 2), (96, 256, 27, 5, 1, 1, 2), (512, 512, 7, 3, 1, 1, 1),
+                      (64, 64, 6, 3, 1, 1, 1), (64, 64, 8, 3, 1, 1, 1), (16, 24, 7, 1, 2, 1, 1),
+                      (16, 24, 7, 1, 1, 1, 1),
+                      (64, 64, 14, 5, 1, 1, 1), (1, 6, 28, 5, 1, 1, 1), (256, 256, 7, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layer", EMPTY_BATCH_LAYERS, ids=str)
+def test_conv2d_empty_batch_on_every_path(layer, dtype):
+    c, k, hw, r, stride, dilation, groups = layer
+    x = np.zeros((0, c, hw, hw), dtype)
+    w = np.random.default_rng(3).standard_normal((k, c // groups, r, r)).astype(dtype)
+    kw = dict(stride=stride, padding=r // 2 * dilation, dilation=dilation, groups=groups)
+    y = pk.conv2d(x, w, **kw)
+    assert y.shape == ref.conv2d(x, w, **kw).shape and y.dtype == dtype
+    gx, gw, gb = pk.conv2d_backward(np.zeros(y.shape, dtype), x, w, **kw)
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == (k,)
+    assert not gw.any() and not gb.any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_relu_and_pool_empty_batch(dtype):
     x = np.zeros((0, 3, 5, 5), dtype=dtype)

@@ -342,6 +342,9 @@ bool conv2d_forward_by_rows_chosen(const Conv2dShape& s, int64_t element_bytes) 
 
 template <typename T>
 void conv2d_forward(const Conv2dShape& s, const T* x, const T* w, const T* bias, T* y) {
+  // An empty batch has nothing to compute; some paths below divide by a count of tiles or images (float64
+  // 64 -> 64 channels on 8x8 at batch 0 died of SIGFPE).
+  if (s.N == 0) return;
   if (conv2d_forward_by_phases_chosen(s, sizeof(T))) return conv2d_forward_by_phases(s, x, w, bias, y);
   if (conv2d_forward_per_group_chosen(s, sizeof(T))) return conv2d_forward_per_group(s, x, w, bias, y);
   // Both check y as they write it; the paths below recompute a y that came out not finite (see all_finite).
@@ -610,6 +613,7 @@ void depthwise_backward_input(const Conv2dShape& s, const T* grad_y, const T* w,
 
 template <typename T>
 void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T* grad_x) {
+  if (s.N == 0) return;  // nothing to compute (see conv2d_forward)
   if (conv2d_backward_input_by_phases_chosen(s, sizeof(T)))
     return conv2d_backward_input_by_phases(s, grad_y, w, grad_x);
   if (conv2d_backward_input_per_group_chosen(s, sizeof(T)))
@@ -705,6 +709,10 @@ void conv2d_backward_input(const Conv2dShape& s, const T* grad_y, const T* w, T*
 
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T* grad_w) {
+  if (s.N == 0) {  // a sum over no images (see conv2d_forward)
+    std::fill(grad_w, grad_w + s.w_numel(), T(0));
+    return;
+  }
   if (conv2d_backward_weight_by_phases_chosen(s)) return conv2d_backward_weight_by_phases(s, grad_y, x, grad_w);
   if (conv2d_backward_weight_per_group_chosen(s, sizeof(T)))
     return conv2d_backward_weight_per_group(s, grad_y, x, grad_w);
@@ -737,10 +745,6 @@ void conv2d_backward_weight(const Conv2dShape& s, const T* grad_y, const T* x, T
   }
   const int64_t G = s.groups, Cg = s.C_per_group(), Kg = s.K_per_group();
   const int64_t CRS = Cg * s.R * s.S, PQ = s.P * s.Q;
-  if (s.N == 0) {
-    std::fill(grad_w, grad_w + s.w_numel(), T(0));
-    return;
-  }
   // One GEMM per work unit = (group, block of crs columns of grad_w, half of the batch): each sums its
   // half's n*PQ + pq in order into its own partial gradient, and the two halves are added at the end.
   // Halving the batch rather than the columns halves the packing: every column block packs all of the
