@@ -148,13 +148,15 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
 def relu(x, *, out=None):
     """max(x, 0) elementwise; relu(NaN) is NaN. `out` may be x itself (in place)."""
-    if out is None and type(x) is _ndarray and _fast.cpu is not None:
+    # A dtype the kernels take only, and MemoryError goes to the checks below as well: a huge broadcast view
+    # of int32 got MemoryError from the result's allocation instead of the checks' TypeError.
+    if out is None and type(x) is _ndarray and _fast.cpu is not None and x.dtype in _NUMPY_FLOATS:
         try:
-            y = _backend.numpy_result(x.shape, x.size, x.dtype)  # (a huge broadcast view: the checks below)
+            y = _backend.numpy_result(x.shape, x.size, x.dtype)
             _fast.cpu.relu_forward(x, y)
             return y
-        except _fast.REFUSED:
-            pass  # the checks below say why, or copy a non-contiguous input
+        except (*_fast.REFUSED, MemoryError):
+            pass  # the checks below say why (or raise MemoryError again), or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("x", x))
     _args.check_elements(x.shape, "x")
     y = _backend.output(out, "out", kind, x.shape, dtype)
@@ -165,13 +167,13 @@ def relu(x, *, out=None):
 
 def relu_backward(grad_out, y):
     """grad_out where y > 0, else 0 (so 0 at y == 0). y may be relu's input or its output."""
-    if type(grad_out) is _ndarray and type(y) is _ndarray and _fast.cpu is not None:
-        try:
+    if type(grad_out) is _ndarray and type(y) is _ndarray and _fast.cpu is not None and grad_out.dtype in _NUMPY_FLOATS:
+        try:  # see relu
             grad_x = _backend.numpy_result(grad_out.shape, grad_out.size, grad_out.dtype)
             _fast.cpu.relu_backward(grad_out, y, grad_x)
             return grad_x
-        except _fast.REFUSED:
-            pass  # the checks below say why, or copy a non-contiguous input
+        except (*_fast.REFUSED, MemoryError):
+            pass  # the checks below say why (or raise MemoryError again), or copy a non-contiguous input
     kind, dtype = _kind_and_dtype(("grad_out", grad_out), ("y", y))
     _args.check_elements(grad_out.shape, "grad_out")
     _check_shape(y, "y", grad_out.shape)

@@ -623,6 +623,17 @@ def test_huge_broadcast_view_relu():
         pk.relu_backward(huge, huge)
 
 
+def test_huge_view_of_another_dtype_or_shape_is_named_not_a_memory_error():
+    # 2^36 elements (256 GiB of float32 result): the short way allocated the result first and raised MemoryError.
+    big = (2**18, 2**18)
+    with raises(TypeError, "x", "int32"):
+        pk.relu(np.broadcast_to(np.int32(1), big))
+    with raises(ValueError, "y", "(3,)"):
+        pk.relu_backward(np.broadcast_to(np.float32(1), big), np.ones(3, F32))
+    with raises(TypeError, "grad_out", "int8"):
+        pk.relu_backward(np.broadcast_to(np.int8(1), big), np.ones(3, F32))
+
+
 def _import_with(name, value):
     script = "import warnings; warnings.simplefilter('error'); import pykernels"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYKERNELS_")}
