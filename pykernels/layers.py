@@ -244,7 +244,7 @@ class Flatten(_Layer):
     def forward(self, x):
         if x.ndim < 1:
             raise ValueError("Flatten needs an input with a batch axis, got a 0-d array")
-        y = x.reshape(x.shape[0], -1)
+        y = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: NumPy cannot infer it for an empty batch
         self._cache = (tuple(x.shape), tuple(y.shape))
         return y
 

@@ -161,6 +161,17 @@ def test_flatten_round_trip():
         layer.backward(np.zeros((2, 59), np.float32))
 
 
+def test_an_empty_batch_goes_through_every_layer():
+    # README: an empty batch gives empty results; Flatten's reshape(N, -1) could not infer -1 for N = 0.
+    net = Sequential(Conv2D(2, 4, 3, padding=1, rng=0), ReLU(), MaxPool2D(2), Flatten(), Linear(4 * 3 * 3, 5, rng=1))
+    x = np.zeros((0, 2, 6, 6), np.float32)
+    y = net.forward(x)
+    assert y.shape == (0, 5) and y.dtype == np.float32
+    grad_x = net.backward(np.zeros((0, 5), np.float32))
+    assert grad_x.shape == x.shape
+    assert all(g.shape == p.shape and not g.any() for p, g in zip(net.params.values(), net.grads.values()))
+
+
 def test_backward_before_forward_raises():
     for layer in (Conv2D(1, 1, 1), ReLU(), MaxPool2D(2), Flatten(), Linear(1, 1)):
         with pytest.raises(RuntimeError, match="before forward"):
