@@ -636,6 +636,32 @@ def test_concurrent_python_threads_match_single_threaded(dtype):
             _assert_bits_equal(results[2 * rep + 1], relu_expected, "relu")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the 'fork' start method is Linux's default")
+def test_a_process_forked_after_parallel_calls_runs_them_too():
+    # GNU OpenMP's threads do not survive fork: the child's first parallel region waited for them for ever.
+    script = textwrap.dedent("""
+        import multiprocessing as mp, numpy as np, pykernels as pk
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 16, 32, 32), dtype=np.float32)
+        w = rng.standard_normal((16, 16, 3, 3), dtype=np.float32)
+        want = pk.conv2d(x, w, padding=1)                    # a parallel region in the parent
+        def child(queue):
+            queue.put(pk.conv2d(x, w, padding=1).tobytes())
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        p = ctx.Process(target=child, args=(queue,))
+        p.start()
+        got = queue.get(timeout=60)
+        p.join(60)
+        assert p.exitcode == 0, p.exitcode
+        assert got == want.tobytes(), "the child's result differs"
+        print("ok")
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
 def test_concurrent_threads_on_portable_isa(request):
     """The portable path is thread-safe too: concurrent float64 conv2d calls all match the reference."""
     previous = _pykernels_cpu.active_isa()

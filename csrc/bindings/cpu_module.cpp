@@ -319,6 +319,7 @@ void max_pool2d_backward_t(const py::array& gy, const py::array& indices, py::ar
 }  // namespace
 
 PYBIND11_MODULE(_pykernels_cpu, m) {
+  pykernels::cpu::keep_forked_children_serial();
   m.doc() = "pykernels CPU kernels (internal: use the pykernels package). Arrays must be C-contiguous "
             "float32/float64 NCHW; outputs are preallocated by the caller; padding is (top, bottom, left, right).";
 

@@ -17,6 +17,10 @@ constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 // without OpenMP or a second thread.
 double openmp_round_trip_ns();
 
+// Makes a process forked from this one run its parallel regions on one thread (openmp_fork.cpp): with GNU
+// OpenMP they hung there. Called once, when the extension loads.
+void keep_forked_children_serial();
+
 // Threads a parallel region started here would get (1 when already inside an active region).
 inline int available_threads() {
 #ifdef _OPENMP
