@@ -110,6 +110,9 @@ def array_kind(*named) -> str:
     for name, a in named:
         if a is None:
             continue
+        if isinstance(a, np.ma.MaskedArray):  # the kernels would read the masked values and drop the mask
+            raise TypeError(f"{name} is a masked array, whose mask pykernels would ignore; pass "
+                            f"{name}.filled(value) or np.ma.getdata({name})")
         if isinstance(a, np.ndarray):
             kinds[name] = "numpy"
         elif _is_cupy(a):

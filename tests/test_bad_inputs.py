@@ -582,6 +582,16 @@ def test_flags_take_numpy_bools_and_0_1():
     assert isinstance(pk.max_pool2d(X, 2, return_indices=0), np.ndarray)
 
 
+def test_masked_arrays_are_refused_not_unmasked():
+    # relu returned a plain array computed from the masked values too, the mask gone.
+    masked = np.ma.array(X, mask=X > 1)
+    for call in (lambda: pk.relu(masked), lambda: pk.conv2d(masked, W), lambda: pk.max_pool2d(masked, 2),
+                 lambda: pk.conv2d(X, W, out=np.ma.zeros((2, 6, 5, 5), F32)),
+                 lambda: pk.relu_backward(X, masked)):
+        with raises(TypeError, "masked array", "filled"):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [">f4", ">f8"])
 def test_other_byte_order_is_named_with_its_fix(dtype):
     # (the message had said 'must have dtype float32, float64; got >f4' alone: a float32 by any other name)
