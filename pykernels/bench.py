@@ -1081,7 +1081,9 @@ def _check_request(args, cases) -> None:
         if not os.path.isdir(folder):
             raise BenchError(f"{flag}: folder {folder} does not exist")
     if args.batch is not None:  # the largest input, made for every pass, within the machine's memory
-        largest = max(math.prod(c.shape.x) for c in cases) * np.dtype(args.dtype).itemsize
+        # --scaling's float64 rows hold inputs of 8 bytes a value whatever the run's dtype
+        itemsize = 8 if args.scaling else np.dtype(args.dtype).itemsize
+        largest = max(math.prod(c.shape.x) for c in cases) * itemsize
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
         if memory and 4 * largest > memory:
             raise BenchError(f"--batch {args.batch}: an input alone takes {largest / 2**30:.1f} GiB, with its "

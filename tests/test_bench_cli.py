@@ -313,6 +313,17 @@ def test_json_needs_a_file_name(capsys, tmp_path, name):
     assert rc == 2 and f"--json: {path!r} is not a file name" in err and out == "", err
 
 
+def test_the_batch_guard_counts_scaling_float64_inputs(capsys):
+    # a float32 input of a quarter of the machine's memory passes the guard; with --scaling its float64
+    # copy is twice that, and the guard had counted float32's size
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_image = 3 * 224 * 224  # resnet_stem's input
+    batch = memory // (4 * per_image * 4)
+    rc, out, err = run_main(capsys, ["bench", "--shape", "resnet_stem", "--pass", "fwd", "--batch", str(batch),
+                                     "--scaling"])
+    assert rc == 2 and f"--batch {batch}: an input alone takes" in err and out == "", err
+
+
 def test_a_batch_larger_than_memory_is_refused_before_any_timing(capsys):
     rc, out, err = run_main(capsys, ["bench", "--op", "relu", "--batch", "99999999999"])
     assert rc == 2 and "--batch 99999999999: an input alone takes" in err and "GiB" in err and out == ""
