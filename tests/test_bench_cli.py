@@ -313,10 +313,13 @@ def test_json_needs_a_file_name(capsys, tmp_path, name):
     assert rc == 2 and f"--json: {path!r} is not a file name" in err and out == "", err
 
 
-def test_the_batch_guard_counts_scaling_float64_inputs(capsys):
+def test_the_batch_guard_counts_scaling_float64_inputs(capsys, monkeypatch):
     # a float32 input of a quarter of the machine's memory passes the guard; with --scaling its float64
-    # copy is twice that, and the guard had counted float32's size
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # copy is twice that, and the guard had counted float32's size (a machine of 64 MiB: a small run if not)
+    memory = 64 << 20
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: memory // 4096 if name == "SC_PHYS_PAGES" else
+                        4096 if name == "SC_PAGE_SIZE" else real_sysconf(name))
     per_image = 3 * 224 * 224  # resnet_stem's input
     batch = memory // (4 * per_image * 4)
     rc, out, err = run_main(capsys, ["bench", "--shape", "resnet_stem", "--pass", "fwd", "--batch", str(batch),
