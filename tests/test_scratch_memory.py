@@ -8,10 +8,14 @@ memory under them, so calls from other threads meanwhile give the same bits as e
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
 import numpy as np
+import pytest
 
 import _pykernels_cpu
 import pykernels as pk
@@ -101,3 +105,41 @@ def test_empty_cache_during_calls_on_other_threads_changes_no_result():
     assert not failures and not mismatches, (failures, mismatches[:5])
     assert releases > 10 and calls[0] >= 30
     assert released > 0  # buffers really were freed between calls
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the 'fork' start method is Linux's default")
+def test_a_child_forked_during_a_call_on_another_thread_can_empty_the_cache():
+    # The child inherited the count of calls in flight, whose threads it does not have: its empty_cache()
+    # waited for them for ever (17 children of 20).
+    script = textwrap.dedent("""
+        import multiprocessing as mp, threading, time, numpy as np, pykernels as pk
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((8, 64, 56, 56), dtype=np.float32)
+        w = rng.standard_normal((64, 64, 3, 3), dtype=np.float32)
+        small = x[:1, :, :16, :16].copy()
+        want = pk.conv2d(small, w, padding=1).tobytes()
+        stop = threading.Event()
+        def busy():
+            while not stop.is_set():
+                pk.conv2d(x, w, padding=1)
+        thread = threading.Thread(target=busy)
+        thread.start()
+        time.sleep(0.05)
+        def child(queue):
+            pk.empty_cache()
+            queue.put(pk.conv2d(small, w, padding=1).tobytes() == want)
+        ctx = mp.get_context("fork")
+        try:
+            for _ in range(4):
+                queue = ctx.Queue()
+                p = ctx.Process(target=child, args=(queue,), daemon=True)
+                p.start()
+                assert queue.get(timeout=10), "the child's result differs"
+                p.join(10)
+        finally:
+            stop.set()
+            thread.join()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

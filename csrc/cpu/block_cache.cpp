@@ -11,6 +11,9 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#ifdef __unix__
+#include <pthread.h>
+#endif
 
 namespace pykernels::cpu {
 
@@ -38,8 +41,20 @@ struct Cache {
   const size_t cap = cap_from_env();
 };
 
+Cache& cache();
+
+// Held around fork(), so that a child never starts with it locked by a thread it does not have.
+void lock_for_fork() { cache().mutex.lock(); }
+void unlock_after_fork() { cache().mutex.unlock(); }
+
 Cache& cache() {
-  static Cache* const instance = new Cache;  // deliberately leaked: see the file comment
+  static Cache* const instance = [] {
+    auto* created = new Cache;  // deliberately leaked: see the file comment
+#ifdef __unix__
+    pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
+#endif
+    return created;
+  }();
   return *instance;
 }
 

@@ -8,6 +8,10 @@
 #include <mutex>
 #include <new>
 
+#ifdef __unix__
+#include <pthread.h>
+#endif
+
 namespace pykernels::cpu {
 
 namespace {
@@ -20,8 +24,30 @@ struct Registry {
   ScratchBuffer* head = nullptr;
 };
 
+Registry& registry();
+
+// fork() copies the registry as other threads left it: its mutex possibly held, and kernel calls in flight
+// on threads the child does not have, for which the child's empty_cache() would wait for ever. The mutex
+// is taken around the fork, and the child starts with no call in flight (its buffers stay listed: the
+// memory is the child's too).
+void lock_for_fork() { registry().mutex.lock(); }
+void unlock_after_fork() { registry().mutex.unlock(); }
+void reset_in_child() {
+  Registry& r = registry();
+  r.running = 0;
+  r.releasing = false;
+  new (&r.changed) std::condition_variable;  // the parent's waiters are not in the child
+  r.mutex.unlock();
+}
+
 Registry& registry() {
-  static Registry* r = new Registry;
+  static Registry* const r = [] {
+    auto* created = new Registry;
+#ifdef __unix__
+    pthread_atfork(lock_for_fork, unlock_after_fork, reset_in_child);
+#endif
+    return created;
+  }();
   return *r;
 }
 
