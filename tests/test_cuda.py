@@ -121,6 +121,21 @@ def test_binding_rejects_host_and_foreign_objects():
         call_conv(x, w, None, FakeDeviceArray((2, 4, 5, 5), ptr=3 << 26, mask=1))
 
 
+@needs_module
+def test_binding_rejects_misaligned_data():
+    # The kernels would load and store misaligned elements (the CPU emulator's UBSan showed it); on a GPU that
+    # is a fault that poisons the CUDA context.
+    x, w, y = conv_fakes()
+    with pytest.raises(ValueError, match=r"the data of x \(address \d+\) is not aligned to its 4-byte elements"):
+        call_conv(FakeDeviceArray((2, 3, 7, 7), ptr=(1 << 26) + 2), w, None, y)
+    with pytest.raises(ValueError, match="the data of out .* 8-byte elements"):
+        C.relu_forward(fake((5,), "<f8", 1), FakeDeviceArray((5,), "<f8", ptr=(2 << 26) + 4), stream=0)
+    with pytest.raises(ValueError, match="the data of indices .* 8-byte elements"):
+        C.max_pool2d_forward(fake((1, 1, 4, 4), "<f4", 1), fake((1, 1, 2, 2), "<f4", 2),
+                             FakeDeviceArray((1, 1, 2, 2), "<i8", ptr=(3 << 26) + 4), (2, 2), (2, 2), NO_PAD,
+                             (1, 1), False, stream=0)
+
+
 SHAPE_ERROR_CASES = [
     # (entry point, [(shape, dtype) or None per array argument], trailing arguments)
     ("conv2d_forward", [((2, 3, 7, 7), "f4"), ((4, 3, 3, 3), "f4"), None, ((2, 4, 5, 6), "f4")],

@@ -194,6 +194,10 @@ void check_array(const DeviceArray& a, int64_t ndim, const std::vector<int64_t>&
   if (a.ndim() != ndim)
     throw ShapeError(std::string(a.name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(a.shape));
   if (!a.c_contiguous) throw ShapeError(std::string(a.name) + " must be C-contiguous");
+  // A GPU faults on a misaligned element access, and the fault poisons the CUDA context for every later call.
+  if (a.numel > 0 && a.ptr % sizeof(T) != 0)
+    throw ShapeError("the data of " + std::string(a.name) + " (address " + std::to_string(a.ptr) +
+                     ") is not aligned to its " + std::to_string(sizeof(T)) + "-byte elements; pass a copy");
   if (!shape.empty() && a.shape != shape)
     throw ShapeError(std::string(a.name) + " must have shape " + shape_str(shape) + ", got " + shape_str(a.shape));
 }
