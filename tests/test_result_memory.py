@@ -138,3 +138,9 @@ def test_empty_rejects_bad_shapes():
         _pykernels_cpu.empty([2, -1], np.dtype(np.float32))
     with pytest.raises(ValueError, match="too many"):
         _pykernels_cpu.empty([1 << 40, 1 << 40], np.dtype(np.float32))
+
+
+def test_empty_takes_numbers_only():
+    # uninitialised memory under an object array would be freed as garbage pointers
+    with pytest.raises(TypeError, match="float or integer"):
+        _pykernels_cpu.empty([3, 4], np.dtype(object))

@@ -408,6 +408,9 @@ PYBIND11_MODULE(_pykernels_cpu, m) {
   m.def(
       "empty",
       [](const std::vector<int64_t>& shape, const py::dtype& dtype) {
+        // Uninitialised memory: numbers only (an object array over it would free garbage pointers).
+        if (dtype.kind() != 'f' && dtype.kind() != 'i' && dtype.kind() != 'u')
+          throw py::type_error("empty: dtype must be a float or integer type");
         int64_t count = 1;
         for (int64_t d : shape) {
           if (d < 0) throw ShapeError("empty: negative size in the shape");

@@ -11,6 +11,9 @@
 #ifdef __unix__
 #include <pthread.h>
 #endif
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 namespace pykernels::cpu {
 
@@ -108,6 +111,13 @@ size_t release_scratch_buffers() {
   }
   r.releasing = false;
   r.changed.notify_all();
+  lock.unlock();
+#ifdef __GLIBC__
+  // Buffers of a few MB come from glibc's heap once its mmap threshold has risen (after the first large
+  // free), and free() keeps those pages: 16 MB reported freed left the process's RSS where it was. Trimming
+  // hands them back to the system (33 -> 1.4 MB above the baseline in that case).
+  if (released > 0) malloc_trim(0);
+#endif
   return released;
 }
 
