@@ -153,6 +153,14 @@ void def_layer_query(py::module_& m, const char* name, Query query, ItemsizeArg 
       py::arg("groups"), itemsize_arg, doc);
 }
 
+// A kernel call once its arguments are checked: without the GIL, and counted as running, so that
+// empty_cache() waits for it before freeing scratch memory (members are destroyed in reverse: the count
+// drops before the GIL is taken again).
+struct KernelCall {
+  py::gil_scoped_release release;
+  pykernels::cpu::RunningKernel running;
+};
+
 // ---- conv2d ------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -165,8 +173,7 @@ void conv2d_forward_t(const py::array& x, const py::array& w, const std::optiona
   check_array<T>(y, "out", 4, out_dims(s));
   T* yp = out_ptr<T>(y, "out", {{&x, "x"}, {&w, "weight"}, {bias ? &*bias : nullptr, "bias"}});
   const T* bp = bias ? in_ptr<T>(*bias) : nullptr;
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::conv2d_forward<T>(s, in_ptr<T>(x), in_ptr<T>(w), bp, yp);
 }
 
@@ -179,8 +186,7 @@ void conv2d_backward_input_t(const py::array& gy, const py::array& w, py::array&
   Conv2dShape s = conv_shape(gx, "grad_x", w, stride, pad, dilation, groups);
   check_array<T>(gy, "grad_out", 4, out_dims(s));
   T* gxp = out_ptr<T>(gx, "grad_x", {{&gy, "grad_out"}, {&w, "weight"}});
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::conv2d_backward_input<T>(s, in_ptr<T>(gy), in_ptr<T>(w), gxp);
 }
 
@@ -193,8 +199,7 @@ void conv2d_backward_weight_t(const py::array& gy, const py::array& x, py::array
   Conv2dShape s = conv_shape(x, "x", gw, stride, pad, dilation, groups);
   check_array<T>(gy, "grad_out", 4, out_dims(s));
   T* gwp = out_ptr<T>(gw, "grad_weight", {{&gy, "grad_out"}, {&x, "x"}});
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::conv2d_backward_weight<T>(s, in_ptr<T>(gy), in_ptr<T>(x), gwp);
 }
 
@@ -208,8 +213,7 @@ void conv2d_backward_bias_t(const py::array& gy, py::array& gb) {
   s.Q = gy.shape(3);
   check_array<T>(gb, "grad_bias", 1, {s.K});
   T* gbp = out_ptr<T>(gb, "grad_bias", {{&gy, "grad_out"}});
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::conv2d_backward_bias<T>(s, in_ptr<T>(gy), gbp);
 }
 
@@ -230,8 +234,7 @@ void relu_forward_t(const py::array& x, py::array& y) {
   check_same_shape<T>(x, "x", y, "out");
   T* yp = out_ptr<T>(y, "out", {{&x, "x"}}, /*same_allowed=*/true);
   const int64_t count = x.size();
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::relu_forward<T>(count, in_ptr<T>(x), yp);
 }
 
@@ -242,8 +245,7 @@ void relu_backward_t(const py::array& gy, const py::array& y, py::array& gx) {
   check_same_shape<T>(gy, "grad_out", gx, "grad_x");
   T* gxp = out_ptr<T>(gx, "grad_x", {{&gy, "grad_out"}, {&y, "y"}}, /*same_allowed=*/true);
   const int64_t count = gy.size();
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::relu_backward<T>(count, in_ptr<T>(gy), in_ptr<T>(y), gxp);
 }
 
@@ -280,8 +282,7 @@ void max_pool2d_forward_t(const py::array& x, py::array& y, std::optional<py::ar
     check_array<int64_t>(*indices, "indices", 4, {s.N, s.C, s.P, s.Q});
     ip = out_ptr<int64_t>(*indices, "indices", {{&x, "x"}, {&y, "out"}});
   }
-  py::gil_scoped_release release;
-  pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+  KernelCall call;
   pykernels::cpu::max_pool2d_forward<T>(s, in_ptr<T>(x), yp, ip);
 }
 
@@ -298,8 +299,7 @@ void max_pool2d_backward_t(const py::array& gy, const py::array& indices, py::ar
   T* gxp = out_ptr<T>(gx, "grad_x", {{&gy, "grad_out"}, {&indices, "indices"}});
   int64_t bad;
   {
-    py::gil_scoped_release release;
-    pykernels::cpu::RunningKernel running;  // empty_cache() waits for it
+    KernelCall call;
     bad = pykernels::cpu::max_pool2d_backward<T>(s, in_ptr<T>(gy), in_ptr<int64_t>(indices), gxp);
   }
   if (bad >= 0) {
